@@ -1,0 +1,18 @@
+# pg_reaper: `make test` runs every test; `make run` is the demo. Both install what they need.
+.PHONY: test run setup install lint
+
+test:
+	bash scripts/test.sh
+
+run:
+	bash scripts/run.sh
+
+setup:
+	bash scripts/setup.sh
+
+install: setup
+	cargo pgrx install --pg-config $${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
+
+lint: setup
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings

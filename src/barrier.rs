@@ -1,0 +1,196 @@
+//! The fan-in barrier: arm it with the number of batches, count batches down, and tear it down
+//! once the callback was enqueued (finish) or the execution failed (abort).
+//!
+//! Every function is SECURITY DEFINER with a fixed search_path so that an application role needs
+//! only EXECUTE on these functions, never rights on the tables.
+
+use crate::plan::{self, Statement};
+use crate::raw_jsonb::RawJsonb;
+use pgrx::prelude::*;
+
+const ENQUEUE: Statement = Statement {
+    sql: "WITH armed AS (
+              INSERT INTO @extschema@.pg_barrier_state AS b
+                  (execution_id, organization_id, remaining, results, callback,
+                   created_at, expires_at, last_progress_at)
+              VALUES ($1, $2, $3, '[]', $5, now(), now() + $4, now())
+              ON CONFLICT (execution_id) DO UPDATE SET
+                  organization_id = excluded.organization_id,
+                  remaining = excluded.remaining,
+                  results = '[]',
+                  callback = excluded.callback,
+                  created_at = excluded.created_at,
+                  expires_at = excluded.expires_at,
+                  last_progress_at = excluded.last_progress_at
+              RETURNING b.expires_at
+          ), cleared AS (
+              DELETE FROM @extschema@.pg_batch_dedup WHERE execution_id = $1
+          )
+          SELECT expires_at FROM armed",
+    args: &[pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::INT4OID, pg_sys::INTERVALOID, pg_sys::JSONBOID],
+};
+
+// The aggregated results are returned only to the one caller that sees 0: shipping the growing
+// array back on every pending decrement would make a fan-out of n batches cost O(n^2).
+const DECREMENT: Statement = Statement {
+    sql: "UPDATE @extschema@.pg_barrier_state
+             SET remaining = remaining - 1,
+                 results = results || jsonb_build_array($2::jsonb),
+                 last_progress_at = now()
+           WHERE execution_id = $1
+       RETURNING remaining, CASE WHEN remaining = 0 THEN results END",
+    args: &[pg_sys::TEXTOID, pg_sys::JSONBOID],
+};
+
+const TEAR_DOWN_NEGATIVE: Statement = Statement {
+    sql: "DELETE FROM @extschema@.pg_barrier_state WHERE execution_id = $1 AND remaining < 0",
+    args: &[pg_sys::TEXTOID],
+};
+
+const FINISH: Statement = Statement {
+    sql: "WITH gone AS (
+              DELETE FROM @extschema@.pg_barrier_state WHERE execution_id = $1 RETURNING 1
+          ), markers AS (
+              DELETE FROM @extschema@.pg_batch_dedup WHERE execution_id = $1
+          )
+          SELECT EXISTS (SELECT 1 FROM gone)",
+    args: &[pg_sys::TEXTOID],
+};
+
+// Only the caller whose DELETE removed the row is the winner, and only it clears the markers.
+const ABORT: Statement = Statement {
+    sql: "WITH gone AS (
+              DELETE FROM @extschema@.pg_barrier_state WHERE execution_id = $1 RETURNING 1
+          ), markers AS (
+              DELETE FROM @extschema@.pg_batch_dedup
+               WHERE execution_id = $1 AND NOT $2 AND EXISTS (SELECT 1 FROM gone)
+          )
+          SELECT EXISTS (SELECT 1 FROM gone)",
+    args: &[pg_sys::TEXTOID, pg_sys::BOOLOID],
+};
+
+/// Raises an ERROR naming `arg` of `func` and the rule it broke; nothing has been written yet.
+pub fn invalid(func: &'static str, arg: &str, rule: &str) -> ! {
+    pgrx::pg_sys::panic::ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+        format!("{func}: {arg} {rule}"),
+        func,
+    )
+    .report(PgLogLevel::ERROR);
+    unreachable!("an ERROR report does not return")
+}
+
+/// A non-empty execution id, or an ERROR.
+pub fn require_execution_id<'a>(func: &'static str, value: Option<&'a str>) -> &'a str {
+    match value {
+        Some(id) if !id.is_empty() => id,
+        _ => invalid(func, "execution_id", "must not be NULL or empty"),
+    }
+}
+
+/// Arms (or re-arms) the barrier of an execution for `total` batches.
+#[pg_extern(security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn barrier_enqueue(
+    execution_id: Option<&str>,
+    organization_id: Option<&str>,
+    total: Option<i32>,
+    ttl: default!(Option<Interval>, "'6 hours'"),
+    callback: default!(Option<RawJsonb>, "NULL"),
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> TimestampWithTimeZone {
+    const F: &str = "barrier_enqueue";
+    let id = require_execution_id(F, execution_id);
+    let total = match total {
+        Some(n) if n >= 1 => n,
+        Some(_) => invalid(F, "total", "must be at least 1"),
+        None => invalid(F, "total", "must not be NULL"),
+    };
+    let ttl = match ttl {
+        Some(t) if t.as_micros() > 0 => t,
+        Some(_) => invalid(F, "ttl", "must be a positive interval"),
+        None => invalid(F, "ttl", "must not be NULL"),
+    };
+    let org = organization_id.unwrap_or("");
+    if org.is_empty() {
+        warning!(
+            "{F}: execution {id} has no organization_id; if it strands it cannot be recovered \
+             through the org-scoped status API"
+        );
+    }
+    let schema = plan::schema_of_call(fcinfo);
+    Spi::connect_mut(|client| {
+        let args = [id.into(), org.into(), total.into(), ttl.into(), callback.into()];
+        plan::run(client, schema, &ENQUEUE, &args)?.first().get_one::<TimestampWithTimeZone>()
+    })
+    .unwrap_or_else(|e| error!("{F}: {e}"))
+    .unwrap_or_else(|| error!("{F}: the barrier row was not written"))
+}
+
+/// Counts one batch down and appends its result as one array element.
+#[pg_extern(security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn barrier_decrement(
+    execution_id: Option<&str>,
+    result: default!(Option<RawJsonb>, "NULL"),
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> TableIterator<
+    'static,
+    (name!(status, String), name!(remaining, Option<i32>), name!(results, Option<pgrx::JsonB>)),
+> {
+    const F: &str = "barrier_decrement";
+    let id = require_execution_id(F, execution_id);
+    let schema = plan::schema_of_call(fcinfo);
+    let row = Spi::connect_mut(|client| {
+        let table = plan::run(client, schema, &DECREMENT, &[id.into(), result.into()])?;
+        if table.is_empty() {
+            return Ok((None, None));
+        }
+        let table = table.first();
+        let remaining = table.get::<i32>(1)?;
+        let results = table.get::<pgrx::JsonB>(2)?;
+        if remaining.is_some_and(|n| n < 0) {
+            plan::run(client, schema, &TEAR_DOWN_NEGATIVE, &[id.into()])?;
+        }
+        Ok::<_, pgrx::spi::SpiError>((remaining, results))
+    })
+    .unwrap_or_else(|e| error!("{F}: {e}"));
+    let status = match row.0 {
+        Some(n) if n > 0 => "pending",
+        Some(0) => "complete",
+        _ => "abandoned",
+    };
+    TableIterator::once((status.to_string(), row.0, row.1))
+}
+
+/// Deletes the barrier and its dedup markers once the callback was enqueued.
+#[pg_extern(security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn barrier_finish(execution_id: Option<&str>, fcinfo: pg_sys::FunctionCallInfo) -> bool {
+    const F: &str = "barrier_finish";
+    let id = require_execution_id(F, execution_id);
+    let schema = plan::schema_of_call(fcinfo);
+    Spi::connect_mut(|client| plan::run(client, schema, &FINISH, &[id.into()])?.first().get_one())
+        .unwrap_or_else(|e| error!("{F}: {e}"))
+        .unwrap_or(false)
+}
+
+/// Tears the barrier down after a failed batch; exactly one caller sees `aborted`.
+#[pg_extern(security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn barrier_abort(
+    execution_id: Option<&str>,
+    preserve_dedup: default!(Option<bool>, false),
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> &'static str {
+    const F: &str = "barrier_abort";
+    let id = require_execution_id(F, execution_id);
+    let Some(preserve) = preserve_dedup else { invalid(F, "preserve_dedup", "must not be NULL") };
+    let schema = plan::schema_of_call(fcinfo);
+    let aborted = Spi::connect_mut(|client| {
+        plan::run(client, schema, &ABORT, &[id.into(), preserve.into()])?.first().get_one::<bool>()
+    })
+    .unwrap_or_else(|e| error!("{F}: {e}"))
+    .unwrap_or(false);
+    if aborted { "aborted" } else { "already_aborted" }
+}

@@ -1,0 +1,99 @@
+//! Settings. All of them are read by the background worker, which never sees a session `SET`,
+//! so they are `sighup` (postgresql.conf, ALTER SYSTEM) except where the contract says otherwise.
+
+use pgrx::prelude::*;
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::ffi::CString;
+
+/// Database the background worker connects to (fixed at postmaster start).
+pub static DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+/// Seconds between two worker ticks.
+pub static NAPTIME: GucSetting<f64> = GucSetting::<f64>::new(5.0);
+/// Seconds without a decrement after which a barrier counts as stranded.
+pub static STUCK_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(9000);
+/// Most barriers one worker tick turns into intents.
+pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
+/// Seconds an orphaned dedup marker is kept.
+pub static DEDUP_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(86400);
+/// Whether the worker leads and reaps.
+pub static ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
+/// Function the relay calls instead of marking ERROR when all batches finished.
+pub static REFIRE_FUNCTION: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+pub fn init() {
+    // A postmaster-context GUC may only be defined while preloading; a plain LOAD or a
+    // CREATE EXTENSION in a backend must not try (Postgres would raise FATAL).
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        GucRegistry::define_string_guc(
+            c"pg_reaper.database",
+            c"Database the pg_reaper background worker connects to.",
+            c"Create the extension in this database. Needs a server restart to change.",
+            &DATABASE,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+    }
+    GucRegistry::define_float_guc(
+        c"pg_reaper.naptime",
+        c"Seconds between two pg_reaper worker ticks.",
+        c"",
+        &NAPTIME,
+        0.1,
+        86400.0,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_reaper.stuck_timeout",
+        c"Seconds without progress after which a barrier is stranded.",
+        c"A barrier is stranded when expires_at has passed or its last decrement is older than this.",
+        &STUCK_TIMEOUT,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_reaper.batch_size",
+        c"Most stranded barriers the worker queues per tick.",
+        c"The rest are queued on the following ticks.",
+        &BATCH_SIZE,
+        1,
+        1_000_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_reaper.dedup_retention",
+        c"Seconds a dedup marker whose barrier is gone is kept.",
+        c"Keep it above the longest execution so that a late redelivery is still skipped.",
+        &DEDUP_RETENTION,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_reaper.enabled",
+        c"Whether the pg_reaper worker leads and reaps.",
+        c"Off releases the leader lock and leaves the worker idle.",
+        &ENABLED,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"pg_reaper.refire_function",
+        c"Function the relay calls to re-fire a stranded callback instead of marking ERROR.",
+        c"Called as f(execution_id text, organization_id text, callback jsonb, results jsonb). Empty: off.",
+        &REFIRE_FUNCTION,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    unsafe { pg_sys::MarkGUCPrefixReserved(c"pg_reaper".as_ptr()) };
+}
+
+/// The stuck timeout as an interval, the form the stranded predicate takes.
+pub fn stuck_timeout() -> Interval {
+    Interval::from_seconds(f64::from(STUCK_TIMEOUT.get()))
+}

@@ -1,0 +1,38 @@
+//! pg_reaper: a fan-in barrier for Postgres-backed job queues, and the safety net that finds
+//! executions stranded by a crashed worker and queues their recovery in an outbox.
+//!
+//! Modules follow the domain: `barrier` (enqueue, decrement, finish, abort), `claim` (per-batch
+//! dedup), `reap` (stranded barriers into outbox intents), `status` (the status view),
+//! `guc` (settings), `plan` (prepared statements bound to the extension's schema).
+
+use pgrx::prelude::*;
+
+mod barrier;
+mod claim;
+mod guc;
+mod plan;
+mod raw_jsonb;
+mod reap;
+mod status;
+
+::pgrx::pg_module_magic!();
+
+extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    guc::init();
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+mod pg_tests;
+
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}

@@ -1,0 +1,158 @@
+//! Throwaway PostgreSQL 15 clusters for the integration tests: each test starts its own on a
+//! free loopback port in a fresh directory (as the `postgres` OS user when run as root, since
+//! Postgres refuses root) and the cluster is stopped and removed when the value is dropped.
+//! The extension must be installed (`cargo pgrx install`) before these tests run.
+
+use postgres::{Client, NoTls};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub port: u16,
+    bindir: PathBuf,
+}
+
+fn bindir() -> PathBuf {
+    let pg_config = std::env::var("PG_CONFIG")
+        .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".to_string());
+    let out = Command::new(&pg_config).arg("--bindir").output().expect("run pg_config");
+    PathBuf::from(String::from_utf8(out.stdout).expect("utf-8").trim())
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+}
+
+/// `program args…`, as the postgres OS user when we are root.
+fn as_pg_user(program: &Path, args: &[&str]) -> Output {
+    let out = if is_root() {
+        Command::new("runuser").arg("-u").arg("postgres").arg("--").arg(program).args(args).output()
+    } else {
+        Command::new(program).args(args).output()
+    }
+    .unwrap_or_else(|e| panic!("run {}: {e}", program.display()));
+    out
+}
+
+fn check(what: &str, out: Output) -> Output {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
+}
+
+impl Cluster {
+    /// initdb + start, with `conf` lines appended to postgresql.conf.
+    pub fn start(name: &str, conf: &[&str]) -> Cluster {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("pgr-{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cluster = Cluster { dir, port: free_port(), bindir: bindir() };
+        let d = cluster.dir.to_str().expect("utf-8 path");
+        check(
+            "initdb",
+            as_pg_user(
+                &cluster.bindir.join("initdb"),
+                &["-D", d, "-A", "trust", "-U", "postgres", "--locale=C.UTF-8", "-N"],
+            ),
+        );
+        let mut lines = vec![
+            format!("port = {}", cluster.port),
+            "listen_addresses = '127.0.0.1'".to_string(),
+            format!("unix_socket_directories = '{d}'"),
+            "fsync = off".to_string(),
+            "log_min_messages = info".to_string(),
+        ];
+        lines.extend(conf.iter().map(|s| s.to_string()));
+        let path = cluster.dir.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&path).expect("read postgresql.conf");
+        text.push_str(&lines.join("\n"));
+        text.push('\n');
+        std::fs::write(&path, text).expect("write postgresql.conf");
+        cluster.pg_ctl_start();
+        cluster
+    }
+
+    pub fn pg_ctl_start(&self) {
+        let d = self.dir.to_str().expect("utf-8 path");
+        let log = self.dir.join("server.log");
+        check(
+            "pg_ctl start",
+            as_pg_user(
+                &self.bindir.join("pg_ctl"),
+                &["-D", d, "-l", log.to_str().expect("utf-8"), "-w", "-t", "60", "start"],
+            ),
+        );
+    }
+
+    /// `pg_ctl stop` in the given mode (`fast`, `immediate`).
+    pub fn pg_ctl_stop(&self, mode: &str) {
+        let d = self.dir.to_str().expect("utf-8 path");
+        check("pg_ctl stop", as_pg_user(&self.bindir.join("pg_ctl"), &["-D", d, "-m", mode, "-w", "stop"]));
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        format!("host=127.0.0.1 port={} user=postgres dbname={db}", self.port)
+    }
+
+    pub fn client(&self, db: &str) -> Client {
+        Client::connect(&self.url(db), NoTls).unwrap_or_else(|e| panic!("connect {db}: {e}"))
+    }
+
+    /// A client connected as `role` (created LOGIN if missing).
+    pub fn client_as(&self, db: &str, role: &str) -> Client {
+        let url = format!("host=127.0.0.1 port={} user={role} dbname={db}", self.port);
+        Client::connect(&url, NoTls).unwrap_or_else(|e| panic!("connect {db} as {role}: {e}"))
+    }
+
+    /// A new database with the extension created (in `schema` when given).
+    pub fn create_db(&self, db: &str, schema: Option<&str>) -> Client {
+        self.client("postgres").batch_execute(&format!("CREATE DATABASE \"{db}\"")).expect("create db");
+        let mut c = self.client(db);
+        match schema {
+            Some(s) => c
+                .batch_execute(&format!("CREATE SCHEMA \"{s}\"; CREATE EXTENSION pg_reaper SCHEMA \"{s}\""))
+                .expect("create extension in schema"),
+            None => c.batch_execute("CREATE EXTENSION pg_reaper").expect("create extension"),
+        }
+        c
+    }
+
+    /// Runs a client program of this installation (pg_dump, pg_restore, …).
+    pub fn tool(&self, program: &str, args: &[&str]) -> Output {
+        let out = Command::new(self.bindir.join(program))
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("run {program}: {e}"));
+        check(program, out)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let d = self.dir.to_str().unwrap_or_default().to_string();
+        let _ = as_pg_user(&self.bindir.join("pg_ctl"), &["-D", &d, "-m", "immediate", "-w", "stop"]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One JSON value from a query returning a single row and column of type jsonb.
+pub fn json(c: &mut Client, sql: &str) -> serde_json::Value {
+    let row = c.query_one(sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    row.get::<_, Option<serde_json::Value>>(0).unwrap_or(serde_json::Value::Null)
+}
