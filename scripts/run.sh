@@ -33,7 +33,7 @@ command psql -X -q -h 127.0.0.1 -p "$PORT" -U postgres -d postgres -c 'CREATE DA
 psql -c 'CREATE EXTENSION pg_reaper'
 
 echo "== 6 executions fan out into 3 batches each"
-psql <<'SQL'
+psql -o /dev/null <<'SQL'
 SELECT barrier_enqueue('exec-' || i, 'org-demo', 3, '1 hour',
                        jsonb_build_object('task_name', 'aggregate', 'execution_id', 'exec-' || i))
   FROM generate_series(1, 6) i;
@@ -43,7 +43,7 @@ SELECT e, (barrier_decrement(e, jsonb_build_object('batch', b))).* FROM (VALUES 
 SELECT barrier_finish('exec-1'), barrier_finish('exec-2');
 -- exec-3: a worker was SIGKILLed after one batch. exec-4: all batches done, the callback never fired.
 SELECT (barrier_decrement('exec-3', '{"batch": 0}')).status;
-SELECT (barrier_decrement('exec-4', '{"batch": ' || b || '}')).status FROM generate_series(0, 2) b;
+SELECT (barrier_decrement('exec-4', jsonb_build_object('batch', b))).status FROM generate_series(0, 2) b;
 -- Let time pass for them: their deadline is behind them.
 UPDATE pg_barrier_state SET created_at = now() - interval '2 hours', expires_at = now() - interval '1 minute'
  WHERE execution_id IN ('exec-3', 'exec-4', 'exec-5');

@@ -27,7 +27,13 @@ const ENQUEUE: Statement = Statement {
               DELETE FROM @extschema@.pg_batch_dedup WHERE execution_id = $1
           )
           SELECT expires_at FROM armed",
-    args: &[pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::INT4OID, pg_sys::INTERVALOID, pg_sys::JSONBOID],
+    args: &[
+        pg_sys::TEXTOID,
+        pg_sys::TEXTOID,
+        pg_sys::INT4OID,
+        pg_sys::INTERVALOID,
+        pg_sys::JSONBOID,
+    ],
 };
 
 // The aggregated results are returned only to the one caller that sees 0: shipping the growing
@@ -120,8 +126,16 @@ fn barrier_enqueue(
     }
     let schema = plan::schema_of_call(fcinfo);
     Spi::connect_mut(|client| {
-        let args = [id.into(), org.into(), total.into(), ttl.into(), callback.into()];
-        plan::run(client, schema, &ENQUEUE, &args)?.first().get_one::<TimestampWithTimeZone>()
+        let args = [
+            id.into(),
+            org.into(),
+            total.into(),
+            ttl.into(),
+            callback.into(),
+        ];
+        plan::run(client, schema, &ENQUEUE, &args)?
+            .first()
+            .get_one::<TimestampWithTimeZone>()
     })
     .unwrap_or_else(|e| error!("{F}: {e}"))
     .unwrap_or_else(|| error!("{F}: the barrier row was not written"))
@@ -136,7 +150,11 @@ fn barrier_decrement(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> TableIterator<
     'static,
-    (name!(status, String), name!(remaining, Option<i32>), name!(results, Option<pgrx::JsonB>)),
+    (
+        name!(status, String),
+        name!(remaining, Option<i32>),
+        name!(results, Option<pgrx::JsonB>),
+    ),
 > {
     const F: &str = "barrier_decrement";
     let id = require_execution_id(F, execution_id);
@@ -170,9 +188,13 @@ fn barrier_finish(execution_id: Option<&str>, fcinfo: pg_sys::FunctionCallInfo) 
     const F: &str = "barrier_finish";
     let id = require_execution_id(F, execution_id);
     let schema = plan::schema_of_call(fcinfo);
-    Spi::connect_mut(|client| plan::run(client, schema, &FINISH, &[id.into()])?.first().get_one())
-        .unwrap_or_else(|e| error!("{F}: {e}"))
-        .unwrap_or(false)
+    Spi::connect_mut(|client| {
+        plan::run(client, schema, &FINISH, &[id.into()])?
+            .first()
+            .get_one()
+    })
+    .unwrap_or_else(|e| error!("{F}: {e}"))
+    .unwrap_or(false)
 }
 
 /// Tears the barrier down after a failed batch; exactly one caller sees `aborted`.
@@ -185,12 +207,20 @@ fn barrier_abort(
 ) -> &'static str {
     const F: &str = "barrier_abort";
     let id = require_execution_id(F, execution_id);
-    let Some(preserve) = preserve_dedup else { invalid(F, "preserve_dedup", "must not be NULL") };
+    let Some(preserve) = preserve_dedup else {
+        invalid(F, "preserve_dedup", "must not be NULL")
+    };
     let schema = plan::schema_of_call(fcinfo);
     let aborted = Spi::connect_mut(|client| {
-        plan::run(client, schema, &ABORT, &[id.into(), preserve.into()])?.first().get_one::<bool>()
+        plan::run(client, schema, &ABORT, &[id.into(), preserve.into()])?
+            .first()
+            .get_one::<bool>()
     })
     .unwrap_or_else(|e| error!("{F}: {e}"))
     .unwrap_or(false);
-    if aborted { "aborted" } else { "already_aborted" }
+    if aborted {
+        "aborted"
+    } else {
+        "already_aborted"
+    }
 }

@@ -5,6 +5,10 @@
 //! dedup), `reap` (stranded barriers into outbox intents), `status` (the status view),
 //! `guc` (settings), `plan` (prepared statements bound to the extension's schema).
 
+// pgrx reads the column names of a set-returning function from `name!` in its signature,
+// so those signatures cannot be factored into type aliases.
+#![allow(clippy::type_complexity)]
+
 use pgrx::prelude::*;
 
 mod barrier;

@@ -16,7 +16,9 @@ mod tests {
     }
 
     fn json(sql: &str) -> serde_json::Value {
-        one::<pgrx::JsonB>(sql).map(|j| j.0).unwrap_or(serde_json::Value::Null)
+        one::<pgrx::JsonB>(sql)
+            .map(|j| j.0)
+            .unwrap_or(serde_json::Value::Null)
     }
 
     fn count(sql: &str) -> i64 {
@@ -38,7 +40,12 @@ mod tests {
     fn reap(args: &str) -> (i32, i32, i32, i32) {
         let row = json(&format!("SELECT to_jsonb(r) FROM reap_expired({args}) r"));
         let n = |k: &str| row[k].as_i64().expect(k) as i32;
-        (n("stranded"), n("queued"), n("already_queued"), n("skipped_no_org"))
+        (
+            n("stranded"),
+            n("queued"),
+            n("already_queued"),
+            n("skipped_no_org"),
+        )
     }
 
     // ---- barrier_enqueue ---------------------------------------------------------------
@@ -48,8 +55,10 @@ mod tests {
         let expires = one::<TimestampWithTimeZone>(
             "SELECT barrier_enqueue('e1', 'org-1', 3, '10 minutes', '{\"task\": \"cb\"}')",
         );
-        let row = json("SELECT to_jsonb(b) - 'created_at' - 'expires_at' - 'last_progress_at' \
-                        FROM pg_barrier_state b");
+        let row = json(
+            "SELECT to_jsonb(b) - 'created_at' - 'expires_at' - 'last_progress_at' \
+                        FROM pg_barrier_state b",
+        );
         assert_eq!(
             row,
             json!({"execution_id": "e1", "organization_id": "org-1", "remaining": 3,
@@ -57,8 +66,10 @@ mod tests {
         );
         assert_eq!(expires, one("SELECT expires_at FROM pg_barrier_state"));
         assert_eq!(
-            one::<bool>("SELECT expires_at = now() + interval '10 minutes' \
-                         AND created_at = now() AND last_progress_at = now() FROM pg_barrier_state"),
+            one::<bool>(
+                "SELECT expires_at = now() + interval '10 minutes' \
+                         AND created_at = now() AND last_progress_at = now() FROM pg_barrier_state"
+            ),
             Some(true)
         );
     }
@@ -67,8 +78,10 @@ mod tests {
     fn enqueue_default_ttl_is_six_hours_and_callback_null() {
         run("SELECT barrier_enqueue('e1', 'org-1', 2)");
         assert_eq!(
-            one::<bool>("SELECT expires_at - created_at = interval '6 hours' AND callback IS NULL \
-                         FROM pg_barrier_state"),
+            one::<bool>(
+                "SELECT expires_at - created_at = interval '6 hours' AND callback IS NULL \
+                         FROM pg_barrier_state"
+            ),
             Some(true)
         );
     }
@@ -79,31 +92,46 @@ mod tests {
         run("SELECT barrier_enqueue('e2', 'org', 5)");
         run("SELECT barrier_claim('e1', 0), barrier_claim('e1', 1), barrier_claim('e2', 0)");
         run("SELECT barrier_decrement('e1', '{\"f\": 1}')");
-        run("UPDATE pg_barrier_state SET created_at = created_at - interval '1 day', \
-             last_progress_at = last_progress_at - interval '1 day' WHERE execution_id = 'e1'");
+        run(
+            "UPDATE pg_barrier_state SET created_at = created_at - interval '1 day', \
+             last_progress_at = last_progress_at - interval '1 day' WHERE execution_id = 'e1'",
+        );
         run("SELECT barrier_enqueue('e1', 'new-org', 2, '2 hours', '{\"v\": 2}')");
-        let row = json("SELECT to_jsonb(b) - 'created_at' - 'expires_at' - 'last_progress_at' \
-                        FROM pg_barrier_state b WHERE execution_id = 'e1'");
+        let row = json(
+            "SELECT to_jsonb(b) - 'created_at' - 'expires_at' - 'last_progress_at' \
+                        FROM pg_barrier_state b WHERE execution_id = 'e1'",
+        );
         assert_eq!(
             row,
             json!({"execution_id": "e1", "organization_id": "new-org", "remaining": 2,
                    "results": [], "callback": {"v": 2}})
         );
         assert_eq!(
-            one::<bool>("SELECT created_at = now() AND last_progress_at = now() \
+            one::<bool>(
+                "SELECT created_at = now() AND last_progress_at = now() \
                          AND expires_at = now() + interval '2 hours' \
-                         FROM pg_barrier_state WHERE execution_id = 'e1'"),
+                         FROM pg_barrier_state WHERE execution_id = 'e1'"
+            ),
             Some(true)
         );
-        assert_eq!(count("SELECT count(*) FROM pg_batch_dedup WHERE execution_id = 'e1'"), 0);
-        assert_eq!(count("SELECT count(*) FROM pg_batch_dedup WHERE execution_id = 'e2'"), 1);
+        assert_eq!(
+            count("SELECT count(*) FROM pg_batch_dedup WHERE execution_id = 'e1'"),
+            0
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM pg_batch_dedup WHERE execution_id = 'e2'"),
+            1
+        );
         assert_eq!(one::<bool>("SELECT barrier_claim('e1', 0)"), Some(true));
     }
 
     #[pg_test]
     fn enqueue_stores_missing_organization_as_empty() {
         run("SELECT barrier_enqueue('e1', '', 1), barrier_enqueue('e2', NULL, 1)");
-        assert_eq!(count("SELECT count(*) FROM pg_barrier_state WHERE organization_id = ''"), 2);
+        assert_eq!(
+            count("SELECT count(*) FROM pg_barrier_state WHERE organization_id = ''"),
+            2
+        );
     }
 
     #[pg_test(error = "barrier_enqueue: execution_id must not be NULL or empty")]
@@ -146,10 +174,14 @@ mod tests {
         run("SELECT barrier_enqueue('e1', 'org', 1, NULL)");
     }
 
-    #[pg_test(error = "new row for relation \"pg_barrier_state\" violates check constraint \"pg_barrier_expires_after_created\"")]
+    #[pg_test(
+        error = "new row for relation \"pg_barrier_state\" violates check constraint \"pg_barrier_expires_after_created\""
+    )]
     fn table_requires_expiry_after_creation() {
-        run("INSERT INTO pg_barrier_state (execution_id, remaining, created_at, expires_at) \
-             VALUES ('e1', 1, now(), now())");
+        run(
+            "INSERT INTO pg_barrier_state (execution_id, remaining, created_at, expires_at) \
+             VALUES ('e1', 1, now(), now())",
+        );
     }
 
     // ---- barrier_decrement -------------------------------------------------------------
@@ -157,19 +189,29 @@ mod tests {
     #[pg_test]
     fn decrement_pending_counts_down_and_appends() {
         run("SELECT barrier_enqueue('e1', 'org', 3)");
-        assert_eq!(decrement("e1", "'{\"f\": 1}'"), ("pending".into(), Some(2), serde_json::Value::Null));
-        assert_eq!(json("SELECT results FROM pg_barrier_state"), json!([{"f": 1}]));
+        assert_eq!(
+            decrement("e1", "'{\"f\": 1}'"),
+            ("pending".into(), Some(2), serde_json::Value::Null)
+        );
+        assert_eq!(
+            json("SELECT results FROM pg_barrier_state"),
+            json!([{"f": 1}])
+        );
     }
 
     #[pg_test]
     fn decrement_refreshes_progress_but_never_moves_expiry() {
         run("SELECT barrier_enqueue('e1', 'org', 3)");
-        run("UPDATE pg_barrier_state SET last_progress_at = now() - interval '1 hour', \
-             created_at = now() - interval '2 hours', expires_at = now() + interval '7 minutes'");
+        run(
+            "UPDATE pg_barrier_state SET last_progress_at = now() - interval '1 hour', \
+             created_at = now() - interval '2 hours', expires_at = now() + interval '7 minutes'",
+        );
         run("SELECT barrier_decrement('e1')");
         assert_eq!(
-            one::<bool>("SELECT last_progress_at = now() \
-                         AND expires_at = now() + interval '7 minutes' FROM pg_barrier_state"),
+            one::<bool>(
+                "SELECT last_progress_at = now() \
+                         AND expires_at = now() + interval '7 minutes' FROM pg_barrier_state"
+            ),
             Some(true)
         );
     }
@@ -179,7 +221,10 @@ mod tests {
         run("SELECT barrier_enqueue('e1', 'org', 3)");
         decrement("e1", "'[1, 2]'");
         decrement("e1", "NULL");
-        assert_eq!(json("SELECT results FROM pg_barrier_state"), json!([[1, 2], null]));
+        assert_eq!(
+            json("SELECT results FROM pg_barrier_state"),
+            json!([[1, 2], null])
+        );
     }
 
     #[pg_test]
@@ -190,7 +235,10 @@ mod tests {
             decrement("e1", "'{\"f\": \"b\"}'"),
             ("complete".into(), Some(0), json!([{"f": "a"}, {"f": "b"}]))
         );
-        assert_eq!(count("SELECT count(*) FROM pg_barrier_state WHERE remaining = 0"), 1);
+        assert_eq!(
+            count("SELECT count(*) FROM pg_barrier_state WHERE remaining = 0"),
+            1
+        );
     }
 
     #[pg_test]
@@ -198,7 +246,10 @@ mod tests {
         run("SELECT barrier_enqueue('e1', 'org', 1)");
         run("SELECT barrier_claim('e1', 0)");
         decrement("e1", "NULL");
-        assert_eq!(decrement("e1", "NULL"), ("abandoned".into(), Some(-1), serde_json::Value::Null));
+        assert_eq!(
+            decrement("e1", "NULL"),
+            ("abandoned".into(), Some(-1), serde_json::Value::Null)
+        );
         assert_eq!(count("SELECT count(*) FROM pg_barrier_state"), 0);
         // Like the reference, the teardown leaves dedup markers to the orphan sweep.
         assert_eq!(count("SELECT count(*) FROM pg_batch_dedup"), 1);
@@ -206,7 +257,10 @@ mod tests {
 
     #[pg_test]
     fn decrement_without_row_is_abandoned() {
-        assert_eq!(decrement("nope", "'1'"), ("abandoned".into(), None, serde_json::Value::Null));
+        assert_eq!(
+            decrement("nope", "'1'"),
+            ("abandoned".into(), None, serde_json::Value::Null)
+        );
     }
 
     #[pg_test]
@@ -262,17 +316,32 @@ mod tests {
         decrement("e1", "'1'");
         assert_eq!(one::<bool>("SELECT barrier_finish('e1')"), Some(true));
         assert_eq!(one::<bool>("SELECT barrier_finish('e1')"), Some(false));
-        assert_eq!(count("SELECT count(*) FROM pg_barrier_state WHERE execution_id = 'e1'"), 0);
-        assert_eq!(count("SELECT count(*) FROM pg_batch_dedup WHERE execution_id = 'e1'"), 0);
-        assert_eq!(count("SELECT count(*) FROM pg_batch_dedup WHERE execution_id = 'e2'"), 1);
+        assert_eq!(
+            count("SELECT count(*) FROM pg_barrier_state WHERE execution_id = 'e1'"),
+            0
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM pg_batch_dedup WHERE execution_id = 'e1'"),
+            0
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM pg_batch_dedup WHERE execution_id = 'e2'"),
+            1
+        );
     }
 
     #[pg_test]
     fn abort_winner_then_already_aborted_and_markers_cleared() {
         run("SELECT barrier_enqueue('e1', 'org', 2)");
         run("SELECT barrier_claim('e1', 0)");
-        assert_eq!(one::<String>("SELECT barrier_abort('e1')").as_deref(), Some("aborted"));
-        assert_eq!(one::<String>("SELECT barrier_abort('e1')").as_deref(), Some("already_aborted"));
+        assert_eq!(
+            one::<String>("SELECT barrier_abort('e1')").as_deref(),
+            Some("aborted")
+        );
+        assert_eq!(
+            one::<String>("SELECT barrier_abort('e1')").as_deref(),
+            Some("already_aborted")
+        );
         assert_eq!(count("SELECT count(*) FROM pg_barrier_state"), 0);
         assert_eq!(count("SELECT count(*) FROM pg_batch_dedup"), 0);
     }
@@ -281,7 +350,10 @@ mod tests {
     fn abort_preserving_markers_makes_redelivery_skip() {
         run("SELECT barrier_enqueue('e1', 'org', 2)");
         run("SELECT barrier_claim('e1', 0)");
-        assert_eq!(one::<String>("SELECT barrier_abort('e1', true)").as_deref(), Some("aborted"));
+        assert_eq!(
+            one::<String>("SELECT barrier_abort('e1', true)").as_deref(),
+            Some("aborted")
+        );
         assert_eq!(count("SELECT count(*) FROM pg_batch_dedup"), 1);
         assert_eq!(one::<bool>("SELECT barrier_claim('e1', 0)"), Some(false));
     }
@@ -289,7 +361,10 @@ mod tests {
     #[pg_test]
     fn abort_loser_never_clears_markers_of_a_new_claim() {
         assert_eq!(one::<bool>("SELECT barrier_claim('e1', 0)"), Some(true));
-        assert_eq!(one::<String>("SELECT barrier_abort('e1')").as_deref(), Some("already_aborted"));
+        assert_eq!(
+            one::<String>("SELECT barrier_abort('e1')").as_deref(),
+            Some("already_aborted")
+        );
         assert_eq!(count("SELECT count(*) FROM pg_batch_dedup"), 1);
     }
 
@@ -300,11 +375,17 @@ mod tests {
     fn strand(id: &str, org: &str, how: &str) {
         run(&format!("SELECT barrier_enqueue('{id}', '{org}', 4)"));
         let set = match how {
-            "expired" => "created_at = now() - interval '2 hours', expires_at = now() - interval '1 second'",
-            "stale" => "created_at = now() - interval '3 hours', last_progress_at = now() - interval '9001 seconds'",
+            "expired" => {
+                "created_at = now() - interval '2 hours', expires_at = now() - interval '1 second'"
+            }
+            "stale" => {
+                "created_at = now() - interval '3 hours', last_progress_at = now() - interval '9001 seconds'"
+            }
             other => panic!("unknown strand {other}"),
         };
-        run(&format!("UPDATE pg_barrier_state SET {set} WHERE execution_id = '{id}'"));
+        run(&format!(
+            "UPDATE pg_barrier_state SET {set} WHERE execution_id = '{id}'"
+        ));
     }
 
     #[pg_test]
@@ -328,13 +409,22 @@ mod tests {
         run("SELECT barrier_enqueue('live', 'org-3', 2)");
         assert_eq!(reap(""), (2, 2, 0, 0));
         assert_eq!(
-            json("SELECT jsonb_agg(jsonb_build_array(execution_id, organization_id, remaining, \
-                  state, outcome, attempts) ORDER BY execution_id) FROM pg_reaper_outbox"),
-            json!([["exp", "org-1", 4, "pending", null, 0], ["stale", "org-2", 4, "pending", null, 0]])
+            json(
+                "SELECT jsonb_agg(jsonb_build_array(execution_id, organization_id, remaining, \
+                  state, outcome, attempts) ORDER BY execution_id) FROM pg_reaper_outbox"
+            ),
+            json!([
+                ["exp", "org-1", 4, "pending", null, 0],
+                ["stale", "org-2", 4, "pending", null, 0]
+            ])
         );
         assert_eq!(reap(""), (2, 0, 2, 0));
         assert_eq!(count("SELECT count(*) FROM pg_reaper_outbox"), 2);
-        assert_eq!(count("SELECT count(*) FROM pg_barrier_state"), 3, "reaping deletes nothing");
+        assert_eq!(
+            count("SELECT count(*) FROM pg_barrier_state"),
+            3,
+            "reaping deletes nothing"
+        );
     }
 
     #[pg_test]
@@ -342,8 +432,14 @@ mod tests {
         strand("no-org", "", "expired");
         strand("with-org", "org", "expired");
         assert_eq!(reap(""), (2, 1, 0, 1));
-        assert_eq!(count("SELECT count(*) FROM pg_reaper_outbox WHERE execution_id = 'no-org'"), 0);
-        assert_eq!(count("SELECT count(*) FROM pg_barrier_state WHERE execution_id = 'no-org'"), 1);
+        assert_eq!(
+            count("SELECT count(*) FROM pg_reaper_outbox WHERE execution_id = 'no-org'"),
+            0
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM pg_barrier_state WHERE execution_id = 'no-org'"),
+            1
+        );
     }
 
     #[pg_test]
@@ -354,7 +450,10 @@ mod tests {
         assert_eq!(reap("max_rows => 2"), (5, 2, 0, 0));
         assert_eq!(reap("max_rows => 2"), (5, 2, 2, 0));
         assert_eq!(reap("max_rows => 2"), (5, 1, 4, 0));
-        assert_eq!(count("SELECT count(DISTINCT execution_id) FROM pg_reaper_outbox"), 5);
+        assert_eq!(
+            count("SELECT count(DISTINCT execution_id) FROM pg_reaper_outbox"),
+            5
+        );
     }
 
     #[pg_test]
@@ -371,7 +470,9 @@ mod tests {
         strand("done", "org", "expired");
         strand("dead", "org", "expired");
         assert_eq!(reap("").1, 2);
-        run("UPDATE pg_reaper_outbox SET state = 'done', outcome = 'rearmed' WHERE execution_id = 'done'");
+        run(
+            "UPDATE pg_reaper_outbox SET state = 'done', outcome = 'rearmed' WHERE execution_id = 'done'",
+        );
         run("UPDATE pg_reaper_outbox SET state = 'dead' WHERE execution_id = 'dead'");
         assert_eq!(reap(""), (2, 1, 1, 0));
     }
@@ -396,14 +497,24 @@ mod tests {
         run("SELECT barrier_enqueue('live', 'org', 1)");
         reap("");
         run("UPDATE pg_reaper_outbox SET state = 'dead' WHERE execution_id = 'b'");
-        run("UPDATE pg_reaper_outbox SET state = 'in_flight', lease_expires_at = now() WHERE execution_id = 'c'");
+        run(
+            "UPDATE pg_reaper_outbox SET state = 'in_flight', lease_expires_at = now() WHERE execution_id = 'c'",
+        );
         run("UPDATE pg_reaper_outbox SET created_at = now() - interval '1 minute'");
         let s = json("SELECT to_jsonb(s) FROM pg_reaper_status s");
         assert_eq!(
-            (&s["outbox_pending"], &s["outbox_in_flight"], &s["outbox_dead"], &s["outbox_done"]),
+            (
+                &s["outbox_pending"],
+                &s["outbox_in_flight"],
+                &s["outbox_dead"],
+                &s["outbox_done"]
+            ),
             (&json!(1), &json!(1), &json!(1), &json!(0))
         );
-        assert_eq!((&s["barriers_live"], &s["barriers_stranded"]), (&json!(1), &json!(3)));
+        assert_eq!(
+            (&s["barriers_live"], &s["barriers_stranded"]),
+            (&json!(1), &json!(3))
+        );
         assert_eq!(s["oldest_pending_age"], json!("00:01:00"));
         assert_eq!(count("SELECT count(*) FROM pg_reaper_status"), 1);
     }

@@ -8,9 +8,9 @@
 //! cache is keyed by schema OID, so a DROP / CREATE EXTENSION in another schema within the same
 //! session re-prepares instead of using stale text.
 
+use pgrx::PgOid;
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiResult, SpiTupleTable};
-use pgrx::PgOid;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::CStr;
@@ -73,7 +73,9 @@ fn quoted_schema_name(schema: pg_sys::Oid) -> String {
         if name.is_null() {
             error!("pg_reaper: the extension's schema (oid {schema:?}) no longer exists");
         }
-        CStr::from_ptr(pg_sys::quote_identifier(name)).to_string_lossy().into_owned()
+        CStr::from_ptr(pg_sys::quote_identifier(name))
+            .to_string_lossy()
+            .into_owned()
     }
 }
 

@@ -59,7 +59,11 @@ const REAP: Statement = Statement {
 
 /// The same scan, writing nothing: every row of `todo` would be queued.
 const REAP_DRY_RUN: Statement = Statement {
-    sql: concat!(stranded_cte!(), ", queued AS (SELECT 1 FROM todo)", summary!()),
+    sql: concat!(
+        stranded_cte!(),
+        ", queued AS (SELECT 1 FROM todo)",
+        summary!()
+    ),
     args: &[pg_sys::INTERVALOID, pg_sys::INT8OID],
 };
 
@@ -108,7 +112,11 @@ pub fn reap(schema: pg_sys::Oid, max_rows: Option<i64>, dry_run: bool) -> Counts
     .unwrap_or_else(|e| error!("reap_expired: {e}"));
     if counts.skipped_no_org > 0 {
         let more = counts.skipped_no_org as usize - no_org_sample.len();
-        let more = if more > 0 { format!(" and {more} more") } else { String::new() };
+        let more = if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        };
         warning!(
             "reap_expired: {} stranded barrier(s) have no organization_id and are left untouched \
              (the org-scoped status API cannot recover them): {}{more}",
@@ -139,7 +147,13 @@ fn reap_expired(
     if max_rows.is_some_and(|n| n < 1) {
         invalid(F, "max_rows", "must be at least 1 (NULL: no limit)");
     }
-    let Some(dry_run) = dry_run else { invalid(F, "dry_run", "must not be NULL") };
-    let c = reap(plan::schema_of_call(fcinfo), max_rows.map(i64::from), dry_run);
+    let Some(dry_run) = dry_run else {
+        invalid(F, "dry_run", "must not be NULL")
+    };
+    let c = reap(
+        plan::schema_of_call(fcinfo),
+        max_rows.map(i64::from),
+        dry_run,
+    );
     TableIterator::once((c.stranded, c.queued, c.already_queued, c.skipped_no_org))
 }

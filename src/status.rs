@@ -56,5 +56,7 @@ fn reaper_status(
     })
     .unwrap_or_else(|e| error!("reaper_status: {e}"));
     // The worker's columns arrive with the background worker.
-    TableIterator::once((None, None, None, None, row.0, row.1, row.2, row.3, row.4, row.5, row.6))
+    TableIterator::once((
+        None, None, None, None, row.0, row.1, row.2, row.3, row.4, row.5, row.6,
+    ))
 }

@@ -18,23 +18,35 @@ pub struct Cluster {
 fn bindir() -> PathBuf {
     let pg_config = std::env::var("PG_CONFIG")
         .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".to_string());
-    let out = Command::new(&pg_config).arg("--bindir").output().expect("run pg_config");
+    let out = Command::new(&pg_config)
+        .arg("--bindir")
+        .output()
+        .expect("run pg_config");
     PathBuf::from(String::from_utf8(out.stdout).expect("utf-8").trim())
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
 }
 
 /// `program args…`, as the postgres OS user when we are root.
 fn as_pg_user(program: &Path, args: &[&str]) -> Output {
-    let out = if is_root() {
-        Command::new("runuser").arg("-u").arg("postgres").arg("--").arg(program).args(args).output()
+    if is_root() {
+        Command::new("runuser")
+            .arg("-u")
+            .arg("postgres")
+            .arg("--")
+            .arg(program)
+            .args(args)
+            .output()
     } else {
         Command::new(program).args(args).output()
     }
-    .unwrap_or_else(|e| panic!("run {}: {e}", program.display()));
-    out
+    .unwrap_or_else(|e| panic!("run {}: {e}", program.display()))
 }
 
 fn check(what: &str, out: Output) -> Output {
@@ -48,7 +60,10 @@ fn check(what: &str, out: Output) -> Output {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
 }
 
 impl Cluster {
@@ -58,13 +73,26 @@ impl Cluster {
         let n = SEQ.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("pgr-{name}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let cluster = Cluster { dir, port: free_port(), bindir: bindir() };
+        let cluster = Cluster {
+            dir,
+            port: free_port(),
+            bindir: bindir(),
+        };
         let d = cluster.dir.to_str().expect("utf-8 path");
         check(
             "initdb",
             as_pg_user(
                 &cluster.bindir.join("initdb"),
-                &["-D", d, "-A", "trust", "-U", "postgres", "--locale=C.UTF-8", "-N"],
+                &[
+                    "-D",
+                    d,
+                    "-A",
+                    "trust",
+                    "-U",
+                    "postgres",
+                    "--locale=C.UTF-8",
+                    "-N",
+                ],
             ),
         );
         let mut lines = vec![
@@ -91,7 +119,16 @@ impl Cluster {
             "pg_ctl start",
             as_pg_user(
                 &self.bindir.join("pg_ctl"),
-                &["-D", d, "-l", log.to_str().expect("utf-8"), "-w", "-t", "60", "start"],
+                &[
+                    "-D",
+                    d,
+                    "-l",
+                    log.to_str().expect("utf-8"),
+                    "-w",
+                    "-t",
+                    "60",
+                    "start",
+                ],
             ),
         );
     }
@@ -99,7 +136,13 @@ impl Cluster {
     /// `pg_ctl stop` in the given mode (`fast`, `immediate`).
     pub fn pg_ctl_stop(&self, mode: &str) {
         let d = self.dir.to_str().expect("utf-8 path");
-        check("pg_ctl stop", as_pg_user(&self.bindir.join("pg_ctl"), &["-D", d, "-m", mode, "-w", "stop"]));
+        check(
+            "pg_ctl stop",
+            as_pg_user(
+                &self.bindir.join("pg_ctl"),
+                &["-D", d, "-m", mode, "-w", "stop"],
+            ),
+        );
     }
 
     pub fn log(&self) -> String {
@@ -107,7 +150,10 @@ impl Cluster {
     }
 
     pub fn url(&self, db: &str) -> String {
-        format!("host=127.0.0.1 port={} user=postgres dbname={db}", self.port)
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={db}",
+            self.port
+        )
     }
 
     pub fn client(&self, db: &str) -> Client {
@@ -122,13 +168,19 @@ impl Cluster {
 
     /// A new database with the extension created (in `schema` when given).
     pub fn create_db(&self, db: &str, schema: Option<&str>) -> Client {
-        self.client("postgres").batch_execute(&format!("CREATE DATABASE \"{db}\"")).expect("create db");
+        self.client("postgres")
+            .batch_execute(&format!("CREATE DATABASE \"{db}\""))
+            .expect("create db");
         let mut c = self.client(db);
         match schema {
             Some(s) => c
-                .batch_execute(&format!("CREATE SCHEMA \"{s}\"; CREATE EXTENSION pg_reaper SCHEMA \"{s}\""))
+                .batch_execute(&format!(
+                    "CREATE SCHEMA \"{s}\"; CREATE EXTENSION pg_reaper SCHEMA \"{s}\""
+                ))
                 .expect("create extension in schema"),
-            None => c.batch_execute("CREATE EXTENSION pg_reaper").expect("create extension"),
+            None => c
+                .batch_execute("CREATE EXTENSION pg_reaper")
+                .expect("create extension"),
         }
         c
     }
@@ -146,13 +198,19 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         let d = self.dir.to_str().unwrap_or_default().to_string();
-        let _ = as_pg_user(&self.bindir.join("pg_ctl"), &["-D", &d, "-m", "immediate", "-w", "stop"]);
+        let _ = as_pg_user(
+            &self.bindir.join("pg_ctl"),
+            &["-D", &d, "-m", "immediate", "-w", "stop"],
+        );
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
 /// One JSON value from a query returning a single row and column of type jsonb.
 pub fn json(c: &mut Client, sql: &str) -> serde_json::Value {
-    let row = c.query_one(sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e}"));
-    row.get::<_, Option<serde_json::Value>>(0).unwrap_or(serde_json::Value::Null)
+    let row = c
+        .query_one(sql, &[])
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    row.get::<_, Option<serde_json::Value>>(0)
+        .unwrap_or(serde_json::Value::Null)
 }

@@ -3,6 +3,7 @@
 
 use pg_reaper_tests::{Cluster, json};
 use postgres::Client;
+use postgres::fallible_iterator::FallibleIterator;
 use serde_json::json;
 use std::sync::{Arc, Barrier};
 use std::thread;
@@ -25,7 +26,10 @@ fn race<T: Send + 'static>(
             })
         })
         .collect();
-    handles.into_iter().map(|h| h.join().expect("racer panicked")).collect()
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("racer panicked"))
+        .collect()
 }
 
 /// Makes `n` barriers `prefix0..` whose deadline passed.
@@ -49,12 +53,21 @@ fn eight_concurrent_claimers_exactly_one_wins_every_time() {
     cluster.create_db("q", None);
     for trial in 0..10 {
         let wins = race(&cluster, "q", 8, move |_, c| {
-            c.query_one("SELECT barrier_claim('exec', $1)", &[&trial]).expect("claim").get::<_, bool>(0)
+            c.query_one("SELECT barrier_claim('exec', $1)", &[&trial])
+                .expect("claim")
+                .get::<_, bool>(0)
         });
-        assert_eq!(wins.iter().filter(|w| **w).count(), 1, "trial {trial}: {wins:?}");
+        assert_eq!(
+            wins.iter().filter(|w| **w).count(),
+            1,
+            "trial {trial}: {wins:?}"
+        );
     }
     let mut c = cluster.client("q");
-    assert_eq!(json(&mut c, "SELECT to_jsonb(count(*)) FROM pg_batch_dedup"), json!(10));
+    assert_eq!(
+        json(&mut c, "SELECT to_jsonb(count(*)) FROM pg_batch_dedup"),
+        json!(10)
+    );
 }
 
 #[test]
@@ -62,17 +75,24 @@ fn thirty_two_concurrent_decrements_give_exactly_one_complete() {
     let cluster = Cluster::start("decr", &[]);
     let mut c = cluster.create_db("q", None);
     for round in 0..3 {
-        c.execute("SELECT barrier_enqueue('exec', 'org', 32)", &[]).expect("enqueue");
+        c.execute("SELECT barrier_enqueue('exec', 'org', 32)", &[])
+            .expect("enqueue");
         let statuses = race(&cluster, "q", 32, |i, c| {
-            c.query_one("SELECT status FROM barrier_decrement('exec', to_jsonb($1::int))", &[&(i as i32)])
-                .expect("decrement")
-                .get::<_, String>(0)
+            c.query_one(
+                "SELECT status FROM barrier_decrement('exec', to_jsonb($1::int))",
+                &[&(i as i32)],
+            )
+            .expect("decrement")
+            .get::<_, String>(0)
         });
         let complete = statuses.iter().filter(|s| *s == "complete").count();
         let pending = statuses.iter().filter(|s| *s == "pending").count();
         assert_eq!((complete, pending), (1, 31), "round {round}");
         assert_eq!(
-            json(&mut c, "SELECT jsonb_build_array(remaining, jsonb_array_length(results)) FROM pg_barrier_state"),
+            json(
+                &mut c,
+                "SELECT jsonb_build_array(remaining, jsonb_array_length(results)) FROM pg_barrier_state"
+            ),
             json!([0, 32])
         );
     }
@@ -86,12 +106,17 @@ fn concurrent_reapers_queue_each_strand_once() {
         let prefix = format!("r{round}-");
         strand(&mut c, &prefix, 200);
         let queued = race(&cluster, "q", 2, |_, c| {
-            c.query_one("SELECT queued FROM reap_expired()", &[]).expect("reap").get::<_, i32>(0)
+            c.query_one("SELECT queued FROM reap_expired()", &[])
+                .expect("reap")
+                .get::<_, i32>(0)
         });
         assert_eq!(queued.iter().sum::<i32>(), 200, "round {round}: {queued:?}");
     }
     assert_eq!(
-        json(&mut c, "SELECT jsonb_build_array(count(*), count(DISTINCT execution_id)) FROM pg_reaper_outbox"),
+        json(
+            &mut c,
+            "SELECT jsonb_build_array(count(*), count(DISTINCT execution_id)) FROM pg_reaper_outbox"
+        ),
         json!([600, 600])
     );
 }
@@ -101,18 +126,27 @@ fn reap_notifies_the_relay_channel_only_when_it_queued() {
     let cluster = Cluster::start("notify", &[]);
     let mut c = cluster.create_db("q", None);
     let mut listener = cluster.client("q");
-    listener.batch_execute("LISTEN pg_reaper_outbox").expect("listen");
+    listener
+        .batch_execute("LISTEN pg_reaper_outbox")
+        .expect("listen");
     let pending = |l: &mut Client| {
         // A round trip delivers what was sent before it.
         l.batch_execute("SELECT 1").expect("ping");
-        l.notifications().iter().count()
+        l.notifications().iter().count().expect("notifications")
     };
-    c.batch_execute("SELECT * FROM reap_expired()").expect("reap nothing");
+    c.batch_execute("SELECT * FROM reap_expired()")
+        .expect("reap nothing");
     assert_eq!(pending(&mut listener), 0, "nothing queued, no wake-up");
     strand(&mut c, "n", 3);
-    c.batch_execute("SELECT * FROM reap_expired(dry_run => true)").expect("dry run");
-    assert_eq!(pending(&mut listener), 0, "a dry run writes and wakes nothing");
-    c.batch_execute("BEGIN; SELECT * FROM reap_expired();").expect("reap in tx");
+    c.batch_execute("SELECT * FROM reap_expired(dry_run => true)")
+        .expect("dry run");
+    assert_eq!(
+        pending(&mut listener),
+        0,
+        "a dry run writes and wakes nothing"
+    );
+    c.batch_execute("BEGIN; SELECT * FROM reap_expired();")
+        .expect("reap in tx");
     assert_eq!(pending(&mut listener), 0, "delivered at commit, not before");
     c.batch_execute("COMMIT").expect("commit");
     assert_eq!(pending(&mut listener), 1);
@@ -122,24 +156,58 @@ fn reap_notifies_the_relay_channel_only_when_it_queued() {
 fn bad_input_names_the_argument_and_changes_nothing() {
     let cluster = Cluster::start("badinput", &[]);
     let mut c = cluster.create_db("q", None);
-    c.batch_execute("SELECT barrier_enqueue('e', 'org', 3); SELECT barrier_claim('e', 0)").expect("arm");
+    c.batch_execute("SELECT barrier_enqueue('e', 'org', 3); SELECT barrier_claim('e', 0)")
+        .expect("arm");
     let snapshot = |c: &mut Client| {
-        json(c, "SELECT jsonb_build_array((SELECT jsonb_agg(b) FROM pg_barrier_state b),
+        json(
+            c,
+            "SELECT jsonb_build_array((SELECT jsonb_agg(b) FROM pg_barrier_state b),
                                           (SELECT jsonb_agg(d) FROM pg_batch_dedup d),
-                                          (SELECT jsonb_agg(o) FROM pg_reaper_outbox o))")
+                                          (SELECT jsonb_agg(o) FROM pg_reaper_outbox o))",
+        )
     };
     let before = snapshot(&mut c);
     let cases = [
-        ("SELECT barrier_enqueue(NULL, 'org', 1)", "barrier_enqueue: execution_id must not be NULL or empty"),
-        ("SELECT barrier_enqueue('e', 'org', 0)", "barrier_enqueue: total must be at least 1"),
-        ("SELECT barrier_enqueue('e', 'org', NULL)", "barrier_enqueue: total must not be NULL"),
-        ("SELECT barrier_enqueue('e', 'org', 2, '-1 hour')", "barrier_enqueue: ttl must be a positive interval"),
-        ("SELECT barrier_enqueue('e', 'org', 2, NULL)", "barrier_enqueue: ttl must not be NULL"),
-        ("SELECT barrier_claim('e', -1)", "barrier_claim: batch_index must not be negative"),
-        ("SELECT barrier_decrement('', '1')", "barrier_decrement: execution_id must not be NULL or empty"),
-        ("SELECT barrier_finish(NULL)", "barrier_finish: execution_id must not be NULL or empty"),
-        ("SELECT barrier_abort('e', NULL)", "barrier_abort: preserve_dedup must not be NULL"),
-        ("SELECT * FROM reap_expired(-5)", "reap_expired: max_rows must be at least 1 (NULL: no limit)"),
+        (
+            "SELECT barrier_enqueue(NULL, 'org', 1)",
+            "barrier_enqueue: execution_id must not be NULL or empty",
+        ),
+        (
+            "SELECT barrier_enqueue('e', 'org', 0)",
+            "barrier_enqueue: total must be at least 1",
+        ),
+        (
+            "SELECT barrier_enqueue('e', 'org', NULL)",
+            "barrier_enqueue: total must not be NULL",
+        ),
+        (
+            "SELECT barrier_enqueue('e', 'org', 2, '-1 hour')",
+            "barrier_enqueue: ttl must be a positive interval",
+        ),
+        (
+            "SELECT barrier_enqueue('e', 'org', 2, NULL)",
+            "barrier_enqueue: ttl must not be NULL",
+        ),
+        (
+            "SELECT barrier_claim('e', -1)",
+            "barrier_claim: batch_index must not be negative",
+        ),
+        (
+            "SELECT barrier_decrement('', '1')",
+            "barrier_decrement: execution_id must not be NULL or empty",
+        ),
+        (
+            "SELECT barrier_finish(NULL)",
+            "barrier_finish: execution_id must not be NULL or empty",
+        ),
+        (
+            "SELECT barrier_abort('e', NULL)",
+            "barrier_abort: preserve_dedup must not be NULL",
+        ),
+        (
+            "SELECT * FROM reap_expired(-5)",
+            "reap_expired: max_rows must be at least 1 (NULL: no limit)",
+        ),
     ];
     for (sql, message) in cases {
         let err = c.batch_execute(sql).expect_err(sql);
@@ -154,7 +222,8 @@ fn bad_input_names_the_argument_and_changes_nothing() {
 fn works_in_a_schema_that_needs_quoting_whatever_the_search_path() {
     let cluster = Cluster::start("schema", &[]);
     let mut c = cluster.create_db("q", Some("Queue Schema"));
-    c.batch_execute("SET search_path = public").expect("search_path");
+    c.batch_execute("SET search_path = public")
+        .expect("search_path");
     let s = "\"Queue Schema\"";
     c.batch_execute(&format!(
         "SELECT {s}.barrier_enqueue('e', 'org', 2, '1 hour', '{{\"cb\": 1}}');
@@ -166,26 +235,42 @@ fn works_in_a_schema_that_needs_quoting_whatever_the_search_path() {
     ))
     .expect("barrier API in a quoted schema");
     assert_eq!(
-        json(&mut c, &format!("SELECT to_jsonb(r) FROM {s}.reap_expired() r")),
+        json(
+            &mut c,
+            &format!("SELECT to_jsonb(r) FROM {s}.reap_expired() r")
+        ),
         json!({"stranded": 1, "queued": 1, "already_queued": 0, "skipped_no_org": 0})
     );
     assert_eq!(
-        json(&mut c, &format!("SELECT jsonb_build_array(outbox_pending, barriers_live) FROM {s}.pg_reaper_status")),
+        json(
+            &mut c,
+            &format!(
+                "SELECT jsonb_build_array(outbox_pending, barriers_live) FROM {s}.pg_reaper_status"
+            )
+        ),
         json!([1, 1])
     );
     assert!(
-        json(&mut c, "SELECT to_jsonb(count(*)) FROM pg_class WHERE relnamespace = 'public'::regnamespace")
-            == json!(0),
+        json(
+            &mut c,
+            "SELECT to_jsonb(count(*)) FROM pg_class WHERE relnamespace = 'public'::regnamespace"
+        ) == json!(0),
         "nothing was created in public"
     );
     // Dropped and created again in another schema within the same session: the prepared
     // statements must follow the extension, not the old schema.
-    c.batch_execute(&format!(
+    c.batch_execute(
         "DROP EXTENSION pg_reaper; CREATE SCHEMA other; CREATE EXTENSION pg_reaper SCHEMA other;
-         SELECT other.barrier_enqueue('e', 'org', 2);"
-    ))
+         SELECT other.barrier_enqueue('e', 'org', 2);",
+    )
     .expect("re-created elsewhere");
-    assert_eq!(json(&mut c, "SELECT to_jsonb(count(*)) FROM other.pg_barrier_state"), json!(1));
+    assert_eq!(
+        json(
+            &mut c,
+            "SELECT to_jsonb(count(*)) FROM other.pg_barrier_state"
+        ),
+        json!(1)
+    );
 }
 
 #[test]
@@ -227,7 +312,11 @@ fn nothing_is_granted_to_public_and_documented_grants_suffice() {
          SELECT barrier_decrement('e'); SELECT barrier_finish('e'); SELECT barrier_abort('e');",
     )
     .expect("the application role drives the barrier API");
-    for sql in ["SELECT * FROM pg_barrier_state", "DELETE FROM pg_batch_dedup", "SELECT * FROM reap_expired()"] {
+    for sql in [
+        "SELECT * FROM pg_barrier_state",
+        "DELETE FROM pg_batch_dedup",
+        "SELECT * FROM reap_expired()",
+    ] {
         let err = app.batch_execute(sql).expect_err(sql);
         assert_eq!(err.code().map(|c| c.code()), Some("42501"), "{sql}: {err}");
     }
@@ -256,12 +345,24 @@ fn pg_dump_and_restore_keep_barriers_markers_and_intents() {
     let file = file.to_str().expect("utf-8");
     let port = cluster.port.to_string();
     let conn = ["-h", "127.0.0.1", "-p", &port, "-U", "postgres"];
-    cluster.tool("pg_dump", &[&conn[..], &["-Fc", "-f", file, "src"]].concat());
-    cluster.client("postgres").batch_execute("CREATE DATABASE dst").expect("create dst");
-    cluster.tool("pg_restore", &[&conn[..], &["-d", "dst", "--exit-on-error", file]].concat());
+    cluster.tool(
+        "pg_dump",
+        &[&conn[..], &["-Fc", "-f", file, "src"]].concat(),
+    );
+    cluster
+        .client("postgres")
+        .batch_execute("CREATE DATABASE dst")
+        .expect("create dst");
+    cluster.tool(
+        "pg_restore",
+        &[&conn[..], &["-d", "dst", "--exit-on-error", file]].concat(),
+    );
     let mut d = cluster.client("dst");
     assert_eq!(json(&mut d, all), before);
     // The identity sequence came along: a new intent does not collide with restored ids.
     strand(&mut d, "after", 1);
-    assert_eq!(json(&mut d, "SELECT to_jsonb(queued) FROM reap_expired()"), json!(1));
+    assert_eq!(
+        json(&mut d, "SELECT to_jsonb(queued) FROM reap_expired()"),
+        json!(1)
+    );
 }
