@@ -16,13 +16,19 @@ for d in "$PGRX_PGDATA"/15-*; do
 done
 
 start=$SECONDS
+LOG="$(mktemp /tmp/pg-reaper-test.XXXXXX)"
+trap 'rm -f "$LOG"' EXIT
 echo "== pg_tests (in-database)"
-cargo pgrx test pg15 --runas postgres --pgdata "$PGRX_PGDATA"
+cargo pgrx test pg15 --runas postgres --pgdata "$PGRX_PGDATA" 2>&1 | tee -a "$LOG"
 
 # The pg_test run installed a test build; the integration tests want the real one.
 echo "== install"
 cargo pgrx install --pg-config "$PG_CONFIG"
 
 echo "== integration tests (throwaway clusters, concurrent sessions)"
-cargo test --locked -p pg_reaper_tests
-echo "== all tests passed in $((SECONDS - start)) s"
+cargo test --locked -p pg_reaper_tests 2>&1 | tee -a "$LOG"
+
+# One closing line over every runner above (set -o pipefail made any failure fatal already).
+echo "== all tests ran in $((SECONDS - start)) s"
+awk '/^test result: /{ for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$LOG"

@@ -34,6 +34,7 @@ const ENQUEUE: Statement = Statement {
         pg_sys::INTERVALOID,
         pg_sys::JSONBOID,
     ],
+    writes: true,
 };
 
 // The aggregated results are returned only to the one caller that sees 0: shipping the growing
@@ -46,11 +47,13 @@ const DECREMENT: Statement = Statement {
            WHERE execution_id = $1
        RETURNING remaining, CASE WHEN remaining = 0 THEN results END",
     args: &[pg_sys::TEXTOID, pg_sys::JSONBOID],
+    writes: true,
 };
 
 const TEAR_DOWN_NEGATIVE: Statement = Statement {
     sql: "DELETE FROM @extschema@.pg_barrier_state WHERE execution_id = $1 AND remaining < 0",
     args: &[pg_sys::TEXTOID],
+    writes: true,
 };
 
 const FINISH: Statement = Statement {
@@ -61,6 +64,7 @@ const FINISH: Statement = Statement {
           )
           SELECT EXISTS (SELECT 1 FROM gone)",
     args: &[pg_sys::TEXTOID],
+    writes: true,
 };
 
 // Only the caller whose DELETE removed the row is the winner, and only it clears the markers.
@@ -73,6 +77,7 @@ const ABORT: Statement = Statement {
           )
           SELECT EXISTS (SELECT 1 FROM gone)",
     args: &[pg_sys::TEXTOID, pg_sys::BOOLOID],
+    writes: true,
 };
 
 /// Raises an ERROR naming `arg` of `func` and the rule it broke; nothing has been written yet.

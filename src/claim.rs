@@ -9,6 +9,7 @@ const CLAIM: Statement = Statement {
           ON CONFLICT DO NOTHING
           RETURNING true",
     args: &[pg_sys::TEXTOID, pg_sys::INT4OID],
+    writes: true,
 };
 
 /// True for the first delivery of a batch, false for every redelivery.
@@ -31,4 +32,24 @@ fn barrier_claim(
         plan::run(client, schema, &CLAIM, &[id.into(), index.into()]).map(|t| !t.is_empty())
     })
     .unwrap_or_else(|e| error!("{F}: {e}"))
+}
+
+/// Markers outlive their barrier on purpose (a redelivery after an abort must still be
+/// skipped), but not forever: past the retention, a marker whose execution has no barrier row
+/// is garbage. A live barrier's markers are never touched, however old.
+const SWEEP_ORPHAN_MARKERS: Statement = Statement {
+    sql: "DELETE FROM @extschema@.pg_batch_dedup d
+           WHERE d.created_at < now() - $1
+             AND NOT EXISTS (SELECT 1 FROM @extschema@.pg_barrier_state b
+                              WHERE b.execution_id = d.execution_id)",
+    args: &[pg_sys::INTERVALOID],
+    writes: true,
+};
+
+/// Deletes orphaned markers older than `retention`; returns how many.
+pub fn sweep_orphan_markers(schema: pg_sys::Oid, retention: Interval) -> usize {
+    Spi::connect_mut(|client| {
+        plan::run(client, schema, &SWEEP_ORPHAN_MARKERS, &[retention.into()]).map(|t| t.len())
+    })
+    .unwrap_or_else(|e| error!("pg_reaper: sweeping dedup markers: {e}"))
 }

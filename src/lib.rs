@@ -3,7 +3,8 @@
 //!
 //! Modules follow the domain: `barrier` (enqueue, decrement, finish, abort), `claim` (per-batch
 //! dedup), `reap` (stranded barriers into outbox intents), `status` (the status view),
-//! `guc` (settings), `plan` (prepared statements bound to the extension's schema).
+//! `outbox` (recovery intents), `worker` (the background worker), `guc` (settings), `plan`
+//! (prepared statements bound to the extension's schema).
 
 // pgrx reads the column names of a set-returning function from `name!` in its signature,
 // so those signatures cannot be factored into type aliases.
@@ -14,10 +15,12 @@ use pgrx::prelude::*;
 mod barrier;
 mod claim;
 mod guc;
+mod outbox;
 mod plan;
 mod raw_jsonb;
 mod reap;
 mod status;
+mod worker;
 
 ::pgrx::pg_module_magic!();
 
@@ -27,6 +30,11 @@ extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     guc::init();
+    // The worker and its shared memory exist only when preloaded; a plain LOAD or
+    // CREATE EXTENSION gets the SQL API alone.
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        worker::register();
+    }
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -20,6 +20,9 @@ use std::rc::Rc;
 pub struct Statement {
     pub sql: &'static str,
     pub args: &'static [pg_sys::Oid],
+    /// Whether it modifies data. Only writers go through `SpiClient::update`, which assigns a
+    /// transaction id: a reader must also work on a hot standby.
+    pub writes: bool,
 }
 
 #[derive(Default)]
@@ -40,7 +43,11 @@ pub fn run<'conn>(
     args: &[pgrx::datum::DatumWithOid<'_>],
 ) -> SpiResult<SpiTupleTable<'conn>> {
     let plan = prepared(client, schema, stmt)?;
-    client.update(&*plan, None, args)
+    if stmt.writes {
+        client.update(&*plan, None, args)
+    } else {
+        client.select(&*plan, None, args)
+    }
 }
 
 fn prepared(

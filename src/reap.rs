@@ -55,6 +55,7 @@ const REAP: Statement = Statement {
         summary!()
     ),
     args: &[pg_sys::INTERVALOID, pg_sys::INT8OID],
+    writes: true,
 };
 
 /// The same scan, writing nothing: every row of `todo` would be queued.
@@ -65,12 +66,14 @@ const REAP_DRY_RUN: Statement = Statement {
         summary!()
     ),
     args: &[pg_sys::INTERVALOID, pg_sys::INT8OID],
+    writes: false,
 };
 
 /// Wakes the relays; delivered when the reaping transaction commits.
 const WAKE_RELAYS: Statement = Statement {
     sql: "SELECT pg_catalog.pg_notify('pg_reaper_outbox', '')",
     args: &[],
+    writes: true,
 };
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +85,8 @@ pub struct Counts {
 }
 
 /// One reaping pass in the current transaction; the worker and `reap_expired()` share it.
-pub fn reap(schema: pg_sys::Oid, max_rows: Option<i64>, dry_run: bool) -> Counts {
+/// Also returns up to ten ids of the org-less strands, for the caller to log.
+pub fn reap(schema: pg_sys::Oid, max_rows: Option<i64>, dry_run: bool) -> (Counts, Vec<String>) {
     if unsafe { pg_sys::RecoveryInProgress() } {
         ereport!(
             ERROR,
@@ -110,21 +114,26 @@ pub fn reap(schema: pg_sys::Oid, max_rows: Option<i64>, dry_run: bool) -> Counts
         Ok::<_, pgrx::spi::SpiError>((counts, sample))
     })
     .unwrap_or_else(|e| error!("reap_expired: {e}"));
-    if counts.skipped_no_org > 0 {
-        let more = counts.skipped_no_org as usize - no_org_sample.len();
-        let more = if more > 0 {
-            format!(" and {more} more")
-        } else {
-            String::new()
-        };
-        warning!(
-            "reap_expired: {} stranded barrier(s) have no organization_id and are left untouched \
-             (the org-scoped status API cannot recover them): {}{more}",
-            counts.skipped_no_org,
-            no_org_sample.join(", ")
-        );
+    (counts, no_org_sample)
+}
+
+/// The WARNING that names the strands nobody can recover.
+pub fn warn_no_org(counts: &Counts, sample: &[String]) {
+    if counts.skipped_no_org == 0 {
+        return;
     }
-    counts
+    let more = counts.skipped_no_org as usize - sample.len();
+    let more = if more > 0 {
+        format!(" and {more} more")
+    } else {
+        String::new()
+    };
+    warning!(
+        "pg_reaper: {} stranded barrier(s) have no organization_id and are left untouched \
+         (the org-scoped status API cannot recover them): {}{more}",
+        counts.skipped_no_org,
+        sample.join(", ")
+    );
 }
 
 /// Queues one recovery intent per stranded barrier; see the README for the counters.
@@ -150,10 +159,11 @@ fn reap_expired(
     let Some(dry_run) = dry_run else {
         invalid(F, "dry_run", "must not be NULL")
     };
-    let c = reap(
+    let (c, no_org) = reap(
         plan::schema_of_call(fcinfo),
         max_rows.map(i64::from),
         dry_run,
     );
+    warn_no_org(&c, &no_org);
     TableIterator::once((c.stranded, c.queued, c.already_queued, c.skipped_no_org))
 }

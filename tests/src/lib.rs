@@ -145,6 +145,61 @@ impl Cluster {
         );
     }
 
+    /// A streaming replica of this cluster (pg_basebackup), started, with `conf` appended.
+    pub fn start_replica(&self, name: &str, conf: &[&str]) -> Cluster {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("pgr-{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let replica = Cluster {
+            dir,
+            port: free_port(),
+            bindir: self.bindir.clone(),
+        };
+        let d = replica.dir.to_str().expect("utf-8 path");
+        let port = self.port.to_string();
+        check(
+            "pg_basebackup",
+            as_pg_user(
+                &self.bindir.join("pg_basebackup"),
+                &[
+                    "-D",
+                    d,
+                    "-R",
+                    "-X",
+                    "stream",
+                    "--checkpoint=fast",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port,
+                    "-U",
+                    "postgres",
+                ],
+            ),
+        );
+        let mut lines = vec![
+            format!("port = {}", replica.port),
+            format!("unix_socket_directories = '{d}'"),
+        ];
+        lines.extend(conf.iter().map(|s| s.to_string()));
+        let path = replica.dir.join("postgresql.auto.conf");
+        let mut text = std::fs::read_to_string(&path).expect("read postgresql.auto.conf");
+        text.push_str(&lines.join("\n"));
+        text.push('\n');
+        std::fs::write(&path, text).expect("write postgresql.auto.conf");
+        replica.pg_ctl_start();
+        replica
+    }
+
+    pub fn promote(&self) {
+        let d = self.dir.to_str().expect("utf-8 path");
+        check(
+            "pg_ctl promote",
+            as_pg_user(&self.bindir.join("pg_ctl"), &["-D", d, "-w", "promote"]),
+        );
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
     }
@@ -197,12 +252,37 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            eprintln!(
+                "--- server log of {} (last lines) ---\n{}",
+                self.dir.display(),
+                tail.join("\n")
+            );
+        }
         let d = self.dir.to_str().unwrap_or_default().to_string();
         let _ = as_pg_user(
             &self.bindir.join("pg_ctl"),
             &["-D", &d, "-m", "immediate", "-w", "stop"],
         );
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Polls `probe` every 100 ms until it returns Some, for at most `seconds`.
+pub fn wait_for<T>(seconds: u64, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {seconds} s waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
 

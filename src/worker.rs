@@ -1,0 +1,393 @@
+//! The background worker: one per server, started by `shared_preload_libraries`.
+//!
+//! Each naptime it runs one tick in one transaction. The tick finds out what the worker may do
+//! (is there a database, the extension, a primary, is it enabled, does it hold the leader lock)
+//! and, as leader, reaps, re-offers intents whose relay lease expired and sweeps orphaned
+//! dedup markers. A failing tick is rolled back and logged, and the next one runs: the worker
+//! never takes the server down and never spins in a crash-restart loop. Leadership only avoids
+//! duplicate work; every write is a compare-and-set on rows, so two leaders would be harmless.
+
+use crate::{claim, guc, outbox, reap};
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
+};
+use pgrx::lwlock::PgLwLock;
+use pgrx::prelude::*;
+use pgrx::shmem::PGRXSharedMemory;
+use pgrx::{PgTryBuilder, pg_shmem_init};
+use std::ffi::CString;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// The leader lock: `pg_try_advisory_lock(8099568234601145714)`, the bytes of "pgreaper".
+/// Advisory locks are per database, so it is scoped to the extension's database.
+pub const LEADER_LOCK_KEY: i64 = 0x7067_7265_6170_6572;
+
+/// What the worker is doing; shown as `worker_state` in the status view.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(u8)]
+pub enum State {
+    #[default]
+    Starting,
+    WaitingForDatabase,
+    WaitingForExtension,
+    Recovery,
+    Disabled,
+    Standby,
+    Leader,
+}
+
+impl State {
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::WaitingForDatabase => "waiting_for_database",
+            State::WaitingForExtension => "waiting_for_extension",
+            State::Recovery => "recovery",
+            State::Disabled => "disabled",
+            State::Standby => "standby",
+            State::Leader => "leader",
+        }
+    }
+}
+
+/// Worker state shared with the backends that read the status view.
+#[derive(Clone, Copy, Default)]
+pub struct Stats {
+    pub state: State,
+    pub ticks: i64,
+    pub last_tick_at: Option<pg_sys::TimestampTz>,
+    pub last_tick_queued: i32,
+    pub failed_ticks: i64,
+    /// Set once the database was seen; a start that finds it unset waits without connecting.
+    database_seen: bool,
+    database_wait_logged: bool,
+}
+
+// SAFETY: plain Copy data, no pointers.
+unsafe impl PGRXSharedMemory for Stats {}
+
+static STATS: PgLwLock<Stats> = unsafe { PgLwLock::new(c"pg_reaper_worker") };
+static PRELOADED: AtomicBool = AtomicBool::new(false);
+
+/// Registers the worker and its shared memory; only while preloading.
+pub fn register() {
+    PRELOADED.store(true, Ordering::Relaxed);
+    pg_shmem_init!(STATS);
+    BackgroundWorkerBuilder::new("pg_reaper leader")
+        .set_type("pg_reaper")
+        .set_library("pg_reaper")
+        .set_function("pg_reaper_worker_main")
+        .enable_spi_access()
+        // Start on a hot standby too, so that it can say it is idle, and lead once promoted.
+        .set_start_time(BgWorkerStartTime::ConsistentState)
+        .set_restart_time(Some(Duration::from_secs(5)))
+        .load();
+}
+
+/// The worker's shared state, or None when the library was not preloaded (no worker).
+pub fn stats() -> Option<Stats> {
+    PRELOADED.load(Ordering::Relaxed).then(|| *STATS.share())
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pg_reaper_worker_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = guc::DATABASE
+        .get()
+        .and_then(|s| s.into_string().ok())
+        .unwrap_or_else(|| "postgres".to_string());
+
+    if !STATS.share().database_seen {
+        wait_for_database(&database);
+    }
+    // Until the connection succeeds, a restart must wait for the database again (a FATAL
+    // "database does not exist" here would otherwise repeat every restart interval).
+    STATS.exclusive().database_seen = false;
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    {
+        let mut s = STATS.exclusive();
+        s.database_seen = true;
+        s.database_wait_logged = false;
+    }
+    log!("pg_reaper: worker started in database \"{database}\"");
+
+    let mut worker = Worker::default();
+    loop {
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        worker.tick();
+        if !BackgroundWorker::wait_latch(Some(naptime())) {
+            break;
+        }
+    }
+    log!("pg_reaper: worker shutting down");
+    // Exit code 1 makes the postmaster start the worker again after pg_terminate_backend();
+    // during a server shutdown it starts nothing, whatever the code.
+    unsafe { pg_sys::proc_exit(1) };
+}
+
+fn naptime() -> Duration {
+    Duration::from_secs_f64(guc::NAPTIME.get().max(0.1))
+}
+
+/// Connected to no database (shared catalogs only), polls for `database`; once it exists,
+/// exits so that the next start connects to it. Says so once, however long it waits.
+fn wait_for_database(database: &str) -> ! {
+    BackgroundWorker::connect_worker_to_spi(None, None);
+    let name = CString::new(database).unwrap_or_default();
+    loop {
+        let exists = in_transaction(|| database_exists(&name));
+        match exists {
+            Ok(true) => {
+                STATS.exclusive().database_seen = true;
+                unsafe { pg_sys::proc_exit(1) };
+            }
+            Ok(false) => {
+                let mut s = STATS.exclusive();
+                s.state = State::WaitingForDatabase;
+                if !s.database_wait_logged {
+                    s.database_wait_logged = true;
+                    log!(
+                        "pg_reaper: database \"{database}\" (pg_reaper.database) does not exist; \
+                         waiting for it"
+                    );
+                }
+            }
+            Err(e) => warning!("pg_reaper: looking for database \"{database}\": {e}"),
+        }
+        if !BackgroundWorker::wait_latch(Some(naptime().max(Duration::from_secs(1)))) {
+            unsafe { pg_sys::proc_exit(1) };
+        }
+    }
+}
+
+/// Whether `name` is in pg_database. A heap scan, like the autovacuum launcher's: without a
+/// database, an index lookup (`get_database_oid`) can need pg_class and fail.
+fn database_exists(name: &std::ffi::CStr) -> bool {
+    // SAFETY: catalog scan inside a transaction; every tuple is a pg_database row.
+    unsafe {
+        let rel = pg_sys::table_open(pg_sys::DatabaseRelationId, pg_sys::AccessShareLock as _);
+        let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
+        let mut found = false;
+        loop {
+            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+            if tuple.is_null() {
+                break;
+            }
+            let row = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_database>(tuple);
+            if std::ffi::CStr::from_ptr((*row).datname.data.as_ptr()) == name {
+                found = true;
+                break;
+            }
+        }
+        pg_sys::table_endscan(scan);
+        pg_sys::table_close(rel, pg_sys::AccessShareLock as _);
+        found
+    }
+}
+
+/// Runs `f` in its own transaction; an ERROR anywhere (including at commit) rolls it back
+/// and comes back as the error's message instead of ending the process.
+fn in_transaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    PgTryBuilder::new(AssertUnwindSafe(|| {
+        let result = f();
+        unsafe {
+            pg_sys::PopActiveSnapshot();
+            pg_sys::CommitTransactionCommand();
+        }
+        Ok(result)
+    }))
+    .catch_others(|e| {
+        unsafe {
+            pg_sys::AbortCurrentTransaction();
+            pg_sys::FlushErrorState();
+        }
+        Err(match e {
+            pgrx::pg_sys::panic::CaughtError::PostgresError(r)
+            | pgrx::pg_sys::panic::CaughtError::ErrorReport(r)
+            | pgrx::pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => {
+                r.message().to_string()
+            }
+        })
+    })
+    .execute()
+}
+
+const FIND_EXTENSION: &str =
+    "SELECT extnamespace FROM pg_catalog.pg_extension WHERE extname = 'pg_reaper'";
+const TRY_LEAD: &str = "SELECT pg_catalog.pg_try_advisory_lock($1)";
+const STOP_LEADING: &str = "SELECT pg_catalog.pg_advisory_unlock_all()";
+/// A tick must not hang behind somebody else's lock; the next tick tries again.
+const TICK_TIMEOUTS: &str = "SELECT pg_catalog.set_config('lock_timeout', '5s', true)";
+
+/// The extension's schema, or None while it is not created in this database.
+fn extension_schema() -> Option<pg_sys::Oid> {
+    Spi::connect(|client| {
+        let table = client.select(FIND_EXTENSION, Some(1), &[])?;
+        if table.is_empty() {
+            Ok(None)
+        } else {
+            table.first().get_one::<pg_sys::Oid>()
+        }
+    })
+    .unwrap_or_else(|e| error!("{e}"))
+}
+
+#[derive(Default)]
+struct Worker {
+    state: State,
+    leader: bool,
+    consecutive_failures: u64,
+    last_no_org: i32,
+}
+
+/// What one leader tick did.
+#[derive(Default)]
+struct Work {
+    reaped: reap::Counts,
+    no_org_sample: Vec<String>,
+    reoffered: usize,
+    swept: usize,
+}
+
+impl Worker {
+    fn tick(&mut self) {
+        let result = in_transaction(AssertUnwindSafe(|| self.decide_and_work()));
+        match result {
+            Ok((state, work)) => {
+                if self.consecutive_failures > 0 {
+                    log!(
+                        "pg_reaper: ticks succeed again after {} failure(s)",
+                        self.consecutive_failures
+                    );
+                    self.consecutive_failures = 0;
+                }
+                self.enter(state);
+                if let Some(work) = work {
+                    self.report(&work);
+                }
+            }
+            Err(message) => {
+                self.consecutive_failures += 1;
+                let n = self.consecutive_failures;
+                // The first failure and then ever rarer ones: a table dropped under the worker
+                // must not write a line every naptime.
+                if n.is_power_of_two() {
+                    warning!(
+                        "pg_reaper: tick failed ({n} consecutive, rolled back; retrying every \
+                         naptime): {message}"
+                    );
+                }
+                STATS.exclusive().failed_ticks += 1;
+                // The lock may have been taken in the failed transaction: session advisory
+                // locks survive a rollback. Start again from a known state: not leading.
+                if let Err(e) = in_transaction(|| Spi::run(STOP_LEADING)) {
+                    warning!("pg_reaper: releasing the leader lock: {e}");
+                }
+                self.leader = false;
+            }
+        }
+    }
+
+    /// The state the worker is in now and, as leader, the work it did.
+    fn decide_and_work(&mut self) -> (State, Option<Work>) {
+        if unsafe { pg_sys::RecoveryInProgress() } {
+            return (State::Recovery, None);
+        }
+        let Some(schema) = extension_schema() else {
+            self.stop_leading();
+            return (State::WaitingForExtension, None);
+        };
+        if !guc::ENABLED.get() {
+            self.stop_leading();
+            return (State::Disabled, None);
+        }
+        if !self.leader {
+            self.leader = Spi::get_one_with_args::<bool>(TRY_LEAD, &[LEADER_LOCK_KEY.into()])
+                .unwrap_or_else(|e| error!("{e}"))
+                .unwrap_or(false);
+            if !self.leader {
+                return (State::Standby, None);
+            }
+        }
+        Spi::run(TICK_TIMEOUTS).unwrap_or_else(|e| error!("{e}"));
+        let batch = i64::from(guc::BATCH_SIZE.get());
+        let (reaped, no_org_sample) = reap::reap(schema, Some(batch), false);
+        let retention = Interval::from_seconds(f64::from(guc::DEDUP_RETENTION.get()));
+        let work = Work {
+            reaped,
+            no_org_sample,
+            reoffered: outbox::reoffer_expired_leases(schema),
+            swept: claim::sweep_orphan_markers(schema, retention),
+        };
+        (State::Leader, Some(work))
+    }
+
+    fn stop_leading(&mut self) {
+        if self.leader {
+            Spi::run(STOP_LEADING).unwrap_or_else(|e| error!("{e}"));
+            self.leader = false;
+        }
+    }
+
+    /// Records the new state, and logs a transition once.
+    fn enter(&mut self, state: State) {
+        {
+            let mut s = STATS.exclusive();
+            s.state = state;
+            s.ticks += 1;
+            s.last_tick_at = Some(unsafe { pg_sys::GetCurrentTimestamp() });
+            if state != State::Leader {
+                s.last_tick_queued = 0;
+            }
+        }
+        if state == self.state {
+            return;
+        }
+        self.state = state;
+        match state {
+            State::Leader => log!("pg_reaper: leading (advisory lock {LEADER_LOCK_KEY})"),
+            State::Standby => log!(
+                "pg_reaper: standing by: another session holds the leader lock ({LEADER_LOCK_KEY})"
+            ),
+            State::WaitingForExtension => {
+                log!(
+                    "pg_reaper: extension not created in this database; waiting for CREATE EXTENSION"
+                )
+            }
+            State::Disabled => log!("pg_reaper: disabled (pg_reaper.enabled = off)"),
+            State::Recovery => log!("pg_reaper: server is a standby; idle until promoted"),
+            State::Starting | State::WaitingForDatabase => {}
+        }
+    }
+
+    fn report(&mut self, work: &Work) {
+        STATS.exclusive().last_tick_queued = work.reaped.queued;
+        let r = &work.reaped;
+        if r.queued > 0 || work.reoffered > 0 || work.swept > 0 {
+            log!(
+                "pg_reaper: queued {} recovery intent(s) ({} stranded, {} already queued), \
+                 re-offered {} expired lease(s), swept {} orphaned dedup marker(s)",
+                r.queued,
+                r.stranded,
+                r.already_queued,
+                work.reoffered,
+                work.swept
+            );
+        }
+        // Name the strands nobody can recover when their number changes, not every tick.
+        if r.skipped_no_org != self.last_no_org {
+            self.last_no_org = r.skipped_no_org;
+            reap::warn_no_org(r, &work.no_org_sample);
+        }
+    }
+}

@@ -1,0 +1,391 @@
+//! The background worker in preloaded clusters: leadership, reaping on its timer, housekeeping,
+//! and its behaviour under signals, restarts, missing objects and on a standby.
+
+use pg_reaper_tests::{Cluster, json, wait_for};
+use postgres::Client;
+use serde_json::{Value, json};
+
+const LOCK_KEY: i64 = 8099568234601145714;
+
+fn preloaded(name: &str, database: &str) -> Cluster {
+    Cluster::start(
+        name,
+        &[
+            "shared_preload_libraries = 'pg_reaper'",
+            &format!("pg_reaper.database = '{database}'"),
+            "pg_reaper.naptime = 0.2",
+        ],
+    )
+}
+
+fn status(c: &mut Client) -> Value {
+    json(c, "SELECT to_jsonb(s) FROM pg_reaper_status s")
+}
+
+fn worker_pid(c: &mut Client) -> Option<i32> {
+    c.query_opt(
+        "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_reaper'",
+        &[],
+    )
+    .expect("pg_stat_activity")
+    .map(|r| r.get(0))
+}
+
+fn wait_state(c: &mut Client, state: &str) -> Value {
+    wait_for(30, &format!("worker state {state}"), || {
+        let s = status(c);
+        (s["worker_state"] == json!(state)).then_some(s)
+    })
+}
+
+/// Waits until the worker has run `n` more ticks (a standby's or a leader's).
+fn wait_ticks(c: &mut Client, n: i64) {
+    let start = status(c)["ticks"].as_i64().unwrap_or(0);
+    wait_for(30, &format!("{n} more ticks"), || {
+        (status(c)["ticks"].as_i64().unwrap_or(0) >= start + n).then_some(())
+    });
+}
+
+fn strand_expired(c: &mut Client, id: &str) {
+    c.execute("SELECT barrier_enqueue($1, 'org', 2)", &[&id])
+        .expect("enqueue");
+    c.execute(
+        "UPDATE pg_barrier_state SET created_at = now() - interval '1 hour',
+                expires_at = now() - interval '1 second' WHERE execution_id = $1",
+        &[&id],
+    )
+    .expect("strand");
+}
+
+fn intents(c: &mut Client, id: &str) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM pg_reaper_outbox WHERE execution_id = $1",
+        &[&id],
+    )
+    .expect("count")
+    .get(0)
+}
+
+fn reload(c: &mut Client, setting: &str) {
+    c.batch_execute(&format!("ALTER SYSTEM SET {setting}"))
+        .expect(setting);
+    c.batch_execute("SELECT pg_reload_conf()").expect("reload");
+}
+
+#[test]
+fn leader_reaps_both_kinds_of_strand_on_its_timer_and_never_a_live_barrier() {
+    let cluster = preloaded("wreap", "q");
+    let mut c = cluster.create_db("q", None);
+    wait_state(&mut c, "leader");
+    strand_expired(&mut c, "expired");
+    c.batch_execute("SELECT barrier_enqueue('live', 'org', 3)")
+        .expect("live");
+    wait_for(10, "intent for the expired barrier", || {
+        (intents(&mut c, "expired") == 1).then_some(())
+    });
+
+    // A stale last_progress_at with a short stuck timeout, while expires_at is hours ahead.
+    reload(&mut c, "pg_reaper.stuck_timeout = 2");
+    c.batch_execute(
+        "SELECT barrier_enqueue('stale', 'org', 2);
+         UPDATE pg_barrier_state SET created_at = now() - interval '10 seconds',
+                last_progress_at = now() - interval '5 seconds' WHERE execution_id = 'stale'",
+    )
+    .expect("stale");
+    wait_for(10, "intent for the stale barrier", || {
+        (intents(&mut c, "stale") == 1).then_some(())
+    });
+    // The live barrier keeps making progress: it is never reaped.
+    for _ in 0..5 {
+        c.batch_execute("SELECT barrier_enqueue('live', 'org', 3)")
+            .expect("progress");
+        wait_ticks(&mut c, 2);
+    }
+    assert_eq!(intents(&mut c, "live"), 0);
+    let s = status(&mut c);
+    assert_eq!(s["leader_pid"], json!(worker_pid(&mut c)));
+    assert_eq!(s["outbox_pending"], json!(2));
+    assert!(
+        cluster
+            .log()
+            .contains("pg_reaper: leading (advisory lock 8099568234601145714)")
+    );
+}
+
+#[test]
+fn a_session_holding_the_lock_keeps_the_worker_standby_until_released() {
+    let cluster = preloaded("wlead", "q");
+    let mut c = cluster.create_db("q", None);
+    wait_state(&mut c, "leader");
+    // Take the lock away: disabling releases it, then an operator session grabs it.
+    reload(&mut c, "pg_reaper.enabled = off");
+    wait_state(&mut c, "disabled");
+    let mut holder = cluster.client("q");
+    holder
+        .execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY])
+        .expect("lock");
+    reload(&mut c, "pg_reaper.enabled = on");
+    let s = wait_state(&mut c, "standby");
+    assert_eq!(s["leader_pid"], Value::Null);
+    strand_expired(&mut c, "held");
+    wait_ticks(&mut c, 5);
+    assert_eq!(intents(&mut c, "held"), 0, "a standby does not reap");
+
+    holder
+        .execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY])
+        .expect("unlock");
+    wait_state(&mut c, "leader");
+    wait_for(10, "intent after takeover", || {
+        (intents(&mut c, "held") == 1).then_some(())
+    });
+    let s = status(&mut c);
+    assert_eq!(s["leader_pid"], json!(worker_pid(&mut c)));
+}
+
+#[test]
+fn sighup_changes_the_naptime() {
+    let cluster = preloaded("wsighup", "q");
+    let mut c = cluster.create_db("q", None);
+    wait_state(&mut c, "leader");
+    let rate = |c: &mut Client| {
+        let t0 = status(c)["ticks"].as_i64().unwrap_or(0);
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        status(c)["ticks"].as_i64().unwrap_or(0) - t0
+    };
+    reload(&mut c, "pg_reaper.naptime = 1.5");
+    wait_ticks(&mut c, 1);
+    let slow = rate(&mut c);
+    reload(&mut c, "pg_reaper.naptime = 0.1");
+    wait_ticks(&mut c, 1);
+    let fast = rate(&mut c);
+    assert!(slow <= 3, "about 2 ticks in 3 s at 1.5 s, got {slow}");
+    assert!(
+        fast >= 4 * slow.max(1),
+        "0.1 s ticks far more often: {fast} vs {slow}"
+    );
+}
+
+#[test]
+fn terminated_worker_comes_back_and_immediate_restart_resumes_leading() {
+    let cluster = preloaded("wsig", "q");
+    let mut c = cluster.create_db("q", None);
+    wait_state(&mut c, "leader");
+    let pid = worker_pid(&mut c).expect("worker running");
+    c.execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .expect("terminate");
+    let new_pid = wait_for(20, "a new worker", || {
+        worker_pid(&mut c).filter(|p| *p != pid)
+    });
+    wait_state(&mut c, "leader");
+    assert!(cluster.log().contains("pg_reaper: worker shutting down"));
+    assert_ne!(new_pid, pid);
+
+    strand_expired(&mut c, "before-crash");
+    drop(c);
+    cluster.pg_ctl_stop("immediate");
+    cluster.pg_ctl_start();
+    let mut c = cluster.client("q");
+    wait_state(&mut c, "leader");
+    wait_for(10, "intent after the restart", || {
+        (intents(&mut c, "before-crash") == 1).then_some(())
+    });
+    cluster.pg_ctl_stop("fast");
+    assert!(!cluster.log().contains("PANIC"), "no crash");
+}
+
+#[test]
+fn waits_for_the_database_then_the_extension_and_survives_drop_extension() {
+    let cluster = preloaded("wlife", "later");
+    let mut admin = cluster.client("postgres");
+    wait_for(20, "the wait-for-database line", || {
+        cluster
+            .log()
+            .contains("database \"later\" (pg_reaper.database) does not exist")
+            .then_some(())
+    });
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(
+        cluster
+            .log()
+            .matches("does not exist; waiting for it")
+            .count(),
+        1,
+        "said once, not every retry"
+    );
+    admin
+        .batch_execute("CREATE DATABASE later")
+        .expect("create db");
+    wait_for(30, "waiting for the extension", || {
+        cluster
+            .log()
+            .contains("waiting for CREATE EXTENSION")
+            .then_some(())
+    });
+    let pid = worker_pid(&mut admin).expect("worker connected");
+    let mut c = cluster.client("later");
+    c.batch_execute("CREATE EXTENSION pg_reaper")
+        .expect("create extension");
+    wait_state(&mut c, "leader");
+    strand_expired(&mut c, "x");
+    wait_for(10, "intent", || (intents(&mut c, "x") == 1).then_some(()));
+
+    c.batch_execute("DROP EXTENSION pg_reaper")
+        .expect("drop while running");
+    wait_for(10, "waiting again", || {
+        (cluster
+            .log()
+            .matches("waiting for CREATE EXTENSION")
+            .count()
+            == 2)
+            .then_some(())
+    });
+    c.batch_execute("CREATE EXTENSION pg_reaper")
+        .expect("create again");
+    wait_state(&mut c, "leader");
+    assert_eq!(
+        worker_pid(&mut c),
+        Some(pid),
+        "the same worker process throughout"
+    );
+    assert!(!cluster.log().contains("tick failed"));
+}
+
+#[test]
+fn dedup_retention_deletes_only_orphaned_markers() {
+    let cluster = preloaded("wdedup", "q");
+    let mut c = cluster.create_db("q", None);
+    wait_state(&mut c, "leader");
+    reload(&mut c, "pg_reaper.dedup_retention = 60");
+    c.batch_execute(
+        "SELECT barrier_enqueue('live', 'org', 3);
+         SELECT barrier_claim('live', 0), barrier_claim('orphan', 0), barrier_claim('young', 0);
+         UPDATE pg_batch_dedup SET created_at = now() - interval '1 hour'
+          WHERE execution_id IN ('live', 'orphan');",
+    )
+    .expect("markers");
+    wait_for(10, "the sweep", || {
+        let left = json(
+            &mut c,
+            "SELECT jsonb_agg(execution_id ORDER BY execution_id) FROM pg_batch_dedup",
+        );
+        (left == json!(["live", "young"])).then_some(())
+    });
+}
+
+#[test]
+fn expired_relay_leases_are_offered_again() {
+    let cluster = preloaded("wlease", "q");
+    let mut c = cluster.create_db("q", None);
+    wait_state(&mut c, "leader");
+    c.batch_execute(
+        "INSERT INTO pg_reaper_outbox (execution_id, organization_id, remaining, state, attempts, lease_expires_at)
+         VALUES ('dead-relay', 'org', 1, 'in_flight', 1, now() - interval '1 second'),
+                ('live-relay', 'org', 1, 'in_flight', 1, now() + interval '1 hour')",
+    )
+    .expect("intents");
+    wait_for(10, "re-offer", || {
+        let states = json(
+            &mut c,
+            "SELECT jsonb_object_agg(execution_id, state) FROM pg_reaper_outbox",
+        );
+        (states == json!({"dead-relay": "pending", "live-relay": "in_flight"})).then_some(())
+    });
+}
+
+#[test]
+fn a_failing_tick_is_logged_and_the_next_one_runs() {
+    let cluster = preloaded("wfail", "q");
+    let mut c = cluster.create_db("q", None);
+    wait_state(&mut c, "leader");
+    let pid = worker_pid(&mut c);
+    strand_expired(&mut c, "blocked");
+    let mut blocker = cluster.client("q");
+    blocker
+        .batch_execute("BEGIN; LOCK pg_reaper_outbox IN ACCESS EXCLUSIVE MODE")
+        .expect("lock");
+    wait_for(30, "a failed tick", || {
+        cluster
+            .log()
+            .contains("pg_reaper: tick failed (1 consecutive")
+            .then_some(())
+    });
+    blocker.batch_execute("COMMIT").expect("release");
+    wait_for(20, "intent after the lock went", || {
+        (intents(&mut c, "blocked") == 1).then_some(())
+    });
+    assert!(
+        cluster
+            .log()
+            .contains("canceling statement due to lock timeout")
+    );
+    assert!(cluster.log().contains("ticks succeed again"));
+    assert_eq!(worker_pid(&mut c), pid, "no restart");
+    assert!(status(&mut c)["failed_ticks"].as_i64().unwrap_or(0) >= 1);
+}
+
+#[test]
+fn a_standby_stays_idle_refuses_reaping_and_leads_once_promoted() {
+    let primary = preloaded("wprimary", "q");
+    let mut p = primary.create_db("q", None);
+    wait_state(&mut p, "leader");
+    strand_expired(&mut p, "queued-on-primary");
+    wait_for(10, "intent on the primary", || {
+        (intents(&mut p, "queued-on-primary") == 1).then_some(())
+    });
+    // Keep the primary's worker from queueing this one: disable it before the replica copies.
+    reload(&mut p, "pg_reaper.enabled = off");
+    wait_state(&mut p, "disabled");
+    strand_expired(&mut p, "after-failover");
+
+    let replica = primary.start_replica("wreplica", &[]);
+    let mut r = replica.client("q");
+    let s = wait_state(&mut r, "recovery");
+    assert_eq!(s["leader_pid"], Value::Null);
+    let err = r
+        .batch_execute("SELECT * FROM reap_expired()")
+        .expect_err("standby");
+    assert_eq!(
+        err.as_db_error().map(|e| e.message()),
+        Some("reap_expired: the server is a standby (in recovery); reap on the primary")
+    );
+    assert_eq!(
+        replica
+            .log()
+            .matches("server is a standby; idle until promoted")
+            .count(),
+        1
+    );
+
+    // Failover: the promoted replica's worker leads (enabled = off was copied: turn it on).
+    drop(p);
+    primary.pg_ctl_stop("fast");
+    replica.promote();
+    let mut r = replica.client("q");
+    reload(&mut r, "pg_reaper.enabled = on");
+    wait_state(&mut r, "leader");
+    wait_for(10, "intent on the new primary", || {
+        (intents(&mut r, "after-failover") == 1).then_some(())
+    });
+    assert_eq!(
+        intents(&mut r, "queued-on-primary"),
+        1,
+        "nothing queued before the failover is lost"
+    );
+}
+
+#[test]
+fn without_preload_the_sql_api_works_and_no_worker_runs() {
+    let cluster = Cluster::start("nopreload", &[]);
+    let mut c = cluster.create_db("q", None);
+    strand_expired(&mut c, "x");
+    assert_eq!(
+        json(&mut c, "SELECT to_jsonb(queued) FROM reap_expired()"),
+        json!(1)
+    );
+    let s = status(&mut c);
+    assert_eq!(
+        (&s["worker_state"], &s["ticks"], &s["leader_pid"]),
+        (&Value::Null, &Value::Null, &Value::Null)
+    );
+    assert_eq!(worker_pid(&mut c), None);
+}
