@@ -25,8 +25,8 @@ cargo pgrx test pg15 --runas postgres --pgdata "$PGRX_PGDATA" 2>&1 | tee -a "$LO
 echo "== install"
 cargo pgrx install --pg-config "$PG_CONFIG"
 
-echo "== integration tests (throwaway clusters, concurrent sessions)"
-cargo test --locked -p pg_reaper_tests 2>&1 | tee -a "$LOG"
+echo "== integration tests: throwaway clusters, concurrent sessions, the worker, the relay and the sample API"
+cargo test --locked -p pg_reaper_tests -p pg-reaper-relay 2>&1 | tee -a "$LOG"
 
 # One closing line over every runner above (set -o pipefail made any failure fatal already).
 echo "== all tests ran in $((SECONDS - start)) s"

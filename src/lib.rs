@@ -19,6 +19,7 @@ mod outbox;
 mod plan;
 mod raw_jsonb;
 mod reap;
+mod recovery;
 mod status;
 mod worker;
 

@@ -1,8 +1,66 @@
-//! The outbox of recovery intents. `reap` fills it; the relay drains it; the worker hands
-//! intents whose relay died back to the other relays.
+//! The outbox of recovery intents. `reap` fills it; relays drain it through the functions here;
+//! the worker hands intents whose relay died back to the others.
+//!
+//! Every transition is a compare-and-set on the intent row. A claim takes due `pending` rows
+//! with `FOR UPDATE SKIP LOCKED`, so any number of relays can run side by side, and increments
+//! `attempts`, which is the claim's fencing token: a relay can push back or release only the
+//! claim it holds (`attempts` unchanged since its claim), never one another relay made since.
 
+use crate::barrier::invalid;
 use crate::plan::{self, Statement};
 use pgrx::prelude::*;
+
+const CLAIM: Statement = Statement {
+    sql: "WITH due AS (
+              SELECT id FROM @extschema@.pg_reaper_outbox
+               WHERE state = 'pending' AND next_attempt_at <= now()
+               ORDER BY next_attempt_at, id
+               LIMIT $1
+               FOR UPDATE SKIP LOCKED
+          )
+          UPDATE @extschema@.pg_reaper_outbox o
+             SET state = 'in_flight', attempts = o.attempts + 1,
+                 lease_expires_at = now() + $2, updated_at = now()
+            FROM due
+           WHERE o.id = due.id
+       RETURNING o.id, o.execution_id, o.organization_id, o.remaining, o.attempts",
+    args: &[pg_sys::INT4OID, pg_sys::INTERVALOID],
+    writes: true,
+};
+
+const FAIL: Statement = Statement {
+    sql: "UPDATE @extschema@.pg_reaper_outbox
+             SET state = CASE WHEN attempts >= $5 THEN 'dead' ELSE 'pending' END,
+                 lease_expires_at = NULL, next_attempt_at = now() + $4, last_error = $3,
+                 updated_at = now()
+           WHERE id = $1 AND state = 'in_flight' AND attempts = $2
+       RETURNING state",
+    args: &[
+        pg_sys::INT8OID,
+        pg_sys::INT4OID,
+        pg_sys::TEXTOID,
+        pg_sys::INTERVALOID,
+        pg_sys::INT4OID,
+    ],
+    writes: true,
+};
+
+const RELEASE: Statement = Statement {
+    sql: "UPDATE @extschema@.pg_reaper_outbox
+             SET state = 'pending', lease_expires_at = NULL, next_attempt_at = now(),
+                 updated_at = now()
+           WHERE id = $1 AND state = 'in_flight' AND attempts = $2",
+    args: &[pg_sys::INT8OID, pg_sys::INT4OID],
+    writes: true,
+};
+
+const REPLAY: Statement = Statement {
+    sql: "UPDATE @extschema@.pg_reaper_outbox
+             SET state = 'pending', attempts = 0, next_attempt_at = now(), updated_at = now()
+           WHERE state = 'dead' AND ($1::int8 IS NULL OR id = $1)",
+    args: &[pg_sys::INT8OID],
+    writes: true,
+};
 
 /// An intent stays `in_flight` only while its relay's lease runs. A relay that was killed never
 /// comes back for it: the compare-and-set on the lease makes it claimable again, immediately.
@@ -21,4 +79,135 @@ pub fn reoffer_expired_leases(schema: pg_sys::Oid) -> usize {
         plan::run(client, schema, &REOFFER_EXPIRED_LEASES, &[]).map(|t| t.len())
     })
     .unwrap_or_else(|e| error!("pg_reaper: re-offering expired leases: {e}"))
+}
+
+/// A lease must be a positive interval.
+fn require_lease(func: &'static str, lease: Option<Interval>) -> Interval {
+    match lease {
+        Some(l) if l.as_micros() > 0 => l,
+        _ => invalid(func, "lease", "must be a positive interval"),
+    }
+}
+
+/// Claims up to `max_intents` due intents for `lease`; each row's `attempt` is its fencing token.
+#[pg_extern(security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn outbox_claim(
+    max_intents: default!(Option<i32>, 16),
+    lease: default!(Option<Interval>, "'60 seconds'"),
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> TableIterator<
+    'static,
+    (
+        name!(id, i64),
+        name!(execution_id, String),
+        name!(organization_id, String),
+        name!(remaining, i32),
+        name!(attempt, i32),
+    ),
+> {
+    const F: &str = "outbox_claim";
+    let n = match max_intents {
+        Some(n) if n >= 1 => n,
+        _ => invalid(F, "max_intents", "must be at least 1"),
+    };
+    let lease = require_lease(F, lease);
+    let schema = plan::schema_of_call(fcinfo);
+    let rows = Spi::connect_mut(|client| {
+        let mut rows = Vec::new();
+        for row in plan::run(client, schema, &CLAIM, &[n.into(), lease.into()])? {
+            rows.push((
+                row.get::<i64>(1)?.unwrap_or_default(),
+                row.get::<String>(2)?.unwrap_or_default(),
+                row.get::<String>(3)?.unwrap_or_default(),
+                row.get::<i32>(4)?.unwrap_or_default(),
+                row.get::<i32>(5)?.unwrap_or_default(),
+            ));
+        }
+        Ok::<_, pgrx::spi::SpiError>(rows)
+    })
+    .unwrap_or_else(|e| error!("{F}: {e}"));
+    TableIterator::new(rows)
+}
+
+/// Gives a claimed intent back after a failed attempt: `pending` again after `backoff`, or
+/// `dead` once it has had `max_attempts`. Returns the new state, or `lost` when the claim is no
+/// longer this caller's (its lease expired and the intent was claimed again or resolved).
+#[pg_extern(security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn outbox_fail(
+    id: Option<i64>,
+    attempt: Option<i32>,
+    error: Option<&str>,
+    backoff: Option<Interval>,
+    max_attempts: Option<i32>,
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> String {
+    const F: &str = "outbox_fail";
+    let Some(id) = id else {
+        invalid(F, "id", "must not be NULL")
+    };
+    let Some(attempt) = attempt else {
+        invalid(F, "attempt", "must not be NULL")
+    };
+    let backoff = match backoff {
+        Some(b) if b.as_micros() >= 0 => b,
+        _ => invalid(F, "backoff", "must be a non-negative interval"),
+    };
+    let max = match max_attempts {
+        Some(m) if m >= 1 => m,
+        _ => invalid(F, "max_attempts", "must be at least 1"),
+    };
+    let error = error.unwrap_or("");
+    let schema = plan::schema_of_call(fcinfo);
+    let args = [
+        id.into(),
+        attempt.into(),
+        error.into(),
+        backoff.into(),
+        max.into(),
+    ];
+    Spi::connect_mut(|client| {
+        let t = plan::run(client, schema, &FAIL, &args)?;
+        if t.is_empty() {
+            Ok(None)
+        } else {
+            t.first().get_one::<String>()
+        }
+    })
+    .unwrap_or_else(|e| error!("{F}: {e}"))
+    .unwrap_or_else(|| "lost".to_string())
+}
+
+/// Hands a claimed intent back untouched (a relay shutting down); false when it was not held.
+#[pg_extern(security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn outbox_release(id: Option<i64>, attempt: Option<i32>, fcinfo: pg_sys::FunctionCallInfo) -> bool {
+    const F: &str = "outbox_release";
+    let Some(id) = id else {
+        invalid(F, "id", "must not be NULL")
+    };
+    let Some(attempt) = attempt else {
+        invalid(F, "attempt", "must not be NULL")
+    };
+    let schema = plan::schema_of_call(fcinfo);
+    Spi::connect_mut(|client| {
+        plan::run(client, schema, &RELEASE, &[id.into(), attempt.into()]).map(|t| t.len() == 1)
+    })
+    .unwrap_or_else(|e| error!("{F}: {e}"))
+}
+
+/// Makes `dead` intents (one, or all when `id` is NULL) pending again with fresh attempts.
+#[pg_extern(security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn outbox_replay(id: default!(Option<i64>, "NULL"), fcinfo: pg_sys::FunctionCallInfo) -> i64 {
+    let schema = plan::schema_of_call(fcinfo);
+    Spi::connect_mut(|client| {
+        let n = plan::run(client, schema, &REPLAY, &[id.into()])?.len();
+        if n > 0 {
+            crate::reap::wake_relays(client, schema)?;
+        }
+        Ok::<_, pgrx::spi::SpiError>(n as i64)
+    })
+    .unwrap_or_else(|e| error!("outbox_replay: {e}"))
 }

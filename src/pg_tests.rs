@@ -526,4 +526,264 @@ mod tests {
             Some(true)
         );
     }
+
+    // ---- outbox transitions (the relay's side) -----------------------------------------
+
+    /// Strands and reaps `id`; returns the intent's id.
+    fn intent(id: &str, how: &str) -> i64 {
+        strand(id, "org", how);
+        reap("");
+        one::<i64>(&format!(
+            "SELECT id FROM pg_reaper_outbox WHERE execution_id = '{id}'"
+        ))
+        .expect("intent")
+    }
+
+    fn claim_one() -> (i64, i32) {
+        let row = json("SELECT to_jsonb(c) FROM outbox_claim(1, '1 minute') c");
+        (
+            row["id"].as_i64().expect("id"),
+            row["attempt"].as_i64().expect("attempt") as i32,
+        )
+    }
+
+    fn verdict(id: i64, attempt: i32) -> (String, Option<i32>) {
+        let row = json(&format!(
+            "SELECT to_jsonb(v) FROM recovery_lock({id}, {attempt}) v"
+        ));
+        (
+            row["verdict"].as_str().expect("verdict").to_string(),
+            row["remaining"].as_i64().map(|n| n as i32),
+        )
+    }
+
+    #[pg_test]
+    fn claim_takes_due_intents_once_with_a_lease_and_counts_attempts() {
+        let id = intent("e1", "expired");
+        intent("later", "expired");
+        run(
+            "UPDATE pg_reaper_outbox SET next_attempt_at = now() + interval '1 hour' WHERE execution_id = 'later'",
+        );
+        assert_eq!(
+            json("SELECT jsonb_agg(to_jsonb(c)) FROM outbox_claim(10, '30 seconds') c"),
+            json!([{"id": id, "execution_id": "e1", "organization_id": "org", "remaining": 4, "attempt": 1}])
+        );
+        assert_eq!(
+            one::<bool>(
+                "SELECT state = 'in_flight' AND lease_expires_at = now() + interval '30 seconds' \
+                         FROM pg_reaper_outbox WHERE execution_id = 'e1'"
+            ),
+            Some(true)
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM outbox_claim(10)"),
+            0,
+            "nothing else is due"
+        );
+    }
+
+    #[pg_test]
+    fn fail_backs_off_then_goes_dead_and_a_stale_claim_is_lost() {
+        let id = intent("e1", "expired");
+        let (_, attempt) = claim_one();
+        let state = |sql: &str| one::<String>(sql).expect("state");
+        assert_eq!(
+            state(&format!(
+                "SELECT outbox_fail({id}, {attempt}, 'HTTP 503', '10 seconds', 2)"
+            )),
+            "pending"
+        );
+        assert_eq!(
+            one::<bool>(
+                "SELECT next_attempt_at = now() + interval '10 seconds' AND last_error = 'HTTP 503' \
+                         AND lease_expires_at IS NULL FROM pg_reaper_outbox"
+            ),
+            Some(true)
+        );
+        assert_eq!(
+            state(&format!(
+                "SELECT outbox_fail({id}, {attempt}, 'again', '0', 2)"
+            )),
+            "lost"
+        );
+        run("UPDATE pg_reaper_outbox SET next_attempt_at = now()");
+        let (_, attempt) = claim_one();
+        assert_eq!(attempt, 2);
+        assert_eq!(
+            state(&format!(
+                "SELECT outbox_fail({id}, {attempt}, 'HTTP 500', '1 second', 2)"
+            )),
+            "dead"
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM outbox_claim(10)"),
+            0,
+            "dead intents are not claimed"
+        );
+        assert_eq!(reap("").2, 1, "a dead intent blocks a new one");
+        assert_eq!(one::<i64>("SELECT outbox_replay()"), Some(1));
+        assert_eq!(
+            json("SELECT jsonb_build_array(state, attempts) FROM pg_reaper_outbox"),
+            json!(["pending", 0])
+        );
+    }
+
+    #[pg_test]
+    fn release_returns_a_held_claim_only() {
+        let id = intent("e1", "expired");
+        let (_, attempt) = claim_one();
+        assert_eq!(
+            one::<bool>(&format!("SELECT outbox_release({id}, {})", attempt + 1)),
+            Some(false)
+        );
+        assert_eq!(
+            one::<bool>(&format!("SELECT outbox_release({id}, {attempt})")),
+            Some(true)
+        );
+        assert_eq!(
+            json(
+                "SELECT jsonb_build_array(state, attempts, lease_expires_at) FROM pg_reaper_outbox"
+            ),
+            json!(["pending", 1, null])
+        );
+    }
+
+    #[pg_test]
+    fn recovery_lock_verdicts() {
+        let id = intent("mark", "expired");
+        let (cid, attempt) = claim_one();
+        assert_eq!(cid, id);
+        assert_eq!(verdict(id, attempt + 1).0, "lost");
+        assert_eq!(verdict(id, attempt), ("mark".into(), Some(4)));
+        // Re-armed: the execution was enqueued again since it was reaped.
+        run("SELECT barrier_enqueue('mark', 'org', 2)");
+        assert_eq!(verdict(id, attempt), ("rearmed".into(), Some(2)));
+        // Gone: finished by its own worker.
+        run("SELECT barrier_finish('mark')");
+        assert_eq!(verdict(id, attempt), ("rearmed".into(), None));
+    }
+
+    #[pg_test]
+    fn recovery_lock_chooses_refire_only_with_callback_zero_and_hook() {
+        run("CREATE TABLE refired (args jsonb)");
+        run(
+            "CREATE FUNCTION record_refire(e text, o text, c jsonb, r jsonb) RETURNS void \
+             LANGUAGE sql AS $$ INSERT INTO public.refired VALUES (jsonb_build_array(e, o, c, r)) $$",
+        );
+        run("SELECT barrier_enqueue('zero', 'org', 1, '1 hour', '{\"task\": \"agg\"}')");
+        run("SELECT barrier_decrement('zero', '{\"r\": 1}')");
+        run(
+            "UPDATE pg_barrier_state SET created_at = now() - interval '2 hours', \
+             expires_at = now() - interval '1 second'",
+        );
+        reap("");
+        let (id, attempt) = claim_one();
+        assert_eq!(
+            verdict(id, attempt),
+            ("mark".into(), Some(0)),
+            "no hook configured"
+        );
+        run("SET pg_reaper.refire_function = 'public.record_refire'");
+        assert_eq!(verdict(id, attempt), ("refire".into(), Some(0)));
+        assert_eq!(
+            one::<bool>(&format!("SELECT outbox_resolve({id}, 'refired')")),
+            Some(true)
+        );
+        assert_eq!(
+            json("SELECT args FROM refired"),
+            json!(["zero", "org", {"task": "agg"}, [{"r": 1}]])
+        );
+        assert_eq!(count("SELECT count(*) FROM pg_barrier_state"), 0);
+        assert_eq!(
+            json("SELECT jsonb_build_array(state, outcome) FROM pg_reaper_outbox"),
+            json!(["done", "refired"])
+        );
+    }
+
+    #[pg_test(
+        error = "pg_reaper.refire_function = 'x(text); DROP TABLE pg_barrier_state; --' does not name a function f(text, text, jsonb, jsonb); fix the setting (or set it to '' to mark ERROR instead)"
+    )]
+    fn refire_hook_name_is_parsed_never_executed() {
+        run("SELECT barrier_enqueue('zero', 'org', 1, '1 hour', '{}')");
+        run("SELECT barrier_decrement('zero')");
+        run(
+            "UPDATE pg_barrier_state SET created_at = now() - interval '2 hours', \
+             expires_at = now() - interval '1 second'",
+        );
+        reap("");
+        let (id, attempt) = claim_one();
+        run("SET pg_reaper.refire_function = 'x(text); DROP TABLE pg_barrier_state; --'");
+        verdict(id, attempt);
+    }
+
+    #[pg_test]
+    fn refire_hook_names_are_identifiers_only() {
+        for (name, ok) in [
+            ("f", true),
+            ("public.record_refire", true),
+            ("\"Queue Schema\".\"Re \"\"fire\"\"\"", true),
+            ("_x$1", true),
+            ("", false),
+            ("a.b.c", false),
+            ("1f", false),
+            ("f()", false),
+            ("f(text)", false),
+            ("\"unterminated", false),
+            ("\"\"", false),
+            ("f; DROP TABLE x", false),
+            ("a.", false),
+        ] {
+            assert_eq!(crate::recovery::is_function_name(name), ok, "{name}");
+        }
+    }
+
+    #[pg_test]
+    fn resolve_cleans_up_confirmed_outcomes_but_never_a_rearmed_barrier() {
+        for id in ["m", "t", "g", "r"] {
+            strand(id, "org", "expired");
+            run(&format!("SELECT barrier_claim('{id}', 0)"));
+        }
+        reap("");
+        run("SELECT barrier_enqueue('t', 'org', 3)"); // re-armed before its terminal cleanup
+        for (id, outcome) in [
+            ("m", "marked_error"),
+            ("t", "already_terminal"),
+            ("g", "gone"),
+            ("r", "rearmed"),
+        ] {
+            let intent = one::<i64>(&format!(
+                "SELECT id FROM pg_reaper_outbox WHERE execution_id = '{id}'"
+            ))
+            .expect("id");
+            assert_eq!(
+                one::<bool>(&format!("SELECT outbox_resolve({intent}, '{outcome}')")),
+                Some(true)
+            );
+            assert_eq!(
+                one::<bool>(&format!("SELECT outbox_resolve({intent}, '{outcome}')")),
+                Some(false)
+            );
+        }
+        assert_eq!(
+            json("SELECT jsonb_agg(execution_id ORDER BY execution_id) FROM pg_barrier_state"),
+            json!(["r", "t"]),
+            "the re-armed barrier of t and the rearmed outcome of r are kept"
+        );
+        assert_eq!(
+            json("SELECT jsonb_agg(execution_id ORDER BY execution_id) FROM pg_batch_dedup"),
+            json!(["r"]),
+            "markers go with their barrier only (t's were reset by its re-enqueue)"
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM pg_reaper_outbox WHERE state = 'done'"),
+            4
+        );
+    }
+
+    #[pg_test(
+        error = "outbox_resolve: outcome must be one of marked_error, already_terminal, gone, rearmed, refired"
+    )]
+    fn resolve_rejects_unknown_outcomes() {
+        run("SELECT outbox_resolve(1, 'fixed')");
+    }
 }

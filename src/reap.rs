@@ -76,6 +76,14 @@ const WAKE_RELAYS: Statement = Statement {
     writes: true,
 };
 
+/// Sends the relays' wake-up (delivered at commit).
+pub fn wake_relays(
+    client: &mut pgrx::spi::SpiClient<'_>,
+    schema: pg_sys::Oid,
+) -> pgrx::spi::SpiResult<()> {
+    plan::run(client, schema, &WAKE_RELAYS, &[]).map(|_| ())
+}
+
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Counts {
     pub stranded: i32,
@@ -109,7 +117,7 @@ pub fn reap(schema: pg_sys::Oid, max_rows: Option<i64>, dry_run: bool) -> (Count
         };
         let sample = row.get::<Vec<String>>(6)?.unwrap_or_default();
         if counts.queued > 0 && !dry_run {
-            plan::run(client, schema, &WAKE_RELAYS, &[])?;
+            wake_relays(client, schema)?;
         }
         Ok::<_, pgrx::spi::SpiError>((counts, sample))
     })

@@ -1,0 +1,329 @@
+//! The platform's internal status API, as the reference reaper uses it: read an execution's
+//! status, mark it ERROR. Every answer is classified here; nothing else looks at HTTP.
+
+use crate::config::ApiKey;
+use std::time::{Duration, Instant};
+
+/// Bodies larger than this are a failure, never read whole.
+const MAX_BODY: usize = 1 << 20;
+const NOT_FOUND_MARKER: &str = "WorkflowExecution not found";
+const TERMINAL: [&str; 3] = ["COMPLETED", "STOPPED", "ERROR"];
+const NON_TERMINAL: [&str; 2] = ["PENDING", "EXECUTING"];
+
+/// Why a request did not give a usable answer. The label is the metric's `cause`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    Status(u16, String),
+    Timeout,
+    Connect(String),
+    Body(String),
+    UnknownStatus(String),
+}
+
+impl Failure {
+    pub fn cause(&self) -> &'static str {
+        match self {
+            Failure::Status(401 | 403, _) => "unauthorized",
+            Failure::Status(_, _) => "http_status",
+            Failure::Timeout => "timeout",
+            Failure::Connect(_) => "connect",
+            Failure::Body(_) => "bad_body",
+            Failure::UnknownStatus(_) => "unknown_status",
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Status(code, body) => write!(f, "HTTP {code}: {body}"),
+            Failure::Timeout => f.write_str("timed out"),
+            Failure::Connect(e) => write!(f, "connection failed: {e}"),
+            Failure::Body(e) => write!(f, "unusable response body: {e}"),
+            Failure::UnknownStatus(s) => write!(f, "unknown execution status {s:?}"),
+        }
+    }
+}
+
+/// What a status read says about an execution.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Execution {
+    /// 404 `WorkflowExecution not found`.
+    Gone,
+    Terminal(String),
+    NonTerminal(String),
+    /// A 2xx without a status: nothing can be concluded.
+    Indeterminate,
+}
+
+/// What an ERROR mark achieved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mark {
+    Marked,
+    /// `{"status": "skipped"}`: the execution turned terminal meanwhile.
+    AlreadyFinal,
+}
+
+pub struct Api {
+    client: reqwest::Client,
+    base: String,
+    key: ApiKey,
+}
+
+/// The message the ERROR mark carries, by the barrier's `remaining` read under the row lock.
+pub fn stranded_message(remaining: Option<i32>) -> String {
+    let reason = match remaining {
+        Some(n) if n > 0 => format!(
+            "{n} file batch(es) never completed before the barrier expired (worker crash / lost task)."
+        ),
+        Some(0) => "all file batches completed but the final aggregating callback never fired \
+                    before the barrier expired."
+            .to_string(),
+        _ => "the barrier was already torn down (remaining < 0) yet the execution was left \
+              non-terminal — inconsistent state."
+            .to_string(),
+    };
+    format!("[reaper-recovery] Execution stranded: {reason}")
+}
+
+/// Reads `execution.status`, falling back to a top-level `status`.
+pub fn classify_status(body: &[u8]) -> Result<Execution, Failure> {
+    let json: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| Failure::Body(format!("not JSON: {e}")))?;
+    let status = json
+        .get("execution")
+        .and_then(|e| e.get("status"))
+        .filter(|s| !s.is_null())
+        .or_else(|| json.get("status").filter(|s| !s.is_null()));
+    let Some(status) = status else {
+        return Ok(Execution::Indeterminate);
+    };
+    let Some(status) = status.as_str() else {
+        return Err(Failure::Body(format!("status is not a string: {status}")));
+    };
+    if TERMINAL.contains(&status) {
+        Ok(Execution::Terminal(status.to_string()))
+    } else if NON_TERMINAL.contains(&status) {
+        Ok(Execution::NonTerminal(status.to_string()))
+    } else {
+        Err(Failure::UnknownStatus(status.to_string()))
+    }
+}
+
+impl Api {
+    pub fn new(base: &str, key: ApiKey, timeout: Duration) -> Result<Api, String> {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .user_agent(concat!("pg-reaper-relay/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("--api-base-url: cannot build the HTTP client: {e}"))?;
+        let base = base.trim_end_matches('/').to_string();
+        reqwest::Url::parse(&base)
+            .map_err(|e| format!("--api-base-url: '{base}' is not a URL: {e}"))?;
+        Ok(Api { client, base, key })
+    }
+
+    fn url(&self, execution_id: &str, suffix: &str) -> String {
+        // The id goes into one path segment: escape what would change the path.
+        let mut id = String::new();
+        for b in execution_id.bytes() {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                id.push(b as char);
+            } else {
+                id.push_str(&format!("%{b:02X}"));
+            }
+        }
+        format!("{}/v1/workflow-execution/{id}/{suffix}", self.base)
+    }
+
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+        org: &str,
+    ) -> Result<(u16, Vec<u8>, Duration), Failure> {
+        let started = Instant::now();
+        let response = request
+            .bearer_auth(self.key.expose())
+            .header("X-Organization-ID", org)
+            .send()
+            .await
+            .map_err(transport_failure)?;
+        let code = response.status().as_u16();
+        let body = read_limited(response).await?;
+        Ok((code, body, started.elapsed()))
+    }
+
+    /// `GET {base}/v1/workflow-execution/{id}/`, and the request's duration.
+    pub async fn status(
+        &self,
+        execution_id: &str,
+        org: &str,
+    ) -> (Result<Execution, Failure>, Duration) {
+        let request = self.client.get(self.url(execution_id, ""));
+        match self.send(request, org).await {
+            Ok((code, body, took)) => {
+                let answer = if (200..300).contains(&code) {
+                    classify_status(&body)
+                } else if code == 404 && String::from_utf8_lossy(&body).contains(NOT_FOUND_MARKER) {
+                    Ok(Execution::Gone)
+                } else {
+                    Err(Failure::Status(code, snippet(&body)))
+                };
+                (answer, took)
+            }
+            Err(f) => (Err(f), Duration::ZERO),
+        }
+    }
+
+    /// `POST {base}/v1/workflow-execution/{id}/update_status/` with status ERROR.
+    pub async fn mark_error(
+        &self,
+        execution_id: &str,
+        org: &str,
+        message: &str,
+    ) -> (Result<Mark, Failure>, Duration) {
+        let body = serde_json::json!({
+            "status": "ERROR",
+            "error_message": message,
+            "cascade_terminal_files": true,
+        });
+        let request = self
+            .client
+            .post(self.url(execution_id, "update_status/"))
+            .json(&body);
+        match self.send(request, org).await {
+            Ok((code, body, took)) => {
+                let answer = if (200..300).contains(&code) {
+                    let skipped = serde_json::from_slice::<serde_json::Value>(&body)
+                        .ok()
+                        .and_then(|v| {
+                            v.get("status")
+                                .and_then(|s| s.as_str())
+                                .map(|s| s == "skipped")
+                        })
+                        .unwrap_or(false);
+                    Ok(if skipped {
+                        Mark::AlreadyFinal
+                    } else {
+                        Mark::Marked
+                    })
+                } else {
+                    Err(Failure::Status(code, snippet(&body)))
+                };
+                (answer, took)
+            }
+            Err(f) => (Err(f), Duration::ZERO),
+        }
+    }
+}
+
+fn transport_failure(e: reqwest::Error) -> Failure {
+    if e.is_timeout() {
+        Failure::Timeout
+    } else {
+        // Without the URL: it holds nothing secret, but keeps the line short.
+        Failure::Connect(e.without_url().to_string())
+    }
+}
+
+async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, Failure> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(transport_failure)? {
+        if body.len() + chunk.len() > MAX_BODY {
+            return Err(Failure::Body(format!("larger than {MAX_BODY} bytes")));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// The start of a body, for an error message.
+fn snippet(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    match text.char_indices().nth(200) {
+        Some((i, _)) => format!("{}…", &text[..i]),
+        None => text.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_comes_from_execution_then_top_level() {
+        assert_eq!(
+            classify_status(br#"{"execution": {"status": "EXECUTING"}, "status": "COMPLETED"}"#),
+            Ok(Execution::NonTerminal("EXECUTING".into()))
+        );
+        assert_eq!(
+            classify_status(br#"{"status": "STOPPED"}"#),
+            Ok(Execution::Terminal("STOPPED".into()))
+        );
+        assert_eq!(
+            classify_status(br#"{"execution": {"status": null}}"#),
+            Ok(Execution::Indeterminate)
+        );
+        assert_eq!(classify_status(br#"{}"#), Ok(Execution::Indeterminate));
+        assert_eq!(
+            classify_status(br#"{"status": "WEIRD"}"#),
+            Err(Failure::UnknownStatus("WEIRD".into()))
+        );
+        assert!(matches!(classify_status(b"<html>"), Err(Failure::Body(_))));
+        assert!(matches!(
+            classify_status(br#"{"status": 3}"#),
+            Err(Failure::Body(_))
+        ));
+    }
+
+    #[test]
+    fn messages_are_the_references() {
+        assert_eq!(
+            stranded_message(Some(3)),
+            "[reaper-recovery] Execution stranded: 3 file batch(es) never completed before the barrier expired (worker crash / lost task)."
+        );
+        assert_eq!(
+            stranded_message(Some(0)),
+            "[reaper-recovery] Execution stranded: all file batches completed but the final aggregating callback never fired before the barrier expired."
+        );
+        assert_eq!(
+            stranded_message(Some(-1)),
+            "[reaper-recovery] Execution stranded: the barrier was already torn down (remaining < 0) yet the execution was left non-terminal — inconsistent state."
+        );
+    }
+
+    /// Random bodies never panic the classifier: each is a status or a failure.
+    #[test]
+    fn arbitrary_bodies_never_panic() {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let pieces: [&[u8]; 12] = [
+            b"{",
+            b"}",
+            b"\"status\"",
+            b":",
+            b"\"EXECUTING\"",
+            b"null",
+            b"[",
+            b"]",
+            b",",
+            b"\"execution\"",
+            b"\xff",
+            b"1e999",
+        ];
+        for _ in 0..20_000 {
+            let mut body = Vec::new();
+            for _ in 0..(x % 12) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                body.extend_from_slice(pieces[(x % 12) as usize]);
+            }
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let _ = classify_status(&body);
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! pg-reaper-sample-api: a development stand-in for the platform's internal status API, for
+//! tests and `make run`. It implements the two endpoints the relay calls over an in-memory set
+//! of executions (bearer key, X-Organization-ID scoping, 404 `WorkflowExecution not found`,
+//! the `already_final` guard), records every call, and can inject faults. Production points the
+//! relay at the platform's real API instead.
+//!
+//! Admin endpoints (same bearer key):
+//!   PUT  /_admin/executions/{id}   {"organization_id": "...", "status": "EXECUTING"}
+//!   GET  /_admin/executions        every execution with its status and ERROR-mark count
+//!   GET  /_admin/calls             every recorded /v1 call (method, path, headers, body)
+//!   POST /_admin/faults            {"fail_status": 503, "fail_count": 5, "delay_ms": 5,
+//!                                   "get_delay_ms": 0, "post_delay_ms": 0,
+//!                                   "missing_status": false}
+//!   POST /_admin/reset             forget calls and faults
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Clone, Serialize, Deserialize)]
+struct Execution {
+    organization_id: String,
+    status: String,
+    #[serde(default)]
+    error_marks: u32,
+    #[serde(default)]
+    error_message: Option<String>,
+}
+
+#[derive(Clone, Serialize)]
+struct Call {
+    method: String,
+    path: String,
+    authorization: Option<String>,
+    organization: Option<String>,
+    content_type: Option<String>,
+    body: Value,
+}
+
+#[derive(Clone, Default, Serialize, Deserialize)]
+struct Faults {
+    #[serde(default)]
+    fail_status: Option<u16>,
+    #[serde(default)]
+    fail_count: u32,
+    #[serde(default)]
+    delay_ms: u64,
+    #[serde(default)]
+    get_delay_ms: u64,
+    #[serde(default)]
+    post_delay_ms: u64,
+    #[serde(default)]
+    missing_status: bool,
+}
+
+#[derive(Default)]
+struct State {
+    executions: BTreeMap<String, Execution>,
+    calls: Vec<Call>,
+    faults: Faults,
+}
+
+type Shared = Arc<Mutex<State>>;
+
+fn reply(code: u16, body: Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() =
+        hyper::StatusCode::from_u16(code).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn header(req: &Request<Incoming>, name: &str) -> Option<String> {
+    req.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+const TERMINAL: [&str; 3] = ["COMPLETED", "STOPPED", "ERROR"];
+
+async fn handle(req: Request<Incoming>, state: Shared, key: Arc<String>) -> Response<Full<Bytes>> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let authorization = header(&req, "authorization");
+    let organization = header(&req, "x-organization-id");
+    let content_type = header(&req, "content-type");
+    let bytes = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    if authorization.as_deref() != Some(&format!("Bearer {key}")) {
+        return reply(401, json!({"error": "missing or wrong bearer key"}));
+    }
+    if let Some(rest) = path.strip_prefix("/_admin/") {
+        return admin(&method, rest, body, &state);
+    }
+    let Some(at) = path.find("/v1/workflow-execution/") else {
+        return reply(404, json!({"error": "no such endpoint"}));
+    };
+    let tail = &path[at + "/v1/workflow-execution/".len()..];
+    let (id, action) = match tail.split_once('/') {
+        Some((id, action)) => (id.to_string(), action.trim_end_matches('/').to_string()),
+        None => (tail.to_string(), String::new()),
+    };
+    let (delay, fail) = {
+        let Ok(mut s) = state.lock() else {
+            return reply(500, json!({"error": "state poisoned"}));
+        };
+        s.calls.push(Call {
+            method: method.to_string(),
+            path: path.clone(),
+            authorization,
+            organization: organization.clone(),
+            content_type,
+            body: body.clone(),
+        });
+        let f = &mut s.faults;
+        let delay = f.delay_ms
+            + match method {
+                Method::GET => f.get_delay_ms,
+                Method::POST => f.post_delay_ms,
+                _ => 0,
+            };
+        let fail = match f.fail_status {
+            Some(code) if f.fail_count > 0 => {
+                f.fail_count -= 1;
+                Some(code)
+            }
+            _ => None,
+        };
+        (delay, fail)
+    };
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    if let Some(code) = fail {
+        return reply(code, json!({"error": "injected fault"}));
+    }
+    let Ok(mut s) = state.lock() else {
+        return reply(500, json!({"error": "state poisoned"}));
+    };
+    let missing_status = s.faults.missing_status;
+    let Some(execution) = s.executions.get_mut(&id) else {
+        return reply(404, json!({"error": "WorkflowExecution not found"}));
+    };
+    if organization.as_deref() != Some(execution.organization_id.as_str()) {
+        return reply(
+            500,
+            json!({"error": "execution is not visible to this organization"}),
+        );
+    }
+    match (&method, action.as_str()) {
+        (&Method::GET, "") if missing_status => reply(200, json!({"execution": {"id": id}})),
+        (&Method::GET, "") => reply(
+            200,
+            json!({"execution": {"id": id, "status": execution.status}}),
+        ),
+        (&Method::POST, "update_status") => {
+            let Some(status) = body.get("status").and_then(Value::as_str) else {
+                return reply(400, json!({"error": "status is required"}));
+            };
+            // The one-way guard: a finished execution is never turned into an ERROR.
+            if status == "ERROR" && ["COMPLETED", "STOPPED"].contains(&execution.status.as_str()) {
+                return reply(200, json!({"status": "skipped", "reason": "already_final"}));
+            }
+            if status == "ERROR" {
+                execution.error_marks += 1;
+                execution.error_message = body
+                    .get("error_message")
+                    .and_then(Value::as_str)
+                    .map(str::to_string);
+            }
+            execution.status = status.to_string();
+            reply(
+                200,
+                json!({"status": "updated", "terminal": TERMINAL.contains(&status)}),
+            )
+        }
+        _ => reply(405, json!({"error": "method not allowed"})),
+    }
+}
+
+fn admin(method: &Method, rest: &str, body: Value, state: &Shared) -> Response<Full<Bytes>> {
+    let Ok(mut s) = state.lock() else {
+        return reply(500, json!({"error": "state poisoned"}));
+    };
+    match (method, rest) {
+        (&Method::GET, "executions") => reply(200, json!(s.executions)),
+        (&Method::GET, "calls") => reply(200, json!(s.calls)),
+        (&Method::POST, "faults") => match serde_json::from_value::<Faults>(body) {
+            Ok(f) => {
+                s.faults = f;
+                reply(200, json!(s.faults))
+            }
+            Err(e) => reply(400, json!({"error": e.to_string()})),
+        },
+        (&Method::POST, "reset") => {
+            s.calls.clear();
+            s.faults = Faults::default();
+            reply(200, json!({}))
+        }
+        (&Method::PUT, path) if path.starts_with("executions/") => {
+            let id = path["executions/".len()..]
+                .trim_end_matches('/')
+                .to_string();
+            match serde_json::from_value::<Execution>(body) {
+                Ok(e) => {
+                    s.executions.insert(id, e);
+                    reply(200, json!({}))
+                }
+                Err(e) => reply(400, json!({"error": e.to_string()})),
+            }
+        }
+        _ => reply(404, json!({"error": "no such admin endpoint"})),
+    }
+}
+
+fn main() {
+    let mut listen: SocketAddr = ([127, 0, 0, 1], 8089).into();
+    let mut key_file = std::env::var("PG_REAPER_API_KEY_FILE").ok();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match (arg.as_str(), args.next()) {
+            ("--listen", Some(v)) => match v.parse() {
+                Ok(a) => listen = a,
+                Err(e) => fail(&format!("--listen: '{v}' is not host:port: {e}")),
+            },
+            ("--api-key-file", Some(v)) => key_file = Some(v),
+            _ => fail(&format!(
+                "{arg}: unknown flag or missing value (flags: --listen host:port, --api-key-file path)"
+            )),
+        }
+    }
+    let key = match key_file {
+        Some(path) => std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| fail(&format!("--api-key-file: cannot read {path}: {e}"))),
+        None => std::env::var("PG_REAPER_API_KEY")
+            .unwrap_or_else(|_| fail("--api-key-file: required (or set PG_REAPER_API_KEY)")),
+    };
+    let key = Arc::new(key.trim_end_matches(['\n', '\r']).to_string());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| fail(&format!("runtime: {e}")));
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .unwrap_or_else(|e| fail(&format!("--listen: cannot bind {listen}: {e}")));
+        eprintln!(
+            "sample status API listening on http://{}",
+            listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        );
+        let state: Shared = Arc::default();
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (state, key) = (state.clone(), key.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let (state, key) = (state.clone(), key.clone());
+                    async move { Ok::<_, std::convert::Infallible>(handle(req, state, key).await) }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await;
+            });
+        }
+    });
+}
+
+fn fail(message: &str) -> ! {
+    eprintln!("error: {message}");
+    std::process::exit(2)
+}

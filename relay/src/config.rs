@@ -1,0 +1,155 @@
+//! Flags and their environment twins (contract §6). The API key is read from a file or the
+//! environment only, never from the command line, and never printed.
+
+use clap::Parser;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Parses `250ms`, `5s`, `2m`, `1h` (a whole number and a unit).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration (use e.g. 250ms, 5s, 2m)"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => {
+            return Err(format!(
+                "'{s}' has no unit ms, s, m or h (use e.g. 250ms, 5s, 2m)"
+            ));
+        }
+    };
+    if d.is_zero() {
+        return Err(format!("'{s}' must be longer than zero"));
+    }
+    Ok(d)
+}
+
+#[derive(Parser)]
+#[command(
+    name = "pg-reaper-relay",
+    version,
+    about = "Drains pg_reaper's outbox of recovery intents into the platform's internal status API"
+)]
+pub struct Args {
+    /// Postgres connection string (libpq URL or key=value) of the database with pg_reaper.
+    #[arg(long, env = "PG_REAPER_DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// Base URL of the internal API, e.g. http://backend:8000/internal
+    #[arg(long, env = "PG_REAPER_API_BASE_URL")]
+    pub api_base_url: String,
+    /// File holding the API key (a trailing newline is ignored); or set PG_REAPER_API_KEY.
+    #[arg(long, env = "PG_REAPER_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// Intents worked on at once.
+    #[arg(long, env = "PG_REAPER_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub concurrency: u32,
+    /// Timeout of one HTTP request.
+    #[arg(long, env = "PG_REAPER_HTTP_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub http_timeout: Duration,
+    /// How long a claimed intent is ours before other relays may take it.
+    #[arg(long, env = "PG_REAPER_LEASE", default_value = "60s", value_parser = parse_duration)]
+    pub lease: Duration,
+    /// First retry delay; doubled per attempt, with jitter.
+    #[arg(long, env = "PG_REAPER_BACKOFF_BASE", default_value = "1s", value_parser = parse_duration)]
+    pub backoff_base: Duration,
+    /// Longest retry delay.
+    #[arg(long, env = "PG_REAPER_BACKOFF_MAX", default_value = "300s", value_parser = parse_duration)]
+    pub backoff_max: Duration,
+    /// Attempts before an intent goes dead (kept, replayable with outbox_replay()).
+    #[arg(long, env = "PG_REAPER_MAX_ATTEMPTS", default_value_t = 20, value_parser = clap::value_parser!(i32).range(1..))]
+    pub max_attempts: i32,
+    /// Time between outbox polls when no NOTIFY arrives.
+    #[arg(long, env = "PG_REAPER_POLL_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+    /// host:port to serve /metrics and /healthz on (off when unset).
+    #[arg(long, env = "PG_REAPER_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Drain every intent that is due, then exit.
+    #[arg(long)]
+    pub once: bool,
+}
+
+/// Reports a command-line error on one first line that names the flag, then exits 2 (help and
+/// version go to stdout with exit 0, as usual).
+pub fn exit_on_bad_flags(e: clap::Error) -> ! {
+    use clap::error::{ContextKind, ErrorKind};
+    if e.kind() == ErrorKind::MissingRequiredArgument {
+        let missing: Vec<String> = match e.get(ContextKind::InvalidArg) {
+            Some(clap::error::ContextValue::Strings(v)) => v.clone(),
+            _ => Vec::new(),
+        };
+        let names: Vec<&str> = missing
+            .iter()
+            .filter_map(|m| m.split_whitespace().next())
+            .collect();
+        eprintln!(
+            "error: {} is required (a flag or its environment variable, see --help)",
+            names.join(", ")
+        );
+        std::process::exit(2);
+    }
+    e.exit()
+}
+
+/// The API key. Its Debug and Display never show it.
+#[derive(Clone)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+/// The key from `--api-key-file`, else from `PG_REAPER_API_KEY`.
+pub fn api_key(args: &Args) -> Result<ApiKey, String> {
+    let key = match &args.api_key_file {
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|e| format!("--api-key-file: cannot read {}: {e}", path.display()))?,
+        None => std::env::var("PG_REAPER_API_KEY").map_err(|_| {
+            "--api-key-file: required (or set PG_REAPER_API_KEY to the key itself)".to_string()
+        })?,
+    };
+    let key = key.strip_suffix('\n').unwrap_or(&key);
+    let key = key.strip_suffix('\r').unwrap_or(key);
+    if key.is_empty() {
+        return Err("--api-key-file: the API key is empty".to_string());
+    }
+    Ok(ApiKey(key.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_a_unit() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        for bad in ["5", "s", "-1s", "1.5s", "5 s", "5d", "", "0s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_key_never_prints() {
+        let key = ApiKey("sekrit".to_string());
+        assert!(!format!("{key:?}").contains("sekrit"));
+    }
+}

@@ -1,0 +1,80 @@
+//! pg-reaper-relay: drains pg_reaper's outbox of recovery intents into the platform's internal
+//! status API. Postgres never makes the HTTP call; this process does, and reports back to
+//! Postgres through the extension's functions.
+
+mod api;
+mod config;
+mod metrics;
+mod relay;
+mod store;
+
+use clap::Parser;
+use std::time::Duration;
+
+fn main() {
+    let args = match config::Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => config::exit_on_bad_flags(e),
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    std::process::exit(match start(args) {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("error: {message}");
+            2
+        }
+    });
+}
+
+fn start(args: config::Args) -> Result<i32, String> {
+    let key = config::api_key(&args)?;
+    let api = api::Api::new(&args.api_base_url, key, args.http_timeout)?;
+    if args.backoff_max < args.backoff_base {
+        return Err("--backoff-max: must not be shorter than --backoff-base".to_string());
+    }
+    let settings = relay::Settings {
+        database_url: args.database_url,
+        concurrency: args.concurrency as usize,
+        lease: args.lease,
+        backoff_base: args.backoff_base,
+        backoff_max: args.backoff_max,
+        max_attempts: args.max_attempts,
+        poll_interval: args.poll_interval,
+        http_timeout: args.http_timeout,
+        once: args.once,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    runtime.block_on(async move {
+        let metrics = metrics::Metrics::new();
+        if let Some(addr) = args.listen {
+            let window = (settings.poll_interval * 3).max(Duration::from_secs(30));
+            metrics::serve(addr, metrics.clone(), window).await?;
+        }
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::info!("signal received: stopping");
+            let _ = stop_tx.send(true);
+        });
+        Ok(relay::run(settings, api, metrics, stop_rx).await)
+    })
+}

@@ -1,0 +1,448 @@
+//! Every recovery branch of contract §5, asserting both sides: the calls the status API
+//! received (method, path, headers, body, exact message) and the rows left in Postgres.
+
+mod common;
+
+use common::{Env, KEY, intent, sigterm, sleep_ms};
+use pg_reaper_tests::{json, wait_for};
+use serde_json::{Value, json};
+
+fn calls_for<'a>(calls: &'a [Value], id: &str) -> Vec<&'a Value> {
+    calls
+        .iter()
+        .filter(|c| {
+            c["path"]
+                .as_str()
+                .is_some_and(|p| p.contains(&format!("/{id}/")))
+        })
+        .collect()
+}
+
+#[test]
+fn mark_terminal_gone_and_no_org_branches() {
+    let env = Env::new("rbranch", false);
+    let mut c = env.db();
+    env.api.execution("exec-mark", "org-a", "EXECUTING");
+    env.api.execution("exec-zero", "org-a", "PENDING");
+    env.api.execution("exec-neg", "org-b", "EXECUTING");
+    env.api.execution("exec-done", "org-a", "COMPLETED");
+    env.api.execution("exec-stopped", "org-a", "STOPPED");
+    env.strand(&mut c, "exec-mark", "org-a", 1);
+    env.strand(&mut c, "exec-zero", "org-a", 3);
+    env.strand(&mut c, "exec-neg", "org-b", 0);
+    c.batch_execute("UPDATE pg_barrier_state SET remaining = -1 WHERE execution_id = 'exec-neg'")
+        .expect("neg");
+    env.strand(&mut c, "exec-done", "org-a", 1);
+    env.strand(&mut c, "exec-stopped", "org-a", 1);
+    env.strand(&mut c, "exec-gone", "org-a", 0);
+    env.strand(&mut c, "exec-noorg", "", 0);
+    assert_eq!(env.reap(&mut c), 6);
+    env.relay_once(&[]);
+
+    let calls = env.api.calls();
+    // Every call carries the bearer key and the row's organization.
+    for call in &calls {
+        assert_eq!(call["authorization"], json!(format!("Bearer {KEY}")));
+    }
+    let mark = calls_for(&calls, "exec-mark");
+    assert_eq!(mark.len(), 2, "one read, one mark: {mark:?}");
+    assert_eq!(
+        (&mark[0]["method"], &mark[0]["path"]),
+        (
+            &json!("GET"),
+            &json!("/internal/v1/workflow-execution/exec-mark/")
+        )
+    );
+    assert_eq!(mark[0]["organization"], json!("org-a"));
+    assert_eq!(
+        (&mark[1]["method"], &mark[1]["path"]),
+        (
+            &json!("POST"),
+            &json!("/internal/v1/workflow-execution/exec-mark/update_status/")
+        )
+    );
+    assert_eq!(mark[1]["content_type"], json!("application/json"));
+    assert_eq!(
+        mark[1]["body"],
+        json!({"status": "ERROR", "cascade_terminal_files": true, "error_message":
+            "[reaper-recovery] Execution stranded: 2 file batch(es) never completed before the barrier expired (worker crash / lost task)."})
+    );
+    assert_eq!(
+        calls_for(&calls, "exec-zero")[1]["body"]["error_message"],
+        json!(
+            "[reaper-recovery] Execution stranded: all file batches completed but the final aggregating callback never fired before the barrier expired."
+        )
+    );
+    let neg = calls_for(&calls, "exec-neg");
+    assert_eq!(neg[1]["organization"], json!("org-b"));
+    assert_eq!(
+        neg[1]["body"]["error_message"],
+        json!(
+            "[reaper-recovery] Execution stranded: the barrier was already torn down (remaining < 0) yet the execution was left non-terminal — inconsistent state."
+        )
+    );
+    for id in ["exec-done", "exec-stopped", "exec-gone"] {
+        let only = calls_for(&calls, id);
+        assert_eq!(only.len(), 1, "{id}: a read and no mark");
+        assert_eq!(only[0]["method"], json!("GET"));
+    }
+    assert!(
+        calls_for(&calls, "exec-noorg").is_empty(),
+        "an org-less strand is never sent"
+    );
+
+    let done = |o: &str| json!({"state": "done", "outcome": o, "attempts": 1, "last_error": null, "barrier": false, "markers": 0});
+    assert_eq!(intent(&mut c, "exec-mark"), done("marked_error"));
+    assert_eq!(intent(&mut c, "exec-zero"), done("marked_error"));
+    assert_eq!(intent(&mut c, "exec-neg"), done("marked_error"));
+    assert_eq!(intent(&mut c, "exec-done"), done("already_terminal"));
+    assert_eq!(intent(&mut c, "exec-stopped"), done("already_terminal"));
+    assert_eq!(intent(&mut c, "exec-gone"), done("gone"));
+    assert_eq!(
+        json(
+            &mut c,
+            "SELECT to_jsonb(count(*)) FROM pg_barrier_state WHERE execution_id = 'exec-noorg'"
+        ),
+        json!(1)
+    );
+
+    let api = env.api.executions();
+    assert_eq!(
+        (
+            &api["exec-mark"]["status"],
+            &api["exec-mark"]["error_marks"]
+        ),
+        (&json!("ERROR"), &json!(1))
+    );
+    assert_eq!(
+        (
+            &api["exec-done"]["status"],
+            &api["exec-done"]["error_marks"]
+        ),
+        (&json!("COMPLETED"), &json!(0))
+    );
+    assert_eq!(api["exec-stopped"]["status"], json!("STOPPED"));
+}
+
+#[test]
+fn skipped_mark_means_it_turned_terminal_meanwhile() {
+    let env = Env::new("rskip", false);
+    let mut c = env.db();
+    env.api.execution("e", "org", "EXECUTING");
+    env.strand(&mut c, "e", "org", 1);
+    env.reap(&mut c);
+    env.api.faults(json!({"post_delay_ms": 1500}));
+    let relay = env.spawn_relay(&[]);
+    // While the mark is on its way, the execution completes normally.
+    wait_for(10, "the mark request", || {
+        env.api
+            .calls()
+            .iter()
+            .any(|c| c["method"] == "POST")
+            .then_some(())
+    });
+    env.api.execution("e", "org", "COMPLETED");
+    wait_for(10, "the outcome", || {
+        (intent(&mut c, "e")["state"] == "done").then_some(())
+    });
+    sigterm(&relay);
+    assert_eq!(intent(&mut c, "e")["outcome"], json!("already_terminal"));
+    assert_eq!(
+        env.api.executions()["e"]["status"],
+        json!("COMPLETED"),
+        "never overwritten"
+    );
+}
+
+#[test]
+fn failures_keep_the_barrier_and_retry_with_backoff_until_dead_then_replay() {
+    let env = Env::new("rfail", false);
+    let mut c = env.db();
+    env.api.execution("http", "org", "EXECUTING");
+    env.api.execution("weird", "org", "ON_FIRE");
+    env.strand(&mut c, "http", "org", 1);
+    env.strand(&mut c, "weird", "org", 1);
+    env.reap(&mut c);
+    env.api
+        .faults(json!({"fail_status": 503, "fail_count": 1000}));
+    // Each --once run makes one attempt per due intent; backoff is at most 200 ms here.
+    for _ in 0..3 {
+        env.relay_once(&["--max-attempts", "3"]);
+        sleep_ms(250);
+    }
+    let http = intent(&mut c, "http");
+    assert_eq!(
+        (&http["state"], &http["attempts"], &http["barrier"]),
+        (&json!("dead"), &json!(3), &json!(true))
+    );
+    assert_eq!(
+        http["last_error"],
+        json!("status read: HTTP 503: {\"error\":\"injected fault\"}")
+    );
+    assert_eq!(env.api.executions()["http"]["error_marks"], json!(0));
+    assert_eq!(
+        json(&mut c, "SELECT to_jsonb(outbox_dead) FROM pg_reaper_status"),
+        json!(2)
+    );
+
+    // The API is healthy again: the unknown status still fails, the 503 one recovers after replay.
+    env.api.faults(json!({}));
+    assert_eq!(json(&mut c, "SELECT to_jsonb(outbox_replay())"), json!(2));
+    env.relay_once(&["--max-attempts", "3"]);
+    let http = intent(&mut c, "http");
+    assert_eq!(
+        (&http["state"], &http["outcome"], &http["barrier"]),
+        (&json!("done"), &json!("marked_error"), &json!(false))
+    );
+    let weird = intent(&mut c, "weird");
+    assert_eq!(
+        (&weird["state"], &weird["barrier"]),
+        (&json!("pending"), &json!(true))
+    );
+    assert_eq!(
+        weird["last_error"],
+        json!("status read: unknown execution status \"ON_FIRE\"")
+    );
+    assert_eq!(env.api.executions()["weird"]["error_marks"], json!(0));
+}
+
+#[test]
+fn a_missing_status_is_indeterminate_and_never_marked() {
+    let env = Env::new("rindet", false);
+    let mut c = env.db();
+    env.api.execution("e", "org", "EXECUTING");
+    env.strand(&mut c, "e", "org", 1);
+    env.reap(&mut c);
+    env.api.faults(json!({"missing_status": true}));
+    env.relay_once(&[]);
+    sleep_ms(250);
+    env.relay_once(&[]);
+    let i = intent(&mut c, "e");
+    assert_eq!(
+        (&i["state"], &i["attempts"], &i["barrier"]),
+        (&json!("pending"), &json!(2), &json!(true))
+    );
+    assert_eq!(
+        i["last_error"],
+        json!("status read returned no status (indeterminate); not marking")
+    );
+    assert!(env.api.calls().iter().all(|c| c["method"] == "GET"));
+}
+
+#[test]
+fn a_wrong_key_is_a_retried_failure_reported_as_configuration() {
+    let env = Env::new("rkey", false);
+    let mut c = env.db();
+    env.api.execution("e", "org", "EXECUTING");
+    env.strand(&mut c, "e", "org", 1);
+    env.reap(&mut c);
+    let out = env
+        .relay_command(&["--once"])
+        .env_remove("PG_REAPER_API_KEY_FILE")
+        .env("PG_REAPER_API_KEY", "not-the-key")
+        .output()
+        .expect("relay");
+    assert!(out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("a configuration problem"), "{log}");
+    assert!(!log.contains("not-the-key"), "the key is never logged");
+    let i = intent(&mut c, "e");
+    assert_eq!(
+        (&i["state"], &i["barrier"]),
+        (&json!("pending"), &json!(true))
+    );
+    assert_eq!(
+        i["last_error"],
+        json!("status read: HTTP 401: {\"error\":\"missing or wrong bearer key\"}")
+    );
+}
+
+#[test]
+fn a_rearmed_execution_is_not_marked_and_its_new_run_is_untouched() {
+    let env = Env::new("rrearm", false);
+    let mut c = env.db();
+    env.api.execution("e", "org", "EXECUTING");
+    env.strand(&mut c, "e", "org", 1);
+    env.reap(&mut c);
+    env.api.faults(json!({"get_delay_ms": 1500}));
+    let relay = env.spawn_relay(&[]);
+    wait_for(10, "the status read", || {
+        (!env.api.calls().is_empty()).then_some(())
+    });
+    // The execution is re-enqueued while its status read is in flight.
+    c.batch_execute("SELECT barrier_enqueue('e', 'org', 5); SELECT barrier_claim('e', 0)")
+        .expect("re-arm");
+    wait_for(10, "the outcome", || {
+        (intent(&mut c, "e")["state"] == "done").then_some(())
+    });
+    sigterm(&relay);
+    assert_eq!(intent(&mut c, "e")["outcome"], json!("rearmed"));
+    assert!(
+        env.api.calls().iter().all(|c| c["method"] == "GET"),
+        "no mark"
+    );
+    assert_eq!(
+        json(
+            &mut c,
+            "SELECT jsonb_build_array(remaining, results, (SELECT count(*) FROM pg_batch_dedup)) FROM pg_barrier_state"
+        ),
+        json!([5, [], 1])
+    );
+}
+
+#[test]
+fn refire_hook_instead_of_a_mark_and_a_raising_hook_is_a_failure() {
+    let env = Env::new("rrefire", false);
+    let mut c = env.db();
+    c.batch_execute(
+        "CREATE TABLE refired (execution_id text, organization_id text, callback jsonb, results jsonb);
+         CREATE FUNCTION public.refire(e text, o text, c jsonb, r jsonb) RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN
+             IF e = 'bad' THEN RAISE EXCEPTION 'queue unavailable'; END IF;
+             INSERT INTO public.refired VALUES (e, o, c, r);
+         END $$;
+         ALTER DATABASE q SET pg_reaper.refire_function = 'public.refire';",
+    )
+    .expect("hook");
+    for id in ["good", "bad", "partial"] {
+        env.api.execution(id, "org", "EXECUTING");
+    }
+    env.strand(&mut c, "good", "org", 3);
+    env.strand(&mut c, "bad", "org", 3);
+    env.strand(&mut c, "partial", "org", 2);
+    env.reap(&mut c);
+    env.relay_once(&[]);
+    assert_eq!(
+        json(&mut c, "SELECT to_jsonb(r) FROM refired r"),
+        json!({"execution_id": "good", "organization_id": "org", "callback": {"task_name": "aggregate"}, "results": [0, 1, 2]})
+    );
+    let good = intent(&mut c, "good");
+    assert_eq!(
+        (&good["outcome"], &good["barrier"]),
+        (&json!("refired"), &json!(false))
+    );
+    let bad = intent(&mut c, "bad");
+    assert_eq!(
+        (&bad["state"], &bad["barrier"]),
+        (&json!("pending"), &json!(true))
+    );
+    assert_eq!(bad["last_error"], json!("re-fire hook: queue unavailable"));
+    assert_eq!(
+        intent(&mut c, "partial")["outcome"],
+        json!("marked_error"),
+        "remaining > 0: marked"
+    );
+    let calls = env.api.calls();
+    assert!(
+        calls_for(&calls, "good")
+            .iter()
+            .chain(calls_for(&calls, "bad").iter())
+            .all(|c| c["method"] == "GET")
+    );
+}
+
+#[test]
+fn metrics_healthz_and_sigterm_leave_nothing_in_flight() {
+    let env = Env::new("rmetrics", false);
+    let mut c = env.db();
+    for i in 0..6 {
+        let id = format!("e{i}");
+        env.api.execution(&id, "org", "EXECUTING");
+        env.strand(&mut c, &id, "org", 1);
+    }
+    env.reap(&mut c);
+    let port = common::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut relay = env.spawn_relay(&["--listen", &listen, "--concurrency", "2"]);
+    wait_for(20, "all recovered", || {
+        (json(
+            &mut c,
+            "SELECT to_jsonb(count(*)) FROM pg_reaper_outbox WHERE state = 'done'",
+        ) == json!(6))
+        .then_some(())
+    });
+    let (code, metrics) = common::http_get(&listen, "/metrics");
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("pg_reaper_relay_outcomes_total{outcome=\"marked_error\"} 6"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("pg_reaper_relay_intents_claimed_total 6"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("pg_reaper_relay_http_request_duration_seconds_count 12"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("pg_reaper_relay_in_flight 0"), "{metrics}");
+    assert!(!metrics.contains(KEY));
+    assert_eq!(common::http_get(&listen, "/healthz").0, 200);
+
+    // SIGTERM while intents are in flight: they finish, nothing stays in_flight, exit 0.
+    for i in 6..10 {
+        let id = format!("e{i}");
+        env.api.execution(&id, "org", "EXECUTING");
+        env.strand(&mut c, &id, "org", 1);
+    }
+    env.api.faults(json!({"get_delay_ms": 800}));
+    env.reap(&mut c);
+    wait_for(10, "work in flight", || {
+        (json(
+            &mut c,
+            "SELECT to_jsonb(count(*)) FROM pg_reaper_outbox WHERE state = 'in_flight'",
+        ) != json!(0))
+        .then_some(())
+    });
+    sigterm(&relay);
+    let status = relay.wait().expect("relay exits");
+    assert!(status.success(), "{status:?}");
+    assert_eq!(
+        json(
+            &mut c,
+            "SELECT to_jsonb(count(*)) FROM pg_reaper_outbox WHERE state = 'in_flight'"
+        ),
+        json!(0)
+    );
+    let mut log = String::new();
+    use std::io::Read;
+    relay.stderr.take().map(|mut e| e.read_to_string(&mut log));
+    assert!(log.contains("relay stopped"), "{log}");
+    assert!(!log.contains(KEY), "the key is never logged");
+}
+
+#[test]
+fn bad_configuration_is_one_clear_line_and_a_failure() {
+    let env = Env::new("rconfig", false);
+    let run = |args: &[&str], env_changes: &dyn Fn(&mut std::process::Command)| {
+        let mut cmd = env.relay_command(args);
+        env_changes(&mut cmd);
+        let out = cmd.output().expect("relay");
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        (
+            out.status.code(),
+            stderr.lines().next().unwrap_or("").to_string(),
+        )
+    };
+    let (code, line) = run(&["--once"], &|c| {
+        c.env_remove("PG_REAPER_API_BASE_URL");
+    });
+    assert_ne!(code, Some(0));
+    assert!(line.contains("--api-base-url"), "{line}");
+    let (code, line) = run(&["--once", "--lease", "soon"], &|_| {});
+    assert_ne!(code, Some(0));
+    assert!(line.contains("--lease"), "{line}");
+    let (code, line) = run(&["--once"], &|c| {
+        c.env("PG_REAPER_API_KEY_FILE", "/nonexistent/key");
+    });
+    assert_ne!(code, Some(0));
+    assert!(line.contains("--api-key-file"), "{line}");
+    let (code, line) = run(&["--once", "--concurrency", "0"], &|_| {});
+    assert_ne!(code, Some(0));
+    assert!(line.contains("--concurrency"), "{line}");
+    let (code, line) = run(&["--once"], &|c| {
+        c.env("PG_REAPER_HTTP_TIMEOUT", "5");
+    });
+    assert_ne!(code, Some(0));
+    assert!(line.contains("--http-timeout"), "{line}");
+}

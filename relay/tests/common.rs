@@ -1,0 +1,270 @@
+//! A cluster with pg_reaper, the sample status API and relay processes, for the relay's tests.
+
+#![allow(dead_code)] // each test file uses its own part of this harness
+
+use pg_reaper_tests::{Cluster, json, wait_for};
+use postgres::Client;
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+pub const KEY: &str = "test-key-0f3a9c";
+
+pub struct SampleApi {
+    pub port: u16,
+    child: Child,
+}
+
+impl SampleApi {
+    pub fn start(key_file: &PathBuf, port: u16) -> SampleApi {
+        let child = Command::new(env!("CARGO_BIN_EXE_pg-reaper-sample-api"))
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--api-key-file"])
+            .arg(key_file)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the sample API");
+        wait_for(20, "the sample API", || {
+            TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        SampleApi { port, child }
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// One request to the API; (status code, JSON body).
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        key: &str,
+    ) -> (u16, Value) {
+        let body = body.map(Value::to_string).unwrap_or_default();
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to the API");
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n\
+             X-Organization-ID: org\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).expect("send");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("read");
+        let code = response
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b)
+            .unwrap_or("");
+        (code, serde_json::from_str(body).unwrap_or(Value::Null))
+    }
+
+    pub fn admin(&self, method: &str, path: &str, body: Option<&Value>) -> Value {
+        let (code, body) = self.request(method, &format!("/_admin/{path}"), body, KEY);
+        assert_eq!(code, 200, "admin {method} {path}: {body}");
+        body
+    }
+
+    pub fn execution(&self, id: &str, org: &str, status: &str) {
+        self.admin(
+            "PUT",
+            &format!("executions/{id}"),
+            Some(&serde_json::json!({"organization_id": org, "status": status})),
+        );
+    }
+
+    pub fn executions(&self) -> Value {
+        self.admin("GET", "executions", None)
+    }
+
+    pub fn calls(&self) -> Vec<Value> {
+        self.admin("GET", "calls", None)
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn faults(&self, faults: Value) {
+        self.admin("POST", "faults", Some(&faults));
+    }
+}
+
+impl Drop for SampleApi {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port()
+}
+
+/// A cluster (optionally with the worker preloaded), database `q` with the extension, the
+/// sample API, and a key file.
+pub struct Env {
+    pub cluster: Cluster,
+    pub api: SampleApi,
+    pub key_file: PathBuf,
+}
+
+impl Env {
+    pub fn new(name: &str, worker: bool) -> Env {
+        let conf: Vec<&str> = if worker {
+            vec![
+                "shared_preload_libraries = 'pg_reaper'",
+                "pg_reaper.database = 'q'",
+                "pg_reaper.naptime = 0.2",
+            ]
+        } else {
+            vec![]
+        };
+        let cluster = Cluster::start(name, &conf);
+        cluster.create_db("q", None);
+        let key_file = cluster.dir.join("api.key");
+        std::fs::write(&key_file, format!("{KEY}\n")).expect("key file");
+        let api = SampleApi::start(&key_file, free_port());
+        Env {
+            cluster,
+            api,
+            key_file,
+        }
+    }
+
+    pub fn db(&self) -> Client {
+        self.cluster.client("q")
+    }
+
+    pub fn relay_command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_pg-reaper-relay"));
+        c.env("PG_REAPER_DATABASE_URL", self.cluster.url("q"))
+            .env(
+                "PG_REAPER_API_BASE_URL",
+                format!("http://127.0.0.1:{}/internal", self.api.port),
+            )
+            .env("PG_REAPER_API_KEY_FILE", &self.key_file)
+            .env("RUST_LOG", "info")
+            .env_remove("PG_REAPER_API_KEY")
+            .args([
+                "--poll-interval",
+                "200ms",
+                "--backoff-base",
+                "50ms",
+                "--backoff-max",
+                "200ms",
+                "--lease",
+                "3s",
+            ])
+            .args(args);
+        c
+    }
+
+    /// `--once`: drains what is due and exits; its output.
+    pub fn relay_once(&self, args: &[&str]) -> Output {
+        let out = self
+            .relay_command(&[&["--once"], args].concat())
+            .output()
+            .expect("run the relay");
+        assert!(
+            out.status.success(),
+            "relay --once failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    pub fn spawn_relay(&self, args: &[&str]) -> Child {
+        self.relay_command(args)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the relay")
+    }
+
+    /// Enqueues `id` for 3 batches in `org`, counts `done` of them down, and strands it.
+    pub fn strand(&self, c: &mut Client, id: &str, org: &str, done: i32) {
+        c.execute(
+            "SELECT barrier_enqueue($1, $2, 3, '1 hour', '{\"task_name\": \"aggregate\"}')",
+            &[&id, &org],
+        )
+        .expect("enqueue");
+        for b in 0..done {
+            c.execute("SELECT barrier_claim($1, $2)", &[&id, &b])
+                .expect("claim");
+            c.execute(
+                "SELECT barrier_decrement($1, to_jsonb($2::int))",
+                &[&id, &b],
+            )
+            .expect("decrement");
+        }
+        c.execute(
+            "UPDATE pg_barrier_state SET created_at = now() - interval '2 hours',
+                    expires_at = now() - interval '1 second' WHERE execution_id = $1",
+            &[&id],
+        )
+        .expect("strand");
+    }
+
+    pub fn reap(&self, c: &mut Client) -> i32 {
+        c.query_one("SELECT queued FROM reap_expired()", &[])
+            .expect("reap")
+            .get(0)
+    }
+}
+
+/// state/outcome/attempts of the intent of `id`, and whether its barrier still exists.
+pub fn intent(c: &mut Client, id: &str) -> Value {
+    json(
+        c,
+        &format!(
+            "SELECT jsonb_build_object('state', o.state, 'outcome', o.outcome, 'attempts', o.attempts,
+                    'last_error', o.last_error,
+                    'barrier', EXISTS (SELECT 1 FROM pg_barrier_state b WHERE b.execution_id = o.execution_id),
+                    'markers', (SELECT count(*) FROM pg_batch_dedup d WHERE d.execution_id = o.execution_id))
+               FROM pg_reaper_outbox o WHERE o.execution_id = '{id}' ORDER BY o.id DESC LIMIT 1"
+        ),
+    )
+}
+
+pub fn sigterm(child: &Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+}
+
+pub fn sleep_ms(ms: u64) {
+    std::thread::sleep(Duration::from_millis(ms));
+}
+
+/// A plain HTTP GET on loopback: (status code, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let Ok(mut stream) = TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return (0, String::new());
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    let code = response
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}

@@ -1,0 +1,269 @@
+//! Recovery of one claimed intent, the part of the relay's work that happens in Postgres.
+//!
+//! After its status read, a relay that may have to mark the execution ERROR opens a
+//! transaction and calls `recovery_lock`: it renews the claim (fenced by `attempt`), locks the
+//! barrier row `FOR UPDATE` and re-checks the stranded predicate. The relay keeps that
+//! transaction open across its HTTP mark and commits it with `outbox_resolve`, so a re-enqueue
+//! or a decrement can never slip between the check and the mark (the window the reference
+//! implementation left open), and a second relay blocks on the same row instead of marking
+//! twice. `outbox_resolve` records the outcome and, for every outcome that confirms the
+//! recovery, deletes the barrier (guarded by the same predicate) and its markers: the handle is
+//! never deleted before that.
+
+use crate::barrier::invalid;
+use crate::guc;
+use crate::plan::{self, Statement};
+use pgrx::prelude::*;
+
+const RENEW_CLAIM: Statement = Statement {
+    sql: "UPDATE @extschema@.pg_reaper_outbox
+             SET lease_expires_at = now() + $3, updated_at = now()
+           WHERE id = $1 AND state = 'in_flight' AND attempts = $2
+       RETURNING execution_id",
+    args: &[pg_sys::INT8OID, pg_sys::INT4OID, pg_sys::INTERVALOID],
+    writes: true,
+};
+
+const LOCK_BARRIER: Statement = Statement {
+    sql: "SELECT remaining, callback IS NOT NULL,
+                 @extschema@.barrier_is_stranded(expires_at, last_progress_at, created_at, $2)
+            FROM @extschema@.pg_barrier_state
+           WHERE execution_id = $1
+             FOR UPDATE",
+    args: &[pg_sys::TEXTOID, pg_sys::INTERVALOID],
+    writes: true,
+};
+
+const RESOLVE: Statement = Statement {
+    sql: "UPDATE @extschema@.pg_reaper_outbox
+             SET state = 'done', outcome = $2, lease_expires_at = NULL, last_error = NULL,
+                 updated_at = now()
+           WHERE id = $1 AND state <> 'done'
+       RETURNING execution_id, organization_id",
+    args: &[pg_sys::INT8OID, pg_sys::TEXTOID],
+    writes: true,
+};
+
+/// The guarded delete: only a barrier that is still stranded goes, and its markers with it.
+const CLEAN_UP: Statement = Statement {
+    sql: "WITH gone AS (
+              DELETE FROM @extschema@.pg_barrier_state b
+               WHERE b.execution_id = $1
+                 AND @extschema@.barrier_is_stranded(b.expires_at, b.last_progress_at, b.created_at, $2)
+           RETURNING 1
+          ), markers AS (
+              DELETE FROM @extschema@.pg_batch_dedup
+               WHERE execution_id = $1 AND EXISTS (SELECT 1 FROM gone)
+          )
+          SELECT EXISTS (SELECT 1 FROM gone)",
+    args: &[pg_sys::TEXTOID, pg_sys::INTERVALOID],
+    writes: true,
+};
+
+const REFIRE_INPUT: Statement = Statement {
+    sql: "SELECT callback, results FROM @extschema@.pg_barrier_state
+           WHERE execution_id = $1 AND remaining = 0 AND callback IS NOT NULL
+             AND @extschema@.barrier_is_stranded(expires_at, last_progress_at, created_at, $2)
+             FOR UPDATE",
+    args: &[pg_sys::TEXTOID, pg_sys::INTERVALOID],
+    writes: true,
+};
+
+/// `to_regprocedure` parses the setting as a name, never as SQL, so nothing in it can run.
+const RESOLVE_HOOK: Statement = Statement {
+    sql: "SELECT pg_catalog.to_regprocedure($1 || '(text, text, jsonb, jsonb)')::regproc::text",
+    args: &[pg_sys::TEXTOID],
+    writes: false,
+};
+
+const OUTCOMES: [&str; 5] = [
+    "marked_error",
+    "already_terminal",
+    "gone",
+    "rearmed",
+    "refired",
+];
+
+/// Whether `name` is a function name, optionally schema-qualified: plain identifiers or
+/// double-quoted ones (`""` inside quotes). Anything else would be a syntax error for
+/// `to_regprocedure`, which PG 15 raises instead of returning NULL.
+pub(crate) fn is_function_name(name: &str) -> bool {
+    /// Consumes one identifier at the start of `s`; returns what follows it.
+    fn identifier(s: &str) -> Option<&str> {
+        if let Some(rest) = s.strip_prefix('"') {
+            let mut chars = rest.char_indices().peekable();
+            while let Some((i, c)) = chars.next() {
+                if c == '"' {
+                    if chars.peek().map(|(_, c)| *c) == Some('"') {
+                        chars.next();
+                    } else {
+                        return (i > 0).then(|| &rest[i + 1..]);
+                    }
+                }
+            }
+            None
+        } else {
+            let first = s.chars().next()?;
+            let end = s
+                .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == '$'))
+                .unwrap_or(s.len());
+            (first.is_alphabetic() || first == '_').then(|| &s[end..])
+        }
+    }
+    let Some(rest) = identifier(name) else {
+        return false;
+    };
+    match rest.strip_prefix('.') {
+        Some(second) => identifier(second) == Some(""),
+        None => rest.is_empty(),
+    }
+}
+
+/// The configured re-fire hook, schema-qualified and quoted (`regproc` output under this
+/// function's search_path), or None when the setting is empty.
+fn refire_hook(client: &mut pgrx::spi::SpiClient<'_>, schema: pg_sys::Oid) -> Option<String> {
+    let name = guc::REFIRE_FUNCTION
+        .get()
+        .and_then(|s| s.into_string().ok())?;
+    if name.trim().is_empty() {
+        return None;
+    }
+    let resolved = if is_function_name(&name) {
+        plan::run(client, schema, &RESOLVE_HOOK, &[name.as_str().into()])
+            .and_then(|t| t.first().get_one::<String>())
+            .unwrap_or_else(|e| error!("pg_reaper.refire_function: {e}"))
+    } else {
+        None
+    };
+    match resolved {
+        Some(f) => Some(f),
+        None => error!(
+            "pg_reaper.refire_function = '{name}' does not name a function \
+             f(text, text, jsonb, jsonb); fix the setting (or set it to '' to mark ERROR instead)"
+        ),
+    }
+}
+
+/// Renews the claim, locks the barrier and decides: `lost` (the claim is no longer the
+/// caller's), `rearmed` (no barrier, or not stranded any more), `refire` or `mark`. Call it in
+/// the transaction that will run `outbox_resolve`: the row lock is held until then.
+#[pg_extern(security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn recovery_lock(
+    id: Option<i64>,
+    attempt: Option<i32>,
+    lease: default!(Option<Interval>, "'60 seconds'"),
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> TableIterator<'static, (name!(verdict, &'static str), name!(remaining, Option<i32>))> {
+    const F: &str = "recovery_lock";
+    let Some(id) = id else {
+        invalid(F, "id", "must not be NULL")
+    };
+    let Some(attempt) = attempt else {
+        invalid(F, "attempt", "must not be NULL")
+    };
+    let lease = match lease {
+        Some(l) if l.as_micros() > 0 => l,
+        _ => invalid(F, "lease", "must be a positive interval"),
+    };
+    let schema = plan::schema_of_call(fcinfo);
+    let row = Spi::connect_mut(|client| {
+        let renewed = plan::run(
+            client,
+            schema,
+            &RENEW_CLAIM,
+            &[id.into(), attempt.into(), lease.into()],
+        )?;
+        if renewed.is_empty() {
+            return Ok(("lost", None));
+        }
+        let execution_id = renewed.first().get_one::<String>()?.unwrap_or_default();
+        let args = [execution_id.as_str().into(), guc::stuck_timeout().into()];
+        let barrier = plan::run(client, schema, &LOCK_BARRIER, &args)?;
+        if barrier.is_empty() {
+            return Ok(("rearmed", None));
+        }
+        let barrier = barrier.first();
+        let remaining = barrier.get::<i32>(1)?;
+        let has_callback = barrier.get::<bool>(2)?.unwrap_or(false);
+        let stranded = barrier.get::<bool>(3)?.unwrap_or(false);
+        let verdict = if !stranded {
+            "rearmed"
+        } else if remaining == Some(0) && has_callback && refire_hook(client, schema).is_some() {
+            "refire"
+        } else {
+            "mark"
+        };
+        Ok::<_, pgrx::spi::SpiError>((verdict, remaining))
+    })
+    .unwrap_or_else(|e| error!("{F}: {e}"));
+    TableIterator::once(row)
+}
+
+/// Records the outcome of an intent and, for every outcome but `rearmed`, deletes the barrier
+/// (if still stranded) and its markers. `refired` first calls the re-fire hook with the
+/// barrier's callback and results, in this transaction: if the hook raises, nothing is
+/// recorded or deleted. Returns false when the intent was already done.
+#[pg_extern(security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn outbox_resolve(
+    id: Option<i64>,
+    outcome: Option<&str>,
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> bool {
+    const F: &str = "outbox_resolve";
+    let Some(id) = id else {
+        invalid(F, "id", "must not be NULL")
+    };
+    let outcome = match outcome {
+        Some(o) if OUTCOMES.contains(&o) => o,
+        _ => invalid(
+            F,
+            "outcome",
+            "must be one of marked_error, already_terminal, gone, rearmed, refired",
+        ),
+    };
+    let schema = plan::schema_of_call(fcinfo);
+    Spi::connect_mut(|client| {
+        let done = plan::run(client, schema, &RESOLVE, &[id.into(), outcome.into()])?;
+        if done.is_empty() {
+            return Ok(false);
+        }
+        let done = done.first();
+        let execution_id = done.get::<String>(1)?.unwrap_or_default();
+        let organization_id = done.get::<String>(2)?.unwrap_or_default();
+        let barrier_args = [execution_id.as_str().into(), guc::stuck_timeout().into()];
+        if outcome == "refired" {
+            let Some(hook) = refire_hook(client, schema) else {
+                error!("{F}: cannot re-fire: pg_reaper.refire_function is empty")
+            };
+            let input = plan::run(client, schema, &REFIRE_INPUT, &barrier_args)?;
+            if input.is_empty() {
+                error!(
+                    "{F}: cannot re-fire execution {execution_id}: its barrier is gone, not \
+                     stranded, not at remaining 0 or has no callback"
+                );
+            }
+            let input = input.first();
+            let callback = input.get::<pgrx::JsonB>(1)?;
+            let results = input.get::<pgrx::JsonB>(2)?;
+            // The hook's name was resolved and quoted by regproc; its arguments are parameters.
+            let call = format!("SELECT {hook}($1, $2, $3, $4)");
+            client.update(
+                call.as_str(),
+                None,
+                &[
+                    execution_id.as_str().into(),
+                    organization_id.as_str().into(),
+                    callback.into(),
+                    results.into(),
+                ],
+            )?;
+        }
+        if outcome != "rearmed" {
+            plan::run(client, schema, &CLEAN_UP, &barrier_args)?;
+        }
+        Ok::<_, pgrx::spi::SpiError>(true)
+    })
+    .unwrap_or_else(|e| error!("{F}: {e}"))
+}
