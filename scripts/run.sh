@@ -1,62 +1,138 @@
 #!/usr/bin/env bash
-# `make run`: a throwaway cluster with pg_reaper, a few executions fanned out, some of them
-# stranded as a crashed worker would leave them, and reap_expired() turning the strands into
-# recovery intents. Everything it starts is stopped and removed on exit or Ctrl-C.
-# (The background worker and the relay join this demo when they land.)
+# `make run`: pg_reaper end to end on a throwaway cluster. The extension and its background
+# worker (preloaded, naptime 1 s), the bundled sample status API and the relay all run; a few
+# dozen executions fan out, some finish normally and some are stranded as crashed workers
+# leave them; the worker reaps, the relay recovers, and the outcome of every execution is
+# shown from both sides. Ctrl-C or the end stops everything it started and removes the cluster.
 set -euo pipefail
 export PATH="$HOME/.cargo/bin:$PATH"
 export PG_CONFIG="${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}"
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+echo "== building and installing"
 cargo pgrx install --pg-config "$PG_CONFIG" >/dev/null
-
+cargo build --locked -q -p pg-reaper-relay
 BIN="$(dirname "$PG_CONFIG")"
+RELAY=target/debug/pg-reaper-relay
+SAMPLE_API=target/debug/pg-reaper-sample-api
+PG_PORT="${PG_REAPER_RUN_PORT:-55439}"
+API_PORT="${PG_REAPER_RUN_API_PORT:-55440}"
 DATA="$(mktemp -d /tmp/pg-reaper-run.XXXXXX)"
-PORT="${PG_REAPER_RUN_PORT:-55439}"
 as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 [ "$(id -u)" -eq 0 ] && chown postgres "$DATA"
+PIDS=()
 cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
   as_pg "$BIN/pg_ctl" -D "$DATA/pg" -m fast -w stop >/dev/null 2>&1 || true
   rm -rf "$DATA"
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
+echo "== a throwaway cluster on port $PG_PORT with pg_reaper preloaded"
 as_pg "$BIN/initdb" -D "$DATA/pg" -A trust -U postgres --locale=C.UTF-8 >/dev/null
 cat >> "$DATA/pg/postgresql.conf" <<CONF
-port = $PORT
+port = $PG_PORT
 listen_addresses = '127.0.0.1'
 unix_socket_directories = '$DATA'
+shared_preload_libraries = 'pg_reaper'
+pg_reaper.database = 'queue'
+pg_reaper.naptime = 1
 CONF
 as_pg "$BIN/pg_ctl" -D "$DATA/pg" -l "$DATA/pg/server.log" -w start >/dev/null
-psql() { command psql -X -q -h 127.0.0.1 -p "$PORT" -U postgres -d queue -v ON_ERROR_STOP=1 "$@"; }
-command psql -X -q -h 127.0.0.1 -p "$PORT" -U postgres -d postgres -c 'CREATE DATABASE queue'
+psql() { command psql -X -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d queue -v ON_ERROR_STOP=1 "$@"; }
+command psql -X -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -c 'CREATE DATABASE queue'
 psql -c 'CREATE EXTENSION pg_reaper'
 
-echo "== 6 executions fan out into 3 batches each"
-psql -o /dev/null <<'SQL'
-SELECT barrier_enqueue('exec-' || i, 'org-demo', 3, '1 hour',
-                       jsonb_build_object('task_name', 'aggregate', 'execution_id', 'exec-' || i))
-  FROM generate_series(1, 6) i;
--- exec-1 and exec-2: every batch claims, decrements, the last one fires the callback and finishes.
-SELECT e, b, barrier_claim(e, b) FROM (VALUES ('exec-1'), ('exec-2')) x(e), generate_series(0, 2) b;
-SELECT e, (barrier_decrement(e, jsonb_build_object('batch', b))).* FROM (VALUES ('exec-1'), ('exec-2')) x(e), generate_series(0, 2) b;
-SELECT barrier_finish('exec-1'), barrier_finish('exec-2');
--- exec-3: a worker was SIGKILLed after one batch. exec-4: all batches done, the callback never fired.
-SELECT (barrier_decrement('exec-3', '{"batch": 0}')).status;
-SELECT (barrier_decrement('exec-4', jsonb_build_object('batch', b))).status FROM generate_series(0, 2) b;
--- Let time pass for them: their deadline is behind them.
-UPDATE pg_barrier_state SET created_at = now() - interval '2 hours', expires_at = now() - interval '1 minute'
- WHERE execution_id IN ('exec-3', 'exec-4', 'exec-5');
-UPDATE pg_barrier_state SET organization_id = '' WHERE execution_id = 'exec-5';
+KEY_FILE="$DATA/api.key"
+head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$KEY_FILE"
+echo "== the sample status API on 127.0.0.1:$API_PORT (a development stand-in for the platform's)"
+"$SAMPLE_API" --listen "127.0.0.1:$API_PORT" --api-key-file "$KEY_FILE" 2>"$DATA/api.log" &
+PIDS+=($!)
+api() { # api METHOD PATH [JSON]: one request to the sample API over bash's /dev/tcp
+  local body="${3:-}" reply
+  exec 3<>"/dev/tcp/127.0.0.1/$API_PORT"
+  printf '%s %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s' \
+    "$1" "$2" "$(cat "$KEY_FILE")" "${#body}" "$body" >&3
+  reply="$(cat <&3)"
+  exec 3<&-
+  printf '%s' "${reply#*$'\r\n\r\n'}"
+}
+for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$API_PORT") 2>/dev/null && break; sleep 0.1; done
+
+echo "== 24 executions fan out into 3 batches each"
+# A callback re-fire hook: instead of marking an all-batches-done strand ERROR, re-enqueue its
+# callback (here: record it in a table, as a queue's enqueue function would).
+psql <<'SQL'
+CREATE TABLE callback_queue (execution_id text, organization_id text, callback jsonb, results jsonb,
+                             enqueued_at timestamptz DEFAULT now());
+CREATE FUNCTION public.refire_callback(e text, o text, c jsonb, r jsonb) RETURNS void
+LANGUAGE sql AS $$ INSERT INTO public.callback_queue VALUES (e, o, c, r) $$;
+ALTER DATABASE queue SET pg_reaper.refire_function = 'public.refire_callback';
 SQL
-echo "== barriers"
-psql -c "SELECT execution_id, organization_id, remaining, jsonb_array_length(results) AS results,
-                expires_at < now() AS expired FROM pg_barrier_state ORDER BY 1"
-echo "== SELECT * FROM reap_expired(dry_run => true)"
-psql -c "SELECT * FROM reap_expired(dry_run => true)"
-echo "== SELECT * FROM reap_expired()"
-psql -c "SELECT * FROM reap_expired()"
-echo "== the outbox: one recovery intent per recoverable strand"
-psql -c "SELECT id, execution_id, organization_id, remaining, state, attempts FROM pg_reaper_outbox ORDER BY id"
-echo "== pg_reaper_status"
+declare -A kind
+for i in $(seq -w 1 12); do kind[exec-$i]=normal; done
+for i in $(seq -w 13 20); do kind[exec-$i]=crashed; done
+kind[exec-21]=callback-lost; kind[exec-22]=finish-lost; kind[exec-23]=no-org; kind[exec-24]=deleted
+for id in "${!kind[@]}"; do
+  case "${kind[$id]}" in
+    finish-lost|normal) status=COMPLETED ;;
+    *) status=EXECUTING ;;
+  esac
+  org=org-demo; [ "${kind[$id]}" = no-org ] && org=''
+  [ "${kind[$id]}" = deleted ] || api PUT "/_admin/executions/$id" "{\"organization_id\": \"$org\", \"status\": \"$status\"}" >/dev/null
+  psql -o /dev/null -c "SELECT barrier_enqueue('$id', '$org', 3, '1 hour', '{\"task_name\": \"aggregate\", \"queue\": \"callbacks\"}')" 2>/dev/null
+done
+psql -o /dev/null <<'SQL'
+-- Normal runs: every batch claims, decrements, the last one fires the callback and finishes.
+SELECT barrier_claim(e, b), barrier_decrement(e, jsonb_build_object('batch', b))
+  FROM (SELECT 'exec-' || lpad(i::text, 2, '0') e FROM generate_series(1, 12) i) x, generate_series(0, 2) b
+ ORDER BY e, b;
+SELECT barrier_finish('exec-' || lpad(i::text, 2, '0')) FROM generate_series(1, 12) i;
+-- Crashed workers: one or two batches done, then nothing.
+SELECT barrier_claim(e, 0), barrier_decrement(e, '{"batch": 0}')
+  FROM (SELECT 'exec-' || i e FROM generate_series(13, 20) i) x;
+-- exec-21: every batch done, but the worker died before enqueueing the callback.
+-- exec-22: the callback ran (the execution COMPLETED) but barrier_finish never happened.
+SELECT barrier_claim(e, b), barrier_decrement(e, jsonb_build_object('batch', b))
+  FROM (VALUES ('exec-21'), ('exec-22')) x(e), generate_series(0, 2) b;
+-- Let time pass for the unfinished ones: their 1 hour deadline is behind them.
+UPDATE pg_barrier_state SET created_at = now() - interval '2 hours', expires_at = now() - interval '1 second';
+SQL
+echo "== barriers left behind: $(psql -Atc 'SELECT count(*) FROM pg_barrier_state') (the worker reaps within a naptime)"
+
+echo "== the relay (logs in $DATA/relay.log)"
+PG_REAPER_API_KEY_FILE="$KEY_FILE" "$RELAY" \
+  --database-url "host=127.0.0.1 port=$PG_PORT user=postgres dbname=queue" \
+  --api-base-url "http://127.0.0.1:$API_PORT/internal" \
+  --poll-interval 1s --backoff-base 250ms --concurrency 4 2>"$DATA/relay.log" &
+PIDS+=($!)
+
+for _ in $(seq 60); do
+  line="$(psql -Atc "SELECT format('worker %s | outbox pending %s, in flight %s, done %s, dead %s | barriers stranded %s',
+                       coalesce(worker_state, '-'), outbox_pending, outbox_in_flight, outbox_done, outbox_dead,
+                       barriers_stranded) FROM pg_reaper_status")"
+  echo "   $line"
+  done_n="$(psql -Atc "SELECT count(*) FROM pg_reaper_outbox WHERE state = 'done'")"
+  [ "$done_n" -ge 11 ] && break
+  sleep 1
+done
+
+echo "== outcome per execution (database and status API)"
+API_STATE="$(api GET /_admin/executions)"
+psql -v api="$API_STATE" <<'SQL'
+SELECT e.id AS execution, coalesce(o.outcome, CASE WHEN b.execution_id IS NOT NULL THEN 'left: ' ||
+           CASE WHEN b.organization_id = '' THEN 'no organization' ELSE 'not recovered' END
+         ELSE 'completed normally' END) AS outcome,
+       a.value ->> 'status' AS api_status, (a.value ->> 'error_marks')::int AS error_marks,
+       b.execution_id IS NOT NULL AS barrier_left,
+       EXISTS (SELECT 1 FROM callback_queue q WHERE q.execution_id = e.id) AS callback_refired
+  FROM (SELECT 'exec-' || lpad(i::text, 2, '0') AS id FROM generate_series(1, 24) i) e
+  LEFT JOIN pg_reaper_outbox o ON o.execution_id = e.id
+  LEFT JOIN pg_barrier_state b ON b.execution_id = e.id
+  LEFT JOIN jsonb_each(:'api'::jsonb) a ON a.key = e.id
+ ORDER BY e.id;
+SQL
 psql -x -c "SELECT * FROM pg_reaper_status"
+echo "== done; stopping the relay, the API and the cluster"

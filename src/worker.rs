@@ -82,7 +82,7 @@ pub fn register() {
         .enable_spi_access()
         // Start on a hot standby too, so that it can say it is idle, and lead once promoted.
         .set_start_time(BgWorkerStartTime::ConsistentState)
-        .set_restart_time(Some(Duration::from_secs(5)))
+        .set_restart_time(Some(Duration::from_secs(2)))
         .load();
 }
 

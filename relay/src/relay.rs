@@ -65,10 +65,10 @@ impl Context {
     }
 
     fn give_back(&self, store: Store) {
-        if !store.is_closed() {
-            if let Ok(mut p) = self.pool.lock() {
-                p.push(store);
-            }
+        if !store.is_closed()
+            && let Ok(mut p) = self.pool.lock()
+        {
+            p.push(store);
         }
     }
 

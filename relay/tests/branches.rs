@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Env, KEY, intent, sigterm, sleep_ms};
+use common::{Env, KEY, intent, sleep_ms};
 use pg_reaper_tests::{json, wait_for};
 use serde_json::{Value, json};
 
@@ -132,7 +132,7 @@ fn skipped_mark_means_it_turned_terminal_meanwhile() {
     env.strand(&mut c, "e", "org", 1);
     env.reap(&mut c);
     env.api.faults(json!({"post_delay_ms": 1500}));
-    let relay = env.spawn_relay(&[]);
+    let mut relay = env.spawn_relay(&[]);
     // While the mark is on its way, the execution completes normally.
     wait_for(10, "the mark request", || {
         env.api
@@ -145,7 +145,7 @@ fn skipped_mark_means_it_turned_terminal_meanwhile() {
     wait_for(10, "the outcome", || {
         (intent(&mut c, "e")["state"] == "done").then_some(())
     });
-    sigterm(&relay);
+    relay.terminate();
     assert_eq!(intent(&mut c, "e")["outcome"], json!("already_terminal"));
     assert_eq!(
         env.api.executions()["e"]["status"],
@@ -265,7 +265,7 @@ fn a_rearmed_execution_is_not_marked_and_its_new_run_is_untouched() {
     env.strand(&mut c, "e", "org", 1);
     env.reap(&mut c);
     env.api.faults(json!({"get_delay_ms": 1500}));
-    let relay = env.spawn_relay(&[]);
+    let mut relay = env.spawn_relay(&[]);
     wait_for(10, "the status read", || {
         (!env.api.calls().is_empty()).then_some(())
     });
@@ -275,7 +275,7 @@ fn a_rearmed_execution_is_not_marked_and_its_new_run_is_untouched() {
     wait_for(10, "the outcome", || {
         (intent(&mut c, "e")["state"] == "done").then_some(())
     });
-    sigterm(&relay);
+    relay.terminate();
     assert_eq!(intent(&mut c, "e")["outcome"], json!("rearmed"));
     assert!(
         env.api.calls().iter().all(|c| c["method"] == "GET"),
@@ -394,8 +394,7 @@ fn metrics_healthz_and_sigterm_leave_nothing_in_flight() {
         ) != json!(0))
         .then_some(())
     });
-    sigterm(&relay);
-    let status = relay.wait().expect("relay exits");
+    let (status, log) = relay.terminate();
     assert!(status.success(), "{status:?}");
     assert_eq!(
         json(
@@ -404,9 +403,6 @@ fn metrics_healthz_and_sigterm_leave_nothing_in_flight() {
         ),
         json!(0)
     );
-    let mut log = String::new();
-    use std::io::Read;
-    relay.stderr.take().map(|mut e| e.read_to_string(&mut log));
     assert!(log.contains("relay stopped"), "{log}");
     assert!(!log.contains(KEY), "the key is never logged");
 }

@@ -5,11 +5,10 @@
 
 mod common;
 
-use common::{Env, SampleApi, sigterm, sleep_ms};
+use common::{Env, SampleApi, sleep_ms};
 use pg_reaper_tests::{json, wait_for};
 use postgres::Client;
 use serde_json::{Value, json};
-use std::process::Child;
 
 /// `n` stranded executions: every 5th already COMPLETED, every 7th unknown to the API (gone),
 /// the rest EXECUTING. Returns (id, what the API said at the start).
@@ -127,11 +126,6 @@ fn delays(seed: u64, n: usize, min_ms: u64, span_ms: u64) -> Vec<u64> {
         .collect()
 }
 
-fn kill(mut child: Child) {
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
 #[test]
 fn relays_sigkilled_at_random_points_lose_nothing_and_mark_once() {
     let env = Env::new("ckill", true);
@@ -146,14 +140,14 @@ fn relays_sigkilled_at_random_points_lose_nothing_and_mark_once() {
     for pause in delays(seed, 6, 100, 600) {
         let relay = env.spawn_relay(&["--concurrency", "8"]);
         sleep_ms(pause);
-        kill(relay);
+        drop(relay); // SIGKILL, at a random point of the drain
         no_handle_lost(&mut c);
     }
-    let relay = env.spawn_relay(&["--concurrency", "8"]);
+    let mut relay = env.spawn_relay(&["--concurrency", "8"]);
     wait_for(90, "every intent done", || {
         all_done(&mut c, fleet.len()).then_some(())
     });
-    sigterm(&relay);
+    relay.terminate();
     final_invariants(&env, &mut c, &fleet);
     // The kills really cut work short: intents a killed relay held came back to another.
     let reclaimed = json(
@@ -173,13 +167,13 @@ fn two_relays_on_one_outbox_mark_once() {
     let mut c = env.db();
     let fleet = fleet(&env, &mut c, 300);
     env.api.faults(json!({"delay_ms": 5}));
-    let a = env.spawn_relay(&["--concurrency", "8"]);
-    let b = env.spawn_relay(&["--concurrency", "8"]);
+    let mut a = env.spawn_relay(&["--concurrency", "8"]);
+    let mut b = env.spawn_relay(&["--concurrency", "8"]);
     wait_for(60, "every intent done", || {
         all_done(&mut c, fleet.len()).then_some(())
     });
-    sigterm(&a);
-    sigterm(&b);
+    a.terminate();
+    b.terminate();
     final_invariants(&env, &mut c, &fleet);
     assert_eq!(
         json(
@@ -197,7 +191,7 @@ fn postgres_immediate_restart_mid_drain() {
     let mut c = env.db();
     let fleet = fleet(&env, &mut c, 200);
     env.api.faults(json!({"delay_ms": 20}));
-    let relay = env.spawn_relay(&["--concurrency", "4"]);
+    let mut relay = env.spawn_relay(&["--concurrency", "4"]);
     wait_for(30, "the drain under way", || {
         (json(
             &mut c,
@@ -213,7 +207,7 @@ fn postgres_immediate_restart_mid_drain() {
     wait_for(90, "every intent done after the restart", || {
         all_done(&mut c, fleet.len()).then_some(())
     });
-    sigterm(&relay);
+    relay.terminate();
     final_invariants(&env, &mut c, &fleet);
 }
 
@@ -257,11 +251,11 @@ fn api_down_then_failing_then_back_marks_nothing_meanwhile_and_recovers_all() {
     }
     env.api
         .faults(json!({"fail_status": 503, "fail_count": 40}));
-    let relay = env.spawn_relay(&["--concurrency", "4"]);
+    let mut relay = env.spawn_relay(&["--concurrency", "4"]);
     wait_for(60, "every intent done", || {
         all_done(&mut c, fleet.len()).then_some(())
     });
-    sigterm(&relay);
+    relay.terminate();
     final_invariants(&env, &mut c, &fleet);
     assert!(
         json(

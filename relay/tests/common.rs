@@ -184,11 +184,13 @@ impl Env {
         out
     }
 
-    pub fn spawn_relay(&self, args: &[&str]) -> Child {
-        self.relay_command(args)
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the relay")
+    pub fn spawn_relay(&self, args: &[&str]) -> Relay {
+        Relay(
+            self.relay_command(args)
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start the relay"),
+        )
     }
 
     /// Enqueues `id` for 3 batches in `org`, counts `done` of them down, and strands it.
@@ -236,10 +238,29 @@ pub fn intent(c: &mut Client, id: &str) -> Value {
     )
 }
 
-pub fn sigterm(child: &Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
+/// A running relay process; killed and reaped when dropped, so a failing test leaves none.
+pub struct Relay(pub Child);
+
+impl Relay {
+    /// SIGTERM, then waits: the exit status and everything it logged.
+    pub fn terminate(&mut self) -> (std::process::ExitStatus, String) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let status = self.0.wait().expect("relay exits");
+        let mut log = String::new();
+        if let Some(mut e) = self.0.stderr.take() {
+            let _ = e.read_to_string(&mut log);
+        }
+        (status, log)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 pub fn sleep_ms(ms: u64) {

@@ -320,6 +320,44 @@ fn nothing_is_granted_to_public_and_documented_grants_suffice() {
         let err = app.batch_execute(sql).expect_err(sql);
         assert_eq!(err.code().map(|c| c.code()), Some("42501"), "{sql}: {err}");
     }
+    admin
+        .batch_execute(
+            "CREATE ROLE relay LOGIN;
+             GRANT EXECUTE ON FUNCTION outbox_claim(int, interval), recovery_lock(bigint, int, interval),
+                 outbox_resolve(bigint, text), outbox_fail(bigint, int, text, interval, int),
+                 outbox_release(bigint, int) TO relay;",
+        )
+        .expect("relay role");
+    for sql in [
+        "SELECT * FROM outbox_claim()",
+        "SELECT * FROM recovery_lock(1, 1)",
+        "SELECT outbox_resolve(1, 'gone')",
+        "SELECT outbox_fail(1, 1, 'x', '1 second', 3)",
+        "SELECT outbox_release(1, 1)",
+        "SELECT outbox_replay()",
+    ] {
+        let err = nobody.batch_execute(sql).expect_err(sql);
+        assert_eq!(err.code().map(|c| c.code()), Some("42501"), "{sql}: {err}");
+    }
+    let mut relay = cluster.client_as("q", "relay");
+    relay
+        .batch_execute(
+            "SELECT * FROM outbox_claim(); SELECT * FROM recovery_lock(1, 1);
+             SELECT outbox_fail(1, 1, 'x', '1 second', 3); SELECT outbox_release(1, 1);
+             SELECT outbox_resolve(1, 'gone');",
+        )
+        .expect("the relay role drives the outbox");
+    for sql in [
+        "SELECT barrier_enqueue('e', 'org', 1)",
+        "SELECT barrier_abort('e')",
+        "UPDATE pg_barrier_state SET remaining = 0",
+        "DELETE FROM pg_reaper_outbox",
+        "SELECT outbox_replay()",
+        "SELECT * FROM reap_expired()",
+    ] {
+        let err = relay.batch_execute(sql).expect_err(sql);
+        assert_eq!(err.code().map(|c| c.code()), Some("42501"), "{sql}: {err}");
+    }
     let mut ops = cluster.client_as("q", "ops");
     ops.batch_execute("SELECT * FROM reap_expired(); SELECT * FROM pg_reaper_status")
         .expect("the operator role reaps and reads the status");
