@@ -1,5 +1,5 @@
 # pg_reaper: `make test` runs every test; `make run` is the demo. Both install what they need.
-.PHONY: test run setup install lint
+.PHONY: test run bench setup install lint
 
 test:
 	bash scripts/test.sh
@@ -16,3 +16,6 @@ install: setup
 lint: setup
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
+
+bench:
+	bash scripts/bench.sh

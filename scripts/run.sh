@@ -15,8 +15,8 @@ cargo build --locked -q -p pg-reaper-relay
 BIN="$(dirname "$PG_CONFIG")"
 RELAY=target/debug/pg-reaper-relay
 SAMPLE_API=target/debug/pg-reaper-sample-api
-PG_PORT="${PG_REAPER_RUN_PORT:-55439}"
-API_PORT="${PG_REAPER_RUN_API_PORT:-55440}"
+PG_PORT="${PG_REAPER_RUN_PORT:-25439}"
+API_PORT="${PG_REAPER_RUN_API_PORT:-25440}"
 DATA="$(mktemp -d /tmp/pg-reaper-run.XXXXXX)"
 as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 [ "$(id -u)" -eq 0 ] && chown postgres "$DATA"

@@ -28,6 +28,9 @@ cargo pgrx install --pg-config "$PG_CONFIG"
 echo "== integration tests: throwaway clusters, concurrent sessions, the worker, the relay and the sample API"
 cargo test --locked -p pg_reaper_tests -p pg-reaper-relay 2>&1 | tee -a "$LOG"
 
+echo "== benchmark smoke run (tiny sizes; the real run is make bench)"
+BENCH_SMOKE=1 bash scripts/bench.sh
+
 # One closing line over every runner above (set -o pipefail made any failure fatal already).
 echo "== all tests ran in $((SECONDS - start)) s"
 awk '/^test result: /{ for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }

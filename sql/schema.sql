@@ -26,6 +26,10 @@ CREATE TABLE @extschema@.pg_barrier_state (
 CREATE INDEX pg_barrier_expires_idx ON @extschema@.pg_barrier_state (expires_at);
 CREATE INDEX pg_barrier_created_idx ON @extschema@.pg_barrier_state (created_at);
 
+-- What barrier_decrement returns: a single row, so the function is entered once per call
+-- (a set-returning function is entered again to say "no more rows").
+CREATE TYPE @extschema@.barrier_decrement_result AS (status text, remaining integer, results jsonb);
+
 -- One marker per claimed batch. No foreign key to the barrier on purpose: a marker may
 -- outlive its barrier (barrier_abort with preserve_dedup) so that a redelivery is skipped.
 CREATE TABLE @extschema@.pg_batch_dedup (

@@ -6,6 +6,7 @@
 
 use crate::plan::{self, Statement};
 use crate::raw_jsonb::RawJsonb;
+use pgrx::PgTupleDesc;
 use pgrx::prelude::*;
 
 const ENQUEUE: Statement = Statement {
@@ -37,21 +38,26 @@ const ENQUEUE: Statement = Statement {
     writes: true,
 };
 
-// The aggregated results are returned only to the one caller that sees 0: shipping the growing
-// array back on every pending decrement would make a fan-out of n batches cost O(n^2).
+// The hot path (decrement, claim) runs on every batch, so its functions skip the per-call
+// `SET search_path` of the others: their statements name every operator, function and type
+// with its schema instead, which makes them mean the same under any caller's search_path
+// (tested with a hostile one). The aggregated results are returned only to the one caller
+// that sees 0: shipping the growing array back on every pending decrement would make a
+// fan-out of n batches cost O(n^2).
 const DECREMENT: Statement = Statement {
     sql: "UPDATE @extschema@.pg_barrier_state
-             SET remaining = remaining - 1,
-                 results = results || jsonb_build_array($2::jsonb),
-                 last_progress_at = now()
-           WHERE execution_id = $1
-       RETURNING remaining, CASE WHEN remaining = 0 THEN results END",
+             SET remaining = remaining OPERATOR(pg_catalog.-) 1,
+                 results = results OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_array($2),
+                 last_progress_at = pg_catalog.now()
+           WHERE execution_id OPERATOR(pg_catalog.=) $1
+       RETURNING remaining, CASE WHEN remaining OPERATOR(pg_catalog.=) 0 THEN results END",
     args: &[pg_sys::TEXTOID, pg_sys::JSONBOID],
     writes: true,
 };
 
 const TEAR_DOWN_NEGATIVE: Statement = Statement {
-    sql: "DELETE FROM @extschema@.pg_barrier_state WHERE execution_id = $1 AND remaining < 0",
+    sql: "DELETE FROM @extschema@.pg_barrier_state
+           WHERE execution_id OPERATOR(pg_catalog.=) $1 AND remaining OPERATOR(pg_catalog.<) 0",
     args: &[pg_sys::TEXTOID],
     writes: true,
 };
@@ -148,23 +154,15 @@ fn barrier_enqueue(
 
 /// Counts one batch down and appends its result as one array element.
 #[pg_extern(security_definer, parallel_unsafe)]
-#[search_path(pg_catalog, pg_temp)]
 fn barrier_decrement(
     execution_id: Option<&str>,
     result: default!(Option<RawJsonb>, "NULL"),
     fcinfo: pg_sys::FunctionCallInfo,
-) -> TableIterator<
-    'static,
-    (
-        name!(status, String),
-        name!(remaining, Option<i32>),
-        name!(results, Option<pgrx::JsonB>),
-    ),
-> {
+) -> pgrx::composite_type!('static, "barrier_decrement_result") {
     const F: &str = "barrier_decrement";
     let id = require_execution_id(F, execution_id);
     let schema = plan::schema_of_call(fcinfo);
-    let row = Spi::connect_mut(|client| {
+    let (remaining, results) = Spi::connect_mut(|client| {
         let table = plan::run(client, schema, &DECREMENT, &[id.into(), result.into()])?;
         if table.is_empty() {
             return Ok((None, None));
@@ -178,12 +176,23 @@ fn barrier_decrement(
         Ok::<_, pgrx::spi::SpiError>((remaining, results))
     })
     .unwrap_or_else(|e| error!("{F}: {e}"));
-    let status = match row.0 {
+    let status = match remaining {
         Some(n) if n > 0 => "pending",
         Some(0) => "complete",
         _ => "abandoned",
     };
-    TableIterator::once((status.to_string(), row.0, row.1))
+    // The declared return type, barrier_decrement_result, in whatever schema it was created.
+    let rettype = unsafe { pg_sys::get_fn_expr_rettype((*fcinfo).flinfo) };
+    let tupdesc = PgTupleDesc::for_composite_type_by_oid(rettype).unwrap_or_else(|| {
+        error!("{F}: its return type (oid {rettype:?}) is not a composite type")
+    });
+    let datums = [
+        status.into_datum(),
+        remaining.into_datum(),
+        results.into_datum(),
+    ];
+    // SAFETY: three datums of the types of barrier_decrement_result, in its column order.
+    unsafe { PgHeapTuple::from_datums(tupdesc, datums) }.unwrap_or_else(|e| error!("{F}: {e}"))
 }
 
 /// Deletes the barrier and its dedup markers once the callback was enqueued.

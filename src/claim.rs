@@ -12,9 +12,9 @@ const CLAIM: Statement = Statement {
     writes: true,
 };
 
-/// True for the first delivery of a batch, false for every redelivery.
+/// True for the first delivery of a batch, false for every redelivery. On the hot path: no
+/// per-call `SET search_path` (see `barrier::DECREMENT`); CLAIM names no operator or function.
 #[pg_extern(security_definer, parallel_unsafe)]
-#[search_path(pg_catalog, pg_temp)]
 fn barrier_claim(
     execution_id: Option<&str>,
     batch_index: Option<i32>,

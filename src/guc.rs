@@ -16,6 +16,8 @@ pub static STUCK_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(9000);
 pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
 /// Seconds an orphaned dedup marker is kept.
 pub static DEDUP_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(86400);
+/// Seconds a `done` intent is kept (its outcome is the audit trail) before the worker deletes it.
+pub static OUTBOX_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(86400);
 /// Whether the worker leads and reaps.
 pub static ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// Function the relay calls instead of marking ERROR when all batches finished.
@@ -69,6 +71,16 @@ pub fn init() {
         c"Seconds a dedup marker whose barrier is gone is kept.",
         c"Keep it above the longest execution so that a late redelivery is still skipped.",
         &DEDUP_RETENTION,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_reaper.outbox_retention",
+        c"Seconds a done recovery intent is kept before the worker deletes it.",
+        c"Pending, in-flight and dead intents are never deleted.",
+        &OUTBOX_RETENTION,
         1,
         i32::MAX,
         GucContext::Sighup,

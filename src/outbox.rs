@@ -73,6 +73,22 @@ const REOFFER_EXPIRED_LEASES: Statement = Statement {
     writes: true,
 };
 
+/// Done intents are the audit trail of recoveries; past the retention they go. Nothing else
+/// is ever deleted: pending, in-flight and dead intents are work.
+const PRUNE_DONE: Statement = Statement {
+    sql: "DELETE FROM @extschema@.pg_reaper_outbox WHERE state = 'done' AND updated_at < now() - $1",
+    args: &[pg_sys::INTERVALOID],
+    writes: true,
+};
+
+/// Deletes done intents older than `retention`; returns how many.
+pub fn prune_done(schema: pg_sys::Oid, retention: Interval) -> usize {
+    Spi::connect_mut(|client| {
+        plan::run(client, schema, &PRUNE_DONE, &[retention.into()]).map(|t| t.len())
+    })
+    .unwrap_or_else(|e| error!("pg_reaper: pruning done intents: {e}"))
+}
+
 /// Makes intents whose lease expired claimable again; returns how many.
 pub fn reoffer_expired_leases(schema: pg_sys::Oid) -> usize {
     Spi::connect_mut(|client| {

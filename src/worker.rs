@@ -257,6 +257,7 @@ struct Work {
     no_org_sample: Vec<String>,
     reoffered: usize,
     swept: usize,
+    pruned: usize,
 }
 
 impl Worker {
@@ -322,12 +323,13 @@ impl Worker {
         Spi::run(TICK_TIMEOUTS).unwrap_or_else(|e| error!("{e}"));
         let batch = i64::from(guc::BATCH_SIZE.get());
         let (reaped, no_org_sample) = reap::reap(schema, Some(batch), false);
-        let retention = Interval::from_seconds(f64::from(guc::DEDUP_RETENTION.get()));
+        let seconds = |g: &pgrx::GucSetting<i32>| Interval::from_seconds(f64::from(g.get()));
         let work = Work {
             reaped,
             no_org_sample,
             reoffered: outbox::reoffer_expired_leases(schema),
-            swept: claim::sweep_orphan_markers(schema, retention),
+            swept: claim::sweep_orphan_markers(schema, seconds(&guc::DEDUP_RETENTION)),
+            pruned: outbox::prune_done(schema, seconds(&guc::OUTBOX_RETENTION)),
         };
         (State::Leader, Some(work))
     }
@@ -373,15 +375,17 @@ impl Worker {
     fn report(&mut self, work: &Work) {
         STATS.exclusive().last_tick_queued = work.reaped.queued;
         let r = &work.reaped;
-        if r.queued > 0 || work.reoffered > 0 || work.swept > 0 {
+        if r.queued > 0 || work.reoffered > 0 || work.swept > 0 || work.pruned > 0 {
             log!(
                 "pg_reaper: queued {} recovery intent(s) ({} stranded, {} already queued), \
-                 re-offered {} expired lease(s), swept {} orphaned dedup marker(s)",
+                 re-offered {} expired lease(s), swept {} orphaned dedup marker(s), \
+                 pruned {} done intent(s)",
                 r.queued,
                 r.stranded,
                 r.already_queued,
                 work.reoffered,
-                work.swept
+                work.swept,
+                work.pruned
             );
         }
         // Name the strands nobody can recover when their number changes, not every tick.

@@ -361,6 +361,16 @@ fn metrics_healthz_and_sigterm_leave_nothing_in_flight() {
         ) == json!(6))
         .then_some(())
     });
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", relay.child.id())).unwrap_or_default();
+    assert!(
+        !String::from_utf8_lossy(&cmdline).contains(KEY),
+        "the key is not in the process list"
+    );
+    let environ = std::fs::read(format!("/proc/{}/environ", relay.child.id())).unwrap_or_default();
+    assert!(
+        !String::from_utf8_lossy(&environ).contains(KEY),
+        "only the key file's path is"
+    );
     let (code, metrics) = common::http_get(&listen, "/metrics");
     assert_eq!(code, 200);
     assert!(

@@ -358,6 +358,26 @@ fn nothing_is_granted_to_public_and_documented_grants_suffice() {
         let err = relay.batch_execute(sql).expect_err(sql);
         assert_eq!(err.code().map(|c| c.code()), Some("42501"), "{sql}: {err}");
     }
+    // Only a superuser may point the relay at a function. Before the library is loaded in a
+    // session, Postgres accepts a SET of the name as a placeholder, and discards it (WARNING)
+    // the moment the library loads; after that, and for ALTER ROLE, it refuses.
+    let mut app = cluster.client_as("q", "app"); // a session where the library is not loaded yet
+    app.batch_execute("SET pg_reaper.refire_function = 'public.evil'")
+        .expect("placeholder");
+    app.batch_execute("SELECT barrier_claim('load-the-library', 0)")
+        .expect("loads pg_reaper");
+    let shown: String = app
+        .query_one("SHOW pg_reaper.refire_function", &[])
+        .expect("show")
+        .get(0);
+    assert_eq!(shown, "", "the placeholder was discarded");
+    for sql in [
+        "SET pg_reaper.refire_function = 'public.evil'",
+        "ALTER ROLE app SET pg_reaper.refire_function = 'public.evil'",
+    ] {
+        let err = app.batch_execute(sql).expect_err(sql);
+        assert_eq!(err.code().map(|c| c.code()), Some("42501"), "{sql}: {err}");
+    }
     let mut ops = cluster.client_as("q", "ops");
     ops.batch_execute("SELECT * FROM reap_expired(); SELECT * FROM pg_reaper_status")
         .expect("the operator role reaps and reads the status");
@@ -402,5 +422,47 @@ fn pg_dump_and_restore_keep_barriers_markers_and_intents() {
     assert_eq!(
         json(&mut d, "SELECT to_jsonb(queued) FROM reap_expired()"),
         json!(1)
+    );
+}
+
+#[test]
+fn a_hostile_search_path_cannot_redirect_the_hot_path() {
+    let cluster = Cluster::start("hostile", &[]);
+    let mut c = cluster.create_db("q", None);
+    // Operators that would hijack `remaining - 1`, `execution_id = $1`, `results || …` and the
+    // claim if the hot path resolved names through the caller's search_path.
+    c.batch_execute(
+        "CREATE SCHEMA evil;
+         CREATE FUNCTION evil.minus(int, int) RETURNS int LANGUAGE sql AS 'SELECT 1000';
+         CREATE OPERATOR evil.- (LEFTARG = int, RIGHTARG = int, FUNCTION = evil.minus);
+         CREATE FUNCTION evil.eq(text, text) RETURNS boolean LANGUAGE sql AS 'SELECT true';
+         CREATE OPERATOR evil.= (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.eq);
+         CREATE FUNCTION evil.cat(jsonb, jsonb) RETURNS jsonb LANGUAGE sql AS 'SELECT ''\"pwned\"''::jsonb';
+         CREATE OPERATOR evil.|| (LEFTARG = jsonb, RIGHTARG = jsonb, FUNCTION = evil.cat);
+         CREATE FUNCTION evil.now() RETURNS timestamptz LANGUAGE sql AS 'SELECT ''2000-01-01''::timestamptz';
+         SELECT barrier_enqueue('a', 'org', 3), barrier_enqueue('b', 'org', 3);
+         SET search_path = evil, pg_catalog, public;",
+    )
+    .expect("hostile setup");
+    assert_eq!(
+        json(
+            &mut c,
+            "SELECT to_jsonb(d) FROM public.barrier_decrement('a', '{\"r\": 1}') d"
+        ),
+        json!({"status": "pending", "remaining": 2, "results": null})
+    );
+    assert_eq!(
+        json(&mut c, "SELECT to_jsonb(public.barrier_claim('a', 0))"),
+        json!(true)
+    );
+    c.batch_execute("SET search_path = public").expect("reset");
+    assert_eq!(
+        json(
+            &mut c,
+            "SELECT jsonb_object_agg(execution_id, jsonb_build_array(remaining, results, last_progress_at > now() - interval '1 minute'))
+               FROM pg_barrier_state"
+        ),
+        json!({"a": [2, [{"r": 1}], true], "b": [3, [], true]}),
+        "only 'a' changed, by exactly one, with the real ||, = and now()"
     );
 }

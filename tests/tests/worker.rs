@@ -273,6 +273,30 @@ fn dedup_retention_deletes_only_orphaned_markers() {
 }
 
 #[test]
+fn done_intents_are_pruned_after_their_retention_and_live_ones_never() {
+    let cluster = preloaded("wprune", "q");
+    let mut c = cluster.create_db("q", None);
+    wait_state(&mut c, "leader");
+    reload(&mut c, "pg_reaper.outbox_retention = 60");
+    c.batch_execute(
+        "INSERT INTO pg_reaper_outbox (execution_id, organization_id, remaining, state, outcome, attempts, updated_at)
+         VALUES ('old-done', 'org', 1, 'done', 'gone', 1, now() - interval '1 hour'),
+                ('new-done', 'org', 1, 'done', 'gone', 1, now());
+         INSERT INTO pg_reaper_outbox (execution_id, organization_id, remaining, state, attempts, updated_at, next_attempt_at)
+         VALUES ('old-dead', 'org', 1, 'dead', 20, now() - interval '1 hour', now()),
+                ('old-pending', 'org', 1, 'pending', 3, now() - interval '1 hour', now() + interval '1 day');",
+    )
+    .expect("intents");
+    wait_for(10, "the prune", || {
+        let left = json(
+            &mut c,
+            "SELECT jsonb_agg(execution_id ORDER BY execution_id) FROM pg_reaper_outbox",
+        );
+        (left == json!(["new-done", "old-dead", "old-pending"])).then_some(())
+    });
+}
+
+#[test]
 fn expired_relay_leases_are_offered_again() {
     let cluster = preloaded("wlease", "q");
     let mut c = cluster.create_db("q", None);

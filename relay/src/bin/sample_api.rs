@@ -6,6 +6,7 @@
 //!
 //! Admin endpoints (same bearer key):
 //!   PUT  /_admin/executions/{id}   {"organization_id": "...", "status": "EXECUTING"}
+//!   POST /_admin/executions        {"id": {"organization_id": "...", "status": "..."}, ...}
 //!   GET  /_admin/executions        every execution with its status and ERROR-mark count
 //!   GET  /_admin/calls             every recorded /v1 call (method, path, headers, body)
 //!   POST /_admin/faults            {"fail_status": 503, "fail_count": 5, "delay_ms": 5,
@@ -41,6 +42,8 @@ struct Call {
     organization: Option<String>,
     content_type: Option<String>,
     body: Value,
+    /// When the request arrived, in milliseconds since the Unix epoch.
+    at_ms: u64,
 }
 
 #[derive(Clone, Default, Serialize, Deserialize)]
@@ -119,7 +122,12 @@ async fn handle(req: Request<Incoming>, state: Shared, key: Arc<String>) -> Resp
         let Ok(mut s) = state.lock() else {
             return reply(500, json!({"error": "state poisoned"}));
         };
+        let at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
         s.calls.push(Call {
+            at_ms,
             method: method.to_string(),
             path: path.clone(),
             authorization,
@@ -199,6 +207,16 @@ fn admin(method: &Method, rest: &str, body: Value, state: &Shared) -> Response<F
     };
     match (method, rest) {
         (&Method::GET, "executions") => reply(200, json!(s.executions)),
+        (&Method::POST, "executions") => {
+            match serde_json::from_value::<BTreeMap<String, Execution>>(body) {
+                Ok(many) => {
+                    let n = many.len();
+                    s.executions.extend(many);
+                    reply(200, json!({"created": n}))
+                }
+                Err(e) => reply(400, json!({"error": e.to_string()})),
+            }
+        }
         (&Method::GET, "calls") => reply(200, json!(s.calls)),
         (&Method::POST, "faults") => match serde_json::from_value::<Faults>(body) {
             Ok(f) => {

@@ -184,13 +184,18 @@ impl Env {
         out
     }
 
+    /// Starts a relay; its log goes to a file (a pipe nobody reads would block it when full).
     pub fn spawn_relay(&self, args: &[&str]) -> Relay {
-        Relay(
-            self.relay_command(args)
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("start the relay"),
-        )
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = self.cluster.dir.join(format!("relay-{n}.log"));
+        let file = std::fs::File::create(&log).expect("relay log file");
+        let child = self
+            .relay_command(args)
+            .stderr(file)
+            .spawn()
+            .expect("start the relay");
+        Relay { child, log }
     }
 
     /// Enqueues `id` for 3 batches in `org`, counts `done` of them down, and strands it.
@@ -239,27 +244,29 @@ pub fn intent(c: &mut Client, id: &str) -> Value {
 }
 
 /// A running relay process; killed and reaped when dropped, so a failing test leaves none.
-pub struct Relay(pub Child);
+pub struct Relay {
+    pub child: Child,
+    log: PathBuf,
+}
 
 impl Relay {
     /// SIGTERM, then waits: the exit status and everything it logged.
     pub fn terminate(&mut self) -> (std::process::ExitStatus, String) {
         let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
+            .args(["-TERM", &self.child.id().to_string()])
             .status();
-        let status = self.0.wait().expect("relay exits");
-        let mut log = String::new();
-        if let Some(mut e) = self.0.stderr.take() {
-            let _ = e.read_to_string(&mut log);
-        }
-        (status, log)
+        let status = self.child.wait().expect("relay exits");
+        (
+            status,
+            std::fs::read_to_string(&self.log).unwrap_or_default(),
+        )
     }
 }
 
 impl Drop for Relay {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
