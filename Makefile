@@ -1,5 +1,5 @@
 # pg_reaper: `make test` runs every test; `make run` is the demo. Both install what they need.
-.PHONY: test run bench setup install lint
+.PHONY: test run bench soak setup install lint
 
 test:
 	bash scripts/test.sh
@@ -19,3 +19,6 @@ lint: setup
 
 bench:
 	bash scripts/bench.sh
+
+soak:
+	bash scripts/soak.sh

@@ -5,42 +5,23 @@
 # leave them; the worker reaps, the relay recovers, and the outcome of every execution is
 # shown from both sides. Ctrl-C or the end stops everything it started and removes the cluster.
 set -euo pipefail
-export PATH="$HOME/.cargo/bin:$PATH"
-export PG_CONFIG="${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}"
 cd "$(dirname "$0")/.."
+source scripts/lib.sh
 bash scripts/setup.sh
 echo "== building and installing"
 cargo pgrx install --pg-config "$PG_CONFIG" >/dev/null
 cargo build --locked -q -p pg-reaper-relay
-BIN="$(dirname "$PG_CONFIG")"
 RELAY=target/debug/pg-reaper-relay
 SAMPLE_API=target/debug/pg-reaper-sample-api
 PG_PORT="${PG_REAPER_RUN_PORT:-25439}"
 API_PORT="${PG_REAPER_RUN_API_PORT:-25440}"
-DATA="$(mktemp -d /tmp/pg-reaper-run.XXXXXX)"
-as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
-[ "$(id -u)" -eq 0 ] && chown postgres "$DATA"
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  as_pg "$BIN/pg_ctl" -D "$DATA/pg" -m fast -w stop >/dev/null 2>&1 || true
-  rm -rf "$DATA"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
 
 echo "== a throwaway cluster on port $PG_PORT with pg_reaper preloaded"
-as_pg "$BIN/initdb" -D "$DATA/pg" -A trust -U postgres --locale=C.UTF-8 >/dev/null
-cat >> "$DATA/pg/postgresql.conf" <<CONF
-port = $PG_PORT
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$DATA'
+throwaway_cluster run "$PG_PORT" <<CONF
 shared_preload_libraries = 'pg_reaper'
 pg_reaper.database = 'queue'
 pg_reaper.naptime = 1
 CONF
-as_pg "$BIN/pg_ctl" -D "$DATA/pg" -l "$DATA/pg/server.log" -w start >/dev/null
 psql() { command psql -X -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d queue -v ON_ERROR_STOP=1 "$@"; }
 command psql -X -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -c 'CREATE DATABASE queue'
 psql -c 'CREATE EXTENSION pg_reaper'
@@ -50,16 +31,7 @@ head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$KEY_FILE"
 echo "== the sample status API on 127.0.0.1:$API_PORT (a development stand-in for the platform's)"
 "$SAMPLE_API" --listen "127.0.0.1:$API_PORT" --api-key-file "$KEY_FILE" 2>"$DATA/api.log" &
 PIDS+=($!)
-api() { # api METHOD PATH [JSON]: one request to the sample API over bash's /dev/tcp
-  local body="${3:-}" reply
-  exec 3<>"/dev/tcp/127.0.0.1/$API_PORT"
-  printf '%s %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s' \
-    "$1" "$2" "$(cat "$KEY_FILE")" "${#body}" "$body" >&3
-  reply="$(cat <&3)"
-  exec 3<&-
-  printf '%s' "${reply#*$'\r\n\r\n'}"
-}
-for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$API_PORT") 2>/dev/null && break; sleep 0.1; done
+wait_for_port "$API_PORT"
 
 echo "== 24 executions fan out into 3 batches each"
 # A callback re-fire hook: instead of marking an all-batches-done strand ERROR, re-enqueue its

@@ -16,6 +16,10 @@ for d in "$PGRX_PGDATA"/15-*; do
 done
 
 start=$SECONDS
+echo "== lint: rustfmt, clippy (warnings are errors)"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -q -- -D warnings
+
 LOG="$(mktemp /tmp/pg-reaper-test.XXXXXX)"
 trap 'rm -f "$LOG"' EXIT
 echo "== pg_tests (in-database)"

@@ -317,7 +317,7 @@ pub async fn run(
                             error!(error = %e, "cannot reach Postgres");
                             return 1;
                         }
-                        warn!(error = %e, "cannot reach Postgres; retrying");
+                        warn!(error = %e, "Postgres or the extension is not ready; retrying");
                         None
                     }
                 };

@@ -268,3 +268,43 @@ fn api_down_then_failing_then_back_marks_nothing_meanwhile_and_recovers_all() {
         "the backoff history is visible in attempts"
     );
 }
+
+#[test]
+fn drop_extension_under_a_running_relay_and_worker_then_create_it_again() {
+    let env = Env::new("cdrop", true);
+    let mut c = env.db();
+    wait_for(30, "the worker leading", || {
+        let s = json(
+            &mut c,
+            "SELECT to_jsonb(worker_state) FROM pg_reaper_status",
+        );
+        (s == json!("leader")).then_some(())
+    });
+    let first = fleet(&env, &mut c, 5);
+    let mut relay = env.spawn_relay(&["--concurrency", "2"]);
+    wait_for(20, "the first fleet", || {
+        all_done(&mut c, first.len()).then_some(())
+    });
+    c.batch_execute("DROP EXTENSION pg_reaper")
+        .expect("drop while running");
+    wait_for(20, "the worker waiting", || {
+        env.cluster
+            .log()
+            .contains("waiting for CREATE EXTENSION")
+            .then_some(())
+    });
+    sleep_ms(1500); // the relay's claims fail meanwhile and it reconnects, again and again
+    c.batch_execute("CREATE EXTENSION pg_reaper")
+        .expect("create again");
+    let second = fleet(&env, &mut c, 5);
+    wait_for(30, "the second fleet after re-creation", || {
+        all_done(&mut c, second.len()).then_some(())
+    });
+    let (status, log) = relay.terminate();
+    assert!(status.success(), "the relay survived: {status:?}");
+    assert!(
+        log.contains("pg_reaper extension is not created"),
+        "it said why it waited: {log}"
+    );
+    assert!(!env.cluster.log().contains("PANIC"));
+}

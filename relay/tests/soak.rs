@@ -59,10 +59,10 @@ fn producer(
     ledger: &Ledger,
 ) {
     let mut c = env.db();
-    let mut n = 0;
+    let mut n: i32 = 0;
     while !stop.load(Relaxed) {
         let id = format!("p{p}-{n:06}");
-        let total = (n % 4 + 2) as i32;
+        let total: i32 = n % 4 + 2;
         n += 1;
         api.execution(&id, "org", "EXECUTING");
         let enqueue = c.execute(

@@ -286,6 +286,17 @@ pub fn wait_for<T>(seconds: u64, what: &str, mut probe: impl FnMut() -> Option<T
     }
 }
 
+/// Moves a barrier's deadline into the past (created two hours ago), as time would: it is
+/// stranded from now on. `pattern` is a LIKE pattern of execution ids.
+pub fn expire(c: &mut Client, pattern: &str) {
+    c.execute(
+        "UPDATE pg_barrier_state SET created_at = now() - interval '2 hours',
+                expires_at = now() - interval '1 second' WHERE execution_id LIKE $1",
+        &[&pattern],
+    )
+    .expect("expire the barrier");
+}
+
 /// One JSON value from a query returning a single row and column of type jsonb.
 pub fn json(c: &mut Client, sql: &str) -> serde_json::Value {
     let row = c

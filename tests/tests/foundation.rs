@@ -1,7 +1,7 @@
 //! The extension over real, concurrent connections: what a single rolled-back pg_test cannot
 //! show (races between sessions, NOTIFY at commit, privileges, another schema, dump/restore).
 
-use pg_reaper_tests::{Cluster, json};
+use pg_reaper_tests::{Cluster, expire, json};
 use postgres::Client;
 use postgres::fallible_iterator::FallibleIterator;
 use serde_json::json;
@@ -39,12 +39,7 @@ fn strand(c: &mut Client, prefix: &str, n: usize) {
         &[&prefix, &(n as i32)],
     )
     .expect("enqueue");
-    c.execute(
-        "UPDATE pg_barrier_state SET created_at = now() - interval '2 hours',
-                expires_at = now() - interval '1 second' WHERE execution_id LIKE $1 || '%'",
-        &[&prefix],
-    )
-    .expect("strand");
+    expire(c, &format!("{prefix}%"));
 }
 
 #[test]

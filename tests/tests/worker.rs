@@ -1,7 +1,7 @@
 //! The background worker in preloaded clusters: leadership, reaping on its timer, housekeeping,
 //! and its behaviour under signals, restarts, missing objects and on a standby.
 
-use pg_reaper_tests::{Cluster, json, wait_for};
+use pg_reaper_tests::{Cluster, expire, json, wait_for};
 use postgres::Client;
 use serde_json::{Value, json};
 
@@ -49,12 +49,7 @@ fn wait_ticks(c: &mut Client, n: i64) {
 fn strand_expired(c: &mut Client, id: &str) {
     c.execute("SELECT barrier_enqueue($1, 'org', 2)", &[&id])
         .expect("enqueue");
-    c.execute(
-        "UPDATE pg_barrier_state SET created_at = now() - interval '1 hour',
-                expires_at = now() - interval '1 second' WHERE execution_id = $1",
-        &[&id],
-    )
-    .expect("strand");
+    expire(c, id);
 }
 
 fn intents(c: &mut Client, id: &str) -> i64 {
@@ -412,4 +407,41 @@ fn without_preload_the_sql_api_works_and_no_worker_runs() {
         (&Value::Null, &Value::Null, &Value::Null)
     );
     assert_eq!(worker_pid(&mut c), None);
+}
+
+#[test]
+fn out_of_range_settings_are_refused_with_their_name() {
+    let cluster = preloaded("wguc", "q");
+    let mut c = cluster.create_db("q", None);
+    for (setting, value) in [
+        ("pg_reaper.naptime", "0.01"),
+        ("pg_reaper.stuck_timeout", "0"),
+        ("pg_reaper.dedup_retention", "-5"),
+        ("pg_reaper.outbox_retention", "0"),
+        ("pg_reaper.batch_size", "0"),
+        ("pg_reaper.enabled", "maybe"),
+    ] {
+        let err = c
+            .batch_execute(&format!("ALTER SYSTEM SET {setting} = '{value}'"))
+            .expect_err(setting);
+        let db = err.as_db_error().expect("a database error");
+        assert_eq!(db.code().code(), "22023", "{setting}: {}", db.message());
+        assert!(
+            db.message().contains(setting),
+            "{setting}: {}",
+            db.message()
+        );
+    }
+    let err = c
+        .batch_execute("SET pg_reaper.database = 'other'")
+        .expect_err("postmaster setting");
+    assert_eq!(err.code().map(|c| c.code()), Some("55P02"), "{err}");
+    let err = c
+        .batch_execute("SET pg_reaper.naptime = 1")
+        .expect_err("sighup setting");
+    assert_eq!(err.code().map(|c| c.code()), Some("55P02"), "{err}");
+    let err = c
+        .batch_execute("SET pg_reaper.nonexistent = 1")
+        .expect_err("reserved prefix");
+    assert_eq!(err.code().map(|c| c.code()), Some("42602"), "{err}");
 }

@@ -2,7 +2,7 @@
 
 #![allow(dead_code)] // each test file uses its own part of this harness
 
-use pg_reaper_tests::{Cluster, json, wait_for};
+use pg_reaper_tests::{Cluster, expire, json, wait_for};
 use postgres::Client;
 use serde_json::Value;
 use std::io::{Read, Write};
@@ -56,16 +56,8 @@ impl SampleApi {
         stream.write_all(request.as_bytes()).expect("send");
         let mut response = String::new();
         stream.read_to_string(&mut response).expect("read");
-        let code = response
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b)
-            .unwrap_or("");
-        (code, serde_json::from_str(body).unwrap_or(Value::Null))
+        let (code, body) = parse_response(&response);
+        (code, serde_json::from_str(&body).unwrap_or(Value::Null))
     }
 
     pub fn admin(&self, method: &str, path: &str, body: Option<&Value>) -> Value {
@@ -214,12 +206,7 @@ impl Env {
             )
             .expect("decrement");
         }
-        c.execute(
-            "UPDATE pg_barrier_state SET created_at = now() - interval '2 hours',
-                    expires_at = now() - interval '1 second' WHERE execution_id = $1",
-            &[&id],
-        )
-        .expect("strand");
+        expire(c, id);
     }
 
     pub fn reap(&self, c: &mut Client) -> i32 {
@@ -274,6 +261,20 @@ pub fn sleep_ms(ms: u64) {
     std::thread::sleep(Duration::from_millis(ms));
 }
 
+/// An HTTP/1.1 response read to its end: (status code, body).
+fn parse_response(response: &str) -> (u16, String) {
+    let code = response
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
 /// A plain HTTP GET on loopback: (status code, body).
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     let Ok(mut stream) = TcpStream::connect(addr) else {
@@ -285,14 +286,5 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     }
     let mut response = String::new();
     let _ = stream.read_to_string(&mut response);
-    let code = response
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (code, body)
+    parse_response(&response)
 }
