@@ -74,7 +74,9 @@ CREATE INDEX pg_reaper_outbox_lease_idx
 
 -- The stranded predicate, defined once. Reap, the relay's re-check, the guarded delete and the
 -- status gauges all call it. It is a single-expression SQL function so the planner inlines it
--- and can use the two indexes above. The created_at term is implied by the last_progress_at
+-- and can use the two indexes above; its operators are schema-qualified because an inlined body
+-- is parsed under the caller's search_path (and parenthesised: OPERATOR() forms all share one
+-- precedence). The created_at term is implied by the last_progress_at
 -- term (progress never precedes creation) and is there only to give the planner an index.
 CREATE FUNCTION @extschema@.barrier_is_stranded(
     expires_at timestamptz,
@@ -84,8 +86,9 @@ CREATE FUNCTION @extschema@.barrier_is_stranded(
 ) RETURNS boolean
 LANGUAGE sql STABLE PARALLEL SAFE
 AS $$
-    SELECT $1 < pg_catalog.now()
-        OR ($2 < pg_catalog.now() - $4 AND $3 < pg_catalog.now() - $4)
+    SELECT $1 OPERATOR(pg_catalog.<) pg_catalog.now()
+        OR ($2 OPERATOR(pg_catalog.<) (pg_catalog.now() OPERATOR(pg_catalog.-) $4)
+            AND $3 OPERATOR(pg_catalog.<) (pg_catalog.now() OPERATOR(pg_catalog.-) $4))
 $$;
 
 -- Keep the rows through pg_dump / pg_restore.

@@ -112,6 +112,16 @@ pub extern "C-unwind" fn pg_reaper_worker_main(_arg: pg_sys::Datum) {
         s.database_seen = true;
         s.database_wait_logged = false;
     }
+    // The worker runs as a superuser: resolve every name of its statements in pg_catalog, never
+    // through a search_path a database owner could have set (ALTER DATABASE … SET).
+    unsafe {
+        pg_sys::SetConfigOption(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        );
+    }
     log!("pg_reaper: worker started in database \"{database}\"");
 
     let mut worker = Worker::default();

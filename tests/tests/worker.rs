@@ -445,3 +445,36 @@ fn out_of_range_settings_are_refused_with_their_name() {
         .expect_err("reserved prefix");
     assert_eq!(err.code().map(|c| c.code()), Some("42602"), "{err}");
 }
+
+#[test]
+fn a_database_search_path_cannot_redirect_the_worker() {
+    let cluster = preloaded("wpath", "q");
+    let mut c = cluster.create_db("q", None);
+    wait_state(&mut c, "leader");
+    // A database owner makes every timestamp comparison true for sessions of this database.
+    c.batch_execute(
+        "CREATE SCHEMA evil;
+         CREATE FUNCTION evil.lt(timestamptz, timestamptz) RETURNS boolean LANGUAGE sql AS 'SELECT true';
+         CREATE OPERATOR evil.< (LEFTARG = timestamptz, RIGHTARG = timestamptz, FUNCTION = evil.lt);
+         ALTER DATABASE q SET search_path = evil, pg_catalog, public;
+         SELECT barrier_enqueue('live', 'org', 3);",
+    )
+    .expect("hostile database setting");
+    // A new worker session picks the database's settings up.
+    let pid = worker_pid(&mut c).expect("worker");
+    c.execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .expect("terminate");
+    wait_for(20, "a new worker", || {
+        worker_pid(&mut c).filter(|p| *p != pid)
+    });
+    wait_state(&mut c, "leader");
+    wait_ticks(&mut c, 5);
+    assert_eq!(intents(&mut c, "live"), 0, "a live barrier is never reaped");
+    let mut fresh = cluster.client("q"); // has the hostile search_path too
+    assert_eq!(
+        json(&mut fresh, "SELECT to_jsonb(count(*)) FROM pg_barrier_state b
+                          WHERE barrier_is_stranded(b.expires_at, b.last_progress_at, b.created_at, '1 hour')"),
+        json!(0),
+        "the predicate means the same under any search_path"
+    );
+}
