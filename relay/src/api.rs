@@ -111,11 +111,38 @@ pub fn classify_status(body: &[u8]) -> Result<Execution, Failure> {
 }
 
 impl Api {
-    pub fn new(base: &str, key: ApiKey, timeout: Duration) -> Result<Api, String> {
-        let client = reqwest::Client::builder()
+    pub fn new(
+        base: &str,
+        key: ApiKey,
+        timeout: Duration,
+        ca_file: Option<&std::path::Path>,
+    ) -> Result<Api, String> {
+        let mut builder = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
-            .user_agent(concat!("pg-reaper-relay/", env!("CARGO_PKG_VERSION")))
+            .user_agent(concat!("pg-reaper-relay/", env!("CARGO_PKG_VERSION")));
+        if let Some(path) = ca_file {
+            use rustls::pki_types::CertificateDer;
+            use rustls::pki_types::pem::PemObject;
+            let pem = std::fs::read(path)
+                .map_err(|e| format!("--api-ca-file: cannot read {}: {e}", path.display()))?;
+            // Parsed here: reqwest would take a file without any certificate in silence.
+            let certs: Vec<CertificateDer<'_>> = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("--api-ca-file: {}: {e}", path.display()))?;
+            if certs.is_empty() {
+                return Err(format!(
+                    "--api-ca-file: {} holds no PEM certificate",
+                    path.display()
+                ));
+            }
+            for cert in certs {
+                let ca = reqwest::Certificate::from_der(&cert)
+                    .map_err(|e| format!("--api-ca-file: {}: {e}", path.display()))?;
+                builder = builder.add_root_certificate(ca);
+            }
+        }
+        let client = builder
             .build()
             .map_err(|e| format!("--api-base-url: cannot build the HTTP client: {e}"))?;
         let base = base.trim_end_matches('/').to_string();
@@ -220,11 +247,19 @@ impl Api {
 
 fn transport_failure(e: reqwest::Error) -> Failure {
     if e.is_timeout() {
-        Failure::Timeout
-    } else {
-        // Without the URL: it holds nothing secret, but keeps the line short.
-        Failure::Connect(e.without_url().to_string())
+        return Failure::Timeout;
     }
+    // The whole cause chain ("…: invalid peer certificate: UnknownIssuer"), without the URL:
+    // it holds nothing secret, but keeps the line short.
+    let e = e.without_url();
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    Failure::Connect(message)
 }
 
 async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, Failure> {

@@ -48,6 +48,9 @@ pub struct Args {
     /// File holding the API key (a trailing newline is ignored); or set PG_REAPER_API_KEY.
     #[arg(long, env = "PG_REAPER_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
+    /// PEM file of the CA that signs the API's certificate (for https:// with a private CA).
+    #[arg(long, env = "PG_REAPER_API_CA_FILE")]
+    pub api_ca_file: Option<PathBuf>,
     /// Intents worked on at once.
     #[arg(long, env = "PG_REAPER_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub concurrency: u32,

@@ -34,7 +34,12 @@ fn main() {
 
 fn start(args: config::Args) -> Result<i32, String> {
     let key = config::api_key(&args)?;
-    let api = api::Api::new(&args.api_base_url, key, args.http_timeout)?;
+    let api = api::Api::new(
+        &args.api_base_url,
+        key,
+        args.http_timeout,
+        args.api_ca_file.as_deref(),
+    )?;
     if args.backoff_max < args.backoff_base {
         return Err("--backoff-max: must not be shorter than --backoff-base".to_string());
     }

@@ -207,6 +207,31 @@ fn failures_keep_the_barrier_and_retry_with_backoff_until_dead_then_replay() {
 }
 
 #[test]
+fn an_oversized_body_is_a_failure_not_read_whole() {
+    let env = Env::new("rbig", false);
+    let mut c = env.db();
+    env.api.execution("e", "org", "EXECUTING");
+    env.strand(&mut c, "e", "org", 1);
+    env.reap(&mut c);
+    env.api.faults(json!({"pad_bytes": 2 << 20}));
+    env.relay_once(&[]);
+    let i = intent(&mut c, "e");
+    assert_eq!(
+        (&i["state"], &i["barrier"]),
+        (&json!("pending"), &json!(true))
+    );
+    assert_eq!(
+        i["last_error"],
+        json!("status read: unusable response body: larger than 1048576 bytes")
+    );
+    // Just under the limit, the same read is fine.
+    env.api.faults(json!({"pad_bytes": 1000}));
+    sleep_ms(250);
+    env.relay_once(&[]);
+    assert_eq!(intent(&mut c, "e")["outcome"], json!("marked_error"));
+}
+
+#[test]
 fn a_missing_status_is_indeterminate_and_never_marked() {
     let env = Env::new("rindet", false);
     let mut c = env.db();
@@ -451,4 +476,85 @@ fn bad_configuration_is_one_clear_line_and_a_failure() {
     });
     assert_ne!(code, Some(0));
     assert!(line.contains("--http-timeout"), "{line}");
+}
+
+#[test]
+fn https_to_the_api_with_a_custom_ca() {
+    let env = Env::new("rtls", false);
+    let mut c = env.db();
+    // An execution the API does not know: its recovery is one GET (404 → gone), over TLS.
+    env.strand(&mut c, "over-tls", "org", 1);
+    env.reap(&mut c);
+    let tls = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tls");
+    let port = common::free_port();
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _api = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_pg-reaper-sample-api"))
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--api-key-file"])
+            .arg(&env.key_file)
+            .args([
+                "--tls-cert",
+                &format!("{tls}/server.pem"),
+                "--tls-key",
+                &format!("{tls}/server.key"),
+            ])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("TLS sample API"),
+    );
+    wait_for(20, "the TLS API", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    let base = format!("https://127.0.0.1:{port}/internal");
+
+    // Without the CA the server's certificate is not trusted: a failure, nothing changes.
+    let out = env
+        .relay_command(&["--once"])
+        .env("PG_REAPER_API_BASE_URL", &base)
+        .output()
+        .expect("relay");
+    assert!(out.status.success());
+    let i = intent(&mut c, "over-tls");
+    assert_eq!(
+        (&i["state"], &i["barrier"]),
+        (&json!("pending"), &json!(true))
+    );
+    let error = i["last_error"].as_str().unwrap_or("");
+    assert!(error.contains("UnknownIssuer"), "{error}");
+
+    sleep_ms(250);
+    let out = env
+        .relay_command(&["--once", "--api-ca-file", &format!("{tls}/ca.pem")])
+        .env("PG_REAPER_API_BASE_URL", &base)
+        .output()
+        .expect("relay");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let i = intent(&mut c, "over-tls");
+    assert_eq!(
+        (&i["state"], &i["outcome"], &i["barrier"]),
+        (&json!("done"), &json!("gone"), &json!(false))
+    );
+
+    // A CA file that is not a certificate is a configuration error naming the flag.
+    let out = env
+        .relay_command(&["--once", "--api-ca-file", &format!("{tls}/README.md")])
+        .output()
+        .expect("relay");
+    assert_eq!(out.status.code(), Some(2));
+    let first = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string();
+    assert!(first.contains("--api-ca-file"), "{first}");
 }

@@ -4,6 +4,8 @@
 //! the `already_final` guard), records every call, and can inject faults. Production points the
 //! relay at the platform's real API instead.
 //!
+//! `--tls-cert FILE --tls-key FILE` serves HTTPS instead (PEM chain, PKCS#8 key).
+//!
 //! Admin endpoints (same bearer key):
 //!   PUT  /_admin/executions/{id}   {"organization_id": "...", "status": "EXECUTING"}
 //!   POST /_admin/executions        {"id": {"organization_id": "...", "status": "..."}, ...}
@@ -11,7 +13,7 @@
 //!   GET  /_admin/calls             every recorded /v1 call (method, path, headers, body)
 //!   POST /_admin/faults            {"fail_status": 503, "fail_count": 5, "delay_ms": 5,
 //!                                   "get_delay_ms": 0, "post_delay_ms": 0,
-//!                                   "missing_status": false}
+//!                                   "missing_status": false, "pad_bytes": 0}
 //!   POST /_admin/reset             forget calls and faults
 
 use http_body_util::{BodyExt, Full};
@@ -60,6 +62,9 @@ struct Faults {
     post_delay_ms: u64,
     #[serde(default)]
     missing_status: bool,
+    /// Pads every status read with this many bytes (a body-size limit test).
+    #[serde(default)]
+    pad_bytes: usize,
 }
 
 #[derive(Default)]
@@ -160,7 +165,7 @@ async fn handle(req: Request<Incoming>, state: Shared, key: Arc<String>) -> Resp
     let Ok(mut s) = state.lock() else {
         return reply(500, json!({"error": "state poisoned"}));
     };
-    let missing_status = s.faults.missing_status;
+    let (missing_status, pad_bytes) = (s.faults.missing_status, s.faults.pad_bytes);
     let Some(execution) = s.executions.get_mut(&id) else {
         return reply(404, json!({"error": "WorkflowExecution not found"}));
     };
@@ -172,10 +177,13 @@ async fn handle(req: Request<Incoming>, state: Shared, key: Arc<String>) -> Resp
     }
     match (&method, action.as_str()) {
         (&Method::GET, "") if missing_status => reply(200, json!({"execution": {"id": id}})),
-        (&Method::GET, "") => reply(
-            200,
-            json!({"execution": {"id": id, "status": execution.status}}),
-        ),
+        (&Method::GET, "") => {
+            let pad = "x".repeat(pad_bytes);
+            reply(
+                200,
+                json!({"execution": {"id": id, "status": execution.status}, "pad": pad}),
+            )
+        }
         (&Method::POST, "update_status") => {
             let Some(status) = body.get("status").and_then(Value::as_str) else {
                 return reply(400, json!({"error": "status is required"}));
@@ -246,9 +254,42 @@ fn admin(method: &Method, rest: &str, body: Value, state: &Shared) -> Response<F
     }
 }
 
+/// The TLS acceptor for `--tls-cert` / `--tls-key` (PEM certificate chain, PKCS#8 key).
+fn tls_acceptor(cert: &str, key: &str) -> tokio_rustls::TlsAcceptor {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect())
+        .unwrap_or_else(|e| fail(&format!("--tls-cert: cannot read {cert}: {e}")));
+    let key = PrivateKeyDer::from_pem_file(key)
+        .unwrap_or_else(|e| fail(&format!("--tls-key: cannot read {key}: {e}")));
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
+    .unwrap_or_else(|e| fail(&format!("--tls-cert / --tls-key: {e}")));
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+/// Serves one connection (plain or TLS) until the client closes it.
+async fn serve<S>(io: S, state: Shared, key: Arc<String>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let (state, key) = (state.clone(), key.clone());
+        async move { Ok::<_, std::convert::Infallible>(handle(req, state, key).await) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+        .await;
+}
+
 fn main() {
     let mut listen: SocketAddr = ([127, 0, 0, 1], 8089).into();
     let mut key_file = std::env::var("PG_REAPER_API_KEY_FILE").ok();
+    let (mut tls_cert, mut tls_key) = (None, None);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match (arg.as_str(), args.next()) {
@@ -257,8 +298,11 @@ fn main() {
                 Err(e) => fail(&format!("--listen: '{v}' is not host:port: {e}")),
             },
             ("--api-key-file", Some(v)) => key_file = Some(v),
+            ("--tls-cert", Some(v)) => tls_cert = Some(v),
+            ("--tls-key", Some(v)) => tls_key = Some(v),
             _ => fail(&format!(
-                "{arg}: unknown flag or missing value (flags: --listen host:port, --api-key-file path)"
+                "{arg}: unknown flag or missing value (flags: --listen host:port, --api-key-file path, \
+                 --tls-cert path, --tls-key path)"
             )),
         }
     }
@@ -269,6 +313,11 @@ fn main() {
             .unwrap_or_else(|_| fail("--api-key-file: required (or set PG_REAPER_API_KEY)")),
     };
     let key = Arc::new(key.trim_end_matches(['\n', '\r']).to_string());
+    let tls = match (tls_cert, tls_key) {
+        (Some(cert), Some(key)) => Some(tls_acceptor(&cert, &key)),
+        (None, None) => None,
+        _ => fail("--tls-cert and --tls-key go together"),
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -278,8 +327,9 @@ fn main() {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .unwrap_or_else(|e| fail(&format!("--listen: cannot bind {listen}: {e}")));
+        let scheme = if tls.is_some() { "https" } else { "http" };
         eprintln!(
-            "sample status API listening on http://{}",
+            "sample status API listening on {scheme}://{}",
             listener
                 .local_addr()
                 .map(|a| a.to_string())
@@ -290,16 +340,16 @@ fn main() {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            let (state, key) = (state.clone(), key.clone());
+            let (state, key, tls) = (state.clone(), key.clone(), tls.clone());
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let (state, key) = (state.clone(), key.clone());
-                    async move { Ok::<_, std::convert::Infallible>(handle(req, state, key).await) }
-                });
-                let io = hyper_util::rt::TokioIo::new(stream);
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(io, service)
-                    .await;
+                match tls {
+                    Some(acceptor) => {
+                        if let Ok(stream) = acceptor.accept(stream).await {
+                            serve(stream, state, key).await;
+                        }
+                    }
+                    None => serve(stream, state, key).await,
+                }
             });
         }
     });
