@@ -128,9 +128,7 @@ fn mark_terminal_gone_and_no_org_branches() {
 fn skipped_mark_means_it_turned_terminal_meanwhile() {
     let env = Env::new("rskip", false);
     let mut c = env.db();
-    env.api.execution("e", "org", "EXECUTING");
-    env.strand(&mut c, "e", "org", 1);
-    env.reap(&mut c);
+    env.stranded_executing(&mut c, "e");
     env.api.faults(json!({"post_delay_ms": 1500}));
     let mut relay = env.spawn_relay(&[]);
     // While the mark is on its way, the execution completes normally.
@@ -210,9 +208,7 @@ fn failures_keep_the_barrier_and_retry_with_backoff_until_dead_then_replay() {
 fn an_oversized_body_is_a_failure_not_read_whole() {
     let env = Env::new("rbig", false);
     let mut c = env.db();
-    env.api.execution("e", "org", "EXECUTING");
-    env.strand(&mut c, "e", "org", 1);
-    env.reap(&mut c);
+    env.stranded_executing(&mut c, "e");
     env.api.faults(json!({"pad_bytes": 2 << 20}));
     env.relay_once(&[]);
     let i = intent(&mut c, "e");
@@ -235,9 +231,7 @@ fn an_oversized_body_is_a_failure_not_read_whole() {
 fn a_missing_status_is_indeterminate_and_never_marked() {
     let env = Env::new("rindet", false);
     let mut c = env.db();
-    env.api.execution("e", "org", "EXECUTING");
-    env.strand(&mut c, "e", "org", 1);
-    env.reap(&mut c);
+    env.stranded_executing(&mut c, "e");
     env.api.faults(json!({"missing_status": true}));
     env.relay_once(&[]);
     sleep_ms(250);
@@ -258,9 +252,7 @@ fn a_missing_status_is_indeterminate_and_never_marked() {
 fn a_wrong_key_is_a_retried_failure_reported_as_configuration() {
     let env = Env::new("rkey", false);
     let mut c = env.db();
-    env.api.execution("e", "org", "EXECUTING");
-    env.strand(&mut c, "e", "org", 1);
-    env.reap(&mut c);
+    env.stranded_executing(&mut c, "e");
     let out = env
         .relay_command(&["--once"])
         .env_remove("PG_REAPER_API_KEY_FILE")
@@ -286,9 +278,7 @@ fn a_wrong_key_is_a_retried_failure_reported_as_configuration() {
 fn a_rearmed_execution_is_not_marked_and_its_new_run_is_untouched() {
     let env = Env::new("rrearm", false);
     let mut c = env.db();
-    env.api.execution("e", "org", "EXECUTING");
-    env.strand(&mut c, "e", "org", 1);
-    env.reap(&mut c);
+    env.stranded_executing(&mut c, "e");
     env.api.faults(json!({"get_delay_ms": 1500}));
     let mut relay = env.spawn_relay(&[]);
     wait_for(10, "the status read", || {
@@ -529,15 +519,9 @@ fn https_to_the_api_with_a_custom_ca() {
     assert!(error.contains("UnknownIssuer"), "{error}");
 
     sleep_ms(250);
-    let out = env
-        .relay_command(&["--once", "--api-ca-file", &format!("{tls}/ca.pem")])
-        .env("PG_REAPER_API_BASE_URL", &base)
-        .output()
-        .expect("relay");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    common::run_ok(
+        env.relay_command(&["--once", "--api-ca-file", &format!("{tls}/ca.pem")])
+            .env("PG_REAPER_API_BASE_URL", &base),
     );
     let i = intent(&mut c, "over-tls");
     assert_eq!(

@@ -308,3 +308,59 @@ fn drop_extension_under_a_running_relay_and_worker_then_create_it_again() {
     );
     assert!(!env.cluster.log().contains("PANIC"));
 }
+
+#[test]
+fn end_to_end_in_a_schema_that_needs_quoting() {
+    let env = Env::new("cquoted", true);
+    let mut c = env.db();
+    c.batch_execute(
+        "DROP EXTENSION pg_reaper; CREATE SCHEMA \"Queue Schema\";
+         CREATE EXTENSION pg_reaper SCHEMA \"Queue Schema\";",
+    )
+    .expect("extension in a quoted schema");
+    c.batch_execute("SET search_path = \"Queue Schema\"")
+        .expect("search_path");
+    env.api.execution("q-1", "org", "EXECUTING");
+    env.strand(&mut c, "q-1", "org", 1);
+    // The worker reaps it (no reap_expired() by hand), the relay recovers it.
+    wait_for(20, "the worker's intent", || {
+        let n = json(&mut c, "SELECT to_jsonb(count(*)) FROM pg_reaper_outbox");
+        (n == json!(1)).then_some(())
+    });
+    env.relay_once(&[]);
+    assert_eq!(
+        json(
+            &mut c,
+            "SELECT jsonb_build_array(state, outcome) FROM pg_reaper_outbox"
+        ),
+        json!(["done", "marked_error"])
+    );
+    assert_eq!(env.api.executions()["q-1"]["error_marks"], json!(1));
+}
+
+#[test]
+fn after_failover_a_relay_pointed_at_the_new_primary_drains_what_was_queued() {
+    let env = Env::new("cfailover", false);
+    let mut c = env.db();
+    let fleet = fleet(&env, &mut c, 20);
+    let replica = env.cluster.start_replica("cfailover-replica", &[]);
+    // Let the replica catch up with the intents, then fail over.
+    wait_for(20, "the intents on the replica", || {
+        let mut r = replica.client("q");
+        let n = json(&mut r, "SELECT to_jsonb(count(*)) FROM pg_reaper_outbox");
+        (n == json!(20)).then_some(())
+    });
+    drop(c);
+    env.cluster.pg_ctl_stop("immediate");
+    replica.promote();
+    common::run_ok(
+        env.relay_command(&["--once"])
+            .env("PG_REAPER_DATABASE_URL", replica.url("q")),
+    );
+    let mut r = replica.client("q");
+    assert!(
+        all_done(&mut r, fleet.len()),
+        "every intent queued before the failover was recovered"
+    );
+    final_invariants(&env, &mut r, &fleet);
+}

@@ -164,19 +164,17 @@ impl Env {
 
     /// `--once`: drains what is due and exits; its output.
     pub fn relay_once(&self, args: &[&str]) -> Output {
-        let out = self
-            .relay_command(&[&["--once"], args].concat())
-            .output()
-            .expect("run the relay");
-        assert!(
-            out.status.success(),
-            "relay --once failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
+        run_ok(&mut self.relay_command(&[&["--once"], args].concat()))
     }
 
-    /// Starts a relay; its log goes to a file (a pipe nobody reads would block it when full).
+    /// An execution EXECUTING in the API whose barrier is stranded (one batch of three done),
+    /// reaped into an intent.
+    pub fn stranded_executing(&self, c: &mut Client, id: &str) {
+        self.api.execution(id, "org", "EXECUTING");
+        self.strand(c, id, "org", 1);
+        self.reap(c);
+    }
+
     pub fn spawn_relay(&self, args: &[&str]) -> Relay {
         static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -255,6 +253,17 @@ impl Drop for Relay {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs a command to its end and requires success; its output.
+pub fn run_ok(command: &mut Command) -> Output {
+    let out = command.output().expect("run the relay");
+    assert!(
+        out.status.success(),
+        "relay failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 pub fn sleep_ms(ms: u64) {
