@@ -293,6 +293,7 @@ fn nothing_is_granted_to_public_and_documented_grants_suffice() {
         "SELECT barrier_abort('e')",
         "SELECT * FROM reap_expired()",
         "SELECT * FROM pg_reaper_status",
+        "SELECT * FROM reaper_status()",
         "SELECT * FROM pg_barrier_state",
         "SELECT * FROM pg_batch_dedup",
         "SELECT * FROM pg_reaper_outbox",
