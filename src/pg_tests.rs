@@ -663,6 +663,21 @@ mod tests {
         assert_eq!(verdict(id, attempt), ("rearmed".into(), None));
     }
 
+    /// Execution `zero`: its one batch done (with `result`), the callback never fired, and the
+    /// deadline passed; reaped and claimed. Returns the claim (id, attempt).
+    fn callback_lost(callback: &str, result: &str) -> (i64, i32) {
+        run(&format!(
+            "SELECT barrier_enqueue('zero', 'org', 1, '1 hour', '{callback}')"
+        ));
+        run(&format!("SELECT barrier_decrement('zero', '{result}')"));
+        run(
+            "UPDATE pg_barrier_state SET created_at = now() - interval '2 hours', \
+             expires_at = now() - interval '1 second'",
+        );
+        reap("");
+        claim_one()
+    }
+
     #[pg_test]
     fn recovery_lock_chooses_refire_only_with_callback_zero_and_hook() {
         run("CREATE TABLE refired (args jsonb)");
@@ -670,14 +685,7 @@ mod tests {
             "CREATE FUNCTION record_refire(e text, o text, c jsonb, r jsonb) RETURNS void \
              LANGUAGE sql AS $$ INSERT INTO public.refired VALUES (jsonb_build_array(e, o, c, r)) $$",
         );
-        run("SELECT barrier_enqueue('zero', 'org', 1, '1 hour', '{\"task\": \"agg\"}')");
-        run("SELECT barrier_decrement('zero', '{\"r\": 1}')");
-        run(
-            "UPDATE pg_barrier_state SET created_at = now() - interval '2 hours', \
-             expires_at = now() - interval '1 second'",
-        );
-        reap("");
-        let (id, attempt) = claim_one();
+        let (id, attempt) = callback_lost(r#"{"task": "agg"}"#, r#"{"r": 1}"#);
         assert_eq!(
             verdict(id, attempt),
             ("mark".into(), Some(0)),
@@ -704,14 +712,7 @@ mod tests {
         error = "pg_reaper.refire_function = 'x(text); DROP TABLE pg_barrier_state; --' does not name a function f(text, text, jsonb, jsonb); fix the setting (or set it to '' to mark ERROR instead)"
     )]
     fn refire_hook_name_is_parsed_never_executed() {
-        run("SELECT barrier_enqueue('zero', 'org', 1, '1 hour', '{}')");
-        run("SELECT barrier_decrement('zero')");
-        run(
-            "UPDATE pg_barrier_state SET created_at = now() - interval '2 hours', \
-             expires_at = now() - interval '1 second'",
-        );
-        reap("");
-        let (id, attempt) = claim_one();
+        let (id, attempt) = callback_lost("{}", "null");
         run("SET pg_reaper.refire_function = 'x(text); DROP TABLE pg_barrier_state; --'");
         verdict(id, attempt);
     }

@@ -445,27 +445,37 @@ fn bad_configuration_is_one_clear_line_and_a_failure() {
             stderr.lines().next().unwrap_or("").to_string(),
         )
     };
-    let (code, line) = run(&["--once"], &|c| {
-        c.env_remove("PG_REAPER_API_BASE_URL");
-    });
-    assert_ne!(code, Some(0));
-    assert!(line.contains("--api-base-url"), "{line}");
-    let (code, line) = run(&["--once", "--lease", "soon"], &|_| {});
-    assert_ne!(code, Some(0));
-    assert!(line.contains("--lease"), "{line}");
-    let (code, line) = run(&["--once"], &|c| {
-        c.env("PG_REAPER_API_KEY_FILE", "/nonexistent/key");
-    });
-    assert_ne!(code, Some(0));
-    assert!(line.contains("--api-key-file"), "{line}");
-    let (code, line) = run(&["--once", "--concurrency", "0"], &|_| {});
-    assert_ne!(code, Some(0));
-    assert!(line.contains("--concurrency"), "{line}");
-    let (code, line) = run(&["--once"], &|c| {
-        c.env("PG_REAPER_HTTP_TIMEOUT", "5");
-    });
-    assert_ne!(code, Some(0));
-    assert!(line.contains("--http-timeout"), "{line}");
+    type EnvChange = fn(&mut std::process::Command);
+    let cases: [(&[&str], EnvChange, &str); 5] = [
+        (
+            &["--once"],
+            |c| {
+                c.env_remove("PG_REAPER_API_BASE_URL");
+            },
+            "--api-base-url",
+        ),
+        (&["--once", "--lease", "soon"], |_| {}, "--lease"),
+        (
+            &["--once"],
+            |c| {
+                c.env("PG_REAPER_API_KEY_FILE", "/nonexistent/key");
+            },
+            "--api-key-file",
+        ),
+        (&["--once", "--concurrency", "0"], |_| {}, "--concurrency"),
+        (
+            &["--once"],
+            |c| {
+                c.env("PG_REAPER_HTTP_TIMEOUT", "5");
+            },
+            "--http-timeout",
+        ),
+    ];
+    for (args, change, flag) in cases {
+        let (code, line) = run(args, &change);
+        assert_ne!(code, Some(0), "{flag}");
+        assert!(line.contains(flag), "{flag}: {line}");
+    }
 }
 
 #[test]
