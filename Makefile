@@ -1,5 +1,5 @@
 # pg_reaper: `make test` runs every test; `make run` is the demo. Both install what they need.
-.PHONY: test run bench soak setup install lint
+.PHONY: test run bench soak setup install lint audit
 
 test:
 	bash scripts/test.sh
@@ -16,6 +16,9 @@ install: setup
 lint: setup
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
+
+audit: setup
+	bash scripts/audit.sh
 
 bench:
 	bash scripts/bench.sh

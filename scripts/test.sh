@@ -16,9 +16,9 @@ for d in "$PGRX_PGDATA"/15-*; do
 done
 
 start=$SECONDS
-echo "== lint: rustfmt, clippy (warnings are errors)"
+echo "== lint and audit: rustfmt, cargo-deny over the lock file, clippy (warnings are errors)"
 cargo fmt --all --check
-cargo clippy --workspace --all-targets --locked -q -- -D warnings
+bash scripts/audit.sh
 
 LOG="$(mktemp /tmp/pg-reaper-test.XXXXXX)"
 trap 'rm -f "$LOG"' EXIT

@@ -6,6 +6,7 @@
 
 use crate::plan::{self, Statement};
 use crate::raw_jsonb::RawJsonb;
+use crate::validate::{self, invalid};
 use pgrx::PgTupleDesc;
 use pgrx::prelude::*;
 
@@ -86,25 +87,6 @@ const ABORT: Statement = Statement {
     writes: true,
 };
 
-/// Raises an ERROR naming `arg` of `func` and the rule it broke; nothing has been written yet.
-pub fn invalid(func: &'static str, arg: &str, rule: &str) -> ! {
-    pgrx::pg_sys::panic::ErrorReport::new(
-        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-        format!("{func}: {arg} {rule}"),
-        func,
-    )
-    .report(PgLogLevel::ERROR);
-    unreachable!("an ERROR report does not return")
-}
-
-/// A non-empty execution id, or an ERROR.
-pub fn require_execution_id<'a>(func: &'static str, value: Option<&'a str>) -> &'a str {
-    match value {
-        Some(id) if !id.is_empty() => id,
-        _ => invalid(func, "execution_id", "must not be NULL or empty"),
-    }
-}
-
 /// Arms (or re-arms) the barrier of an execution for `total` batches.
 #[pg_extern(security_definer, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
@@ -117,17 +99,14 @@ fn barrier_enqueue(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> TimestampWithTimeZone {
     const F: &str = "barrier_enqueue";
-    let id = require_execution_id(F, execution_id);
+    let id = validate::execution_id(F, execution_id);
     let total = match total {
         Some(n) if n >= 1 => n,
         Some(_) => invalid(F, "total", "must be at least 1"),
         None => invalid(F, "total", "must not be NULL"),
     };
-    let ttl = match ttl {
-        Some(t) if t.as_micros() > 0 => t,
-        Some(_) => invalid(F, "ttl", "must be a positive interval"),
-        None => invalid(F, "ttl", "must not be NULL"),
-    };
+    let ttl = validate::positive_interval(F, "ttl", ttl);
+    validate::callback(F, &callback);
     let org = organization_id.unwrap_or("");
     if org.is_empty() {
         warning!(
@@ -160,7 +139,7 @@ fn barrier_decrement(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pgrx::composite_type!('static, "barrier_decrement_result") {
     const F: &str = "barrier_decrement";
-    let id = require_execution_id(F, execution_id);
+    let id = validate::execution_id(F, execution_id);
     let schema = plan::schema_of_call(fcinfo);
     let (remaining, results) = Spi::connect_mut(|client| {
         let table = plan::run(client, schema, &DECREMENT, &[id.into(), result.into()])?;
@@ -200,7 +179,7 @@ fn barrier_decrement(
 #[search_path(pg_catalog, pg_temp)]
 fn barrier_finish(execution_id: Option<&str>, fcinfo: pg_sys::FunctionCallInfo) -> bool {
     const F: &str = "barrier_finish";
-    let id = require_execution_id(F, execution_id);
+    let id = validate::execution_id(F, execution_id);
     let schema = plan::schema_of_call(fcinfo);
     Spi::connect_mut(|client| {
         plan::run(client, schema, &FINISH, &[id.into()])?
@@ -220,7 +199,7 @@ fn barrier_abort(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> &'static str {
     const F: &str = "barrier_abort";
-    let id = require_execution_id(F, execution_id);
+    let id = validate::execution_id(F, execution_id);
     let Some(preserve) = preserve_dedup else {
         invalid(F, "preserve_dedup", "must not be NULL")
     };

@@ -1,7 +1,7 @@
 //! Per-batch dedup: a redelivered batch must not be counted down twice.
 
-use crate::barrier::{invalid, require_execution_id};
 use crate::plan::{self, Statement};
+use crate::validate::{self, invalid};
 use pgrx::prelude::*;
 
 const CLAIM: Statement = Statement {
@@ -21,7 +21,7 @@ fn barrier_claim(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> bool {
     const F: &str = "barrier_claim";
-    let id = require_execution_id(F, execution_id);
+    let id = validate::execution_id(F, execution_id);
     let index = match batch_index {
         Some(i) if i >= 0 => i,
         Some(_) => invalid(F, "batch_index", "must not be negative"),

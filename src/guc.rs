@@ -18,6 +18,9 @@ pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static DEDUP_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(86400);
 /// Seconds a `done` intent is kept (its outcome is the audit trail) before the worker deletes it.
 pub static OUTBOX_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(86400);
+/// Seconds the worker stands by while a session that is not a pg_reaper worker holds the
+/// leader lock, before it reaps without the lock.
+pub static LEADER_GRACE: GucSetting<i32> = GucSetting::<i32>::new(30);
 /// Whether the worker leads and reaps.
 pub static ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// Function the relay calls instead of marking ERROR when all batches finished.
@@ -83,6 +86,16 @@ pub fn init() {
         &OUTBOX_RETENTION,
         1,
         i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_reaper.leader_grace",
+        c"Seconds the worker stands by while a session that is not a pg_reaper worker holds the leader lock.",
+        c"Any role can take an advisory lock; after this long the worker reaps without it. To stop reaping, set pg_reaper.enabled = off.",
+        &LEADER_GRACE,
+        1,
+        30,
         GucContext::Sighup,
         GucFlags::UNIT_S,
     );

@@ -21,6 +21,7 @@ mod raw_jsonb;
 mod reap;
 mod recovery;
 mod status;
+mod validate;
 mod worker;
 
 ::pgrx::pg_module_magic!();

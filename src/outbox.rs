@@ -6,8 +6,8 @@
 //! `attempts`, which is the claim's fencing token: a relay can push back or release only the
 //! claim it holds (`attempts` unchanged since its claim), never one another relay made since.
 
-use crate::barrier::invalid;
 use crate::plan::{self, Statement};
+use crate::validate::{self, invalid};
 use pgrx::prelude::*;
 
 const CLAIM: Statement = Statement {
@@ -97,14 +97,6 @@ pub fn reoffer_expired_leases(schema: pg_sys::Oid) -> usize {
     .unwrap_or_else(|e| error!("pg_reaper: re-offering expired leases: {e}"))
 }
 
-/// A lease must be a positive interval.
-fn require_lease(func: &'static str, lease: Option<Interval>) -> Interval {
-    match lease {
-        Some(l) if l.as_micros() > 0 => l,
-        _ => invalid(func, "lease", "must be a positive interval"),
-    }
-}
-
 /// Claims up to `max_intents` due intents for `lease`; each row's `attempt` is its fencing token.
 #[pg_extern(security_definer, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
@@ -127,7 +119,7 @@ fn outbox_claim(
         Some(n) if n >= 1 => n,
         _ => invalid(F, "max_intents", "must be at least 1"),
     };
-    let lease = require_lease(F, lease);
+    let lease = validate::positive_interval(F, "lease", lease);
     let schema = plan::schema_of_call(fcinfo);
     let rows = Spi::connect_mut(|client| {
         let mut rows = Vec::new();
@@ -166,10 +158,7 @@ fn outbox_fail(
     let Some(attempt) = attempt else {
         invalid(F, "attempt", "must not be NULL")
     };
-    let backoff = match backoff {
-        Some(b) if b.as_micros() >= 0 => b,
-        _ => invalid(F, "backoff", "must be a non-negative interval"),
-    };
+    let backoff = validate::non_negative_interval(F, "backoff", backoff);
     let max = match max_attempts {
         Some(m) if m >= 1 => m,
         _ => invalid(F, "max_attempts", "must be at least 1"),

@@ -694,7 +694,9 @@ mod tests {
         run("SET pg_reaper.refire_function = 'public.record_refire'");
         assert_eq!(verdict(id, attempt), ("refire".into(), Some(0)));
         assert_eq!(
-            one::<bool>(&format!("SELECT outbox_resolve({id}, 'refired')")),
+            one::<bool>(&format!(
+                "SELECT outbox_resolve({id}, {attempt}, 'refired')"
+            )),
             Some(true)
         );
         assert_eq!(
@@ -746,22 +748,30 @@ mod tests {
         }
         reap("");
         run("SELECT barrier_enqueue('t', 'org', 3)"); // re-armed before its terminal cleanup
+        run("SELECT count(*) FROM outbox_claim(10)");
         for (id, outcome) in [
             ("m", "marked_error"),
             ("t", "already_terminal"),
             ("g", "gone"),
             ("r", "rearmed"),
         ] {
-            let intent = one::<i64>(&format!(
-                "SELECT id FROM pg_reaper_outbox WHERE execution_id = '{id}'"
-            ))
-            .expect("id");
+            let (intent, attempt) = (
+                one::<i64>(&format!(
+                    "SELECT id FROM pg_reaper_outbox WHERE execution_id = '{id}'"
+                ))
+                .expect("id"),
+                1,
+            );
             assert_eq!(
-                one::<bool>(&format!("SELECT outbox_resolve({intent}, '{outcome}')")),
+                one::<bool>(&format!(
+                    "SELECT outbox_resolve({intent}, {attempt}, '{outcome}')"
+                )),
                 Some(true)
             );
             assert_eq!(
-                one::<bool>(&format!("SELECT outbox_resolve({intent}, '{outcome}')")),
+                one::<bool>(&format!(
+                    "SELECT outbox_resolve({intent}, {attempt}, '{outcome}')"
+                )),
                 Some(false)
             );
         }
@@ -785,6 +795,86 @@ mod tests {
         error = "outbox_resolve: outcome must be one of marked_error, already_terminal, gone, rearmed, refired"
     )]
     fn resolve_rejects_unknown_outcomes() {
-        run("SELECT outbox_resolve(1, 'fixed')");
+        run("SELECT outbox_resolve(1, 1, 'fixed')");
+    }
+
+    /// Resolve is fenced like every other transition: without the current claim (a pending
+    /// intent, a stale attempt) nothing is recorded and the barrier and markers stay.
+    #[pg_test]
+    fn resolve_without_the_current_claim_changes_nothing() {
+        strand("u", "org", "expired");
+        run("SELECT barrier_claim('u', 0)");
+        reap("");
+        let id = one::<i64>("SELECT id FROM pg_reaper_outbox").expect("id");
+        for attempt in [0, 1] {
+            assert_eq!(
+                one::<bool>(&format!("SELECT outbox_resolve({id}, {attempt}, 'gone')")),
+                Some(false),
+                "pending, never claimed: attempt {attempt}"
+            );
+        }
+        let (cid, attempt) = claim_one();
+        assert_eq!(cid, id);
+        assert_eq!(
+            one::<bool>(&format!(
+                "SELECT outbox_resolve({id}, {}, 'marked_error')",
+                attempt - 1
+            )),
+            Some(false),
+            "an earlier claim's token"
+        );
+        assert_eq!(
+            json("SELECT jsonb_build_array(state, outcome) FROM pg_reaper_outbox"),
+            json!(["in_flight", null])
+        );
+        assert_eq!(count("SELECT count(*) FROM pg_barrier_state"), 1);
+        assert_eq!(count("SELECT count(*) FROM pg_batch_dedup"), 1);
+    }
+
+    #[pg_test(
+        error = "barrier_enqueue: execution_id must be at most 1024 bytes long (got 3000 bytes)"
+    )]
+    fn enqueue_rejects_an_execution_id_longer_than_the_limit() {
+        run("SELECT barrier_enqueue(repeat('x', 3000), 'org', 1)");
+    }
+
+    #[pg_test(
+        error = "barrier_decrement: execution_id must be at most 1024 bytes long (got 1025 bytes)"
+    )]
+    fn every_function_applies_the_execution_id_limit() {
+        // 1024 bytes is allowed everywhere (multi-byte characters count in bytes).
+        let id = "é".repeat(512);
+        run(&format!("SELECT barrier_enqueue('{id}', 'org', 1)"));
+        run(&format!("SELECT barrier_claim('{id}', 0)"));
+        run(&format!("SELECT barrier_decrement('{id}')"));
+        run(&format!("SELECT barrier_finish('{id}')"));
+        run("SELECT barrier_decrement(repeat('x', 1025))");
+    }
+
+    /// Months count by the calendar: a year is 365 or 366 days, so this ttl is negative on
+    /// every date, though as 12 months of 30 days it would be 4 days long. The check runs on the
+    /// transaction's clock, as the table's expires_at > created_at constraint does, so the
+    /// caller gets the argument's name instead of a constraint violation.
+    #[pg_test(error = "barrier_enqueue: ttl must be a positive interval")]
+    fn enqueue_rejects_a_ttl_that_is_negative_on_the_calendar() {
+        assert_eq!(
+            one::<bool>("SELECT now() + interval '-1 year 364 days' < now()"),
+            Some(true)
+        );
+        run("SELECT barrier_enqueue('cal', 'org', 1, '-1 year 364 days')");
+    }
+
+    #[pg_test(
+        error = "barrier_enqueue: callback must be a JSON object or SQL NULL (got a JSON null)"
+    )]
+    fn enqueue_rejects_a_json_null_callback() {
+        run("SELECT barrier_enqueue('cb', 'org', 1, '1 hour', 'null')");
+    }
+
+    #[pg_test(
+        error = "barrier_enqueue: callback must be a JSON object or SQL NULL (got a JSON array)"
+    )]
+    fn enqueue_rejects_a_non_object_callback() {
+        run("SELECT barrier_enqueue('cb', 'org', 1, '1 hour', '[1]')");
     }
 }

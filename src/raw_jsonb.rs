@@ -10,6 +10,12 @@ use pgrx::prelude::*;
 
 pub struct RawJsonb(pg_sys::Datum);
 
+impl RawJsonb {
+    pub fn datum(&self) -> pg_sys::Datum {
+        self.0
+    }
+}
+
 impl FromDatum for RawJsonb {
     unsafe fn from_polymorphic_datum(
         datum: pg_sys::Datum,

@@ -5,9 +5,9 @@
 //! second worker on another node) are harmless: the partial unique index on live intents makes
 //! the INSERT a compare-and-set, and a loser's row simply counts as already queued.
 
-use crate::barrier::invalid;
 use crate::guc;
 use crate::plan::{self, Statement};
+use crate::validate::invalid;
 use pgrx::prelude::*;
 
 /// Stranded rows, whether each already has a live intent, and the ones to queue now (at most

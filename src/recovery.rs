@@ -10,9 +10,9 @@
 //! recovery, deletes the barrier (guarded by the same predicate) and its markers: the handle is
 //! never deleted before that.
 
-use crate::barrier::invalid;
 use crate::guc;
 use crate::plan::{self, Statement};
+use crate::validate::{self, invalid};
 use pgrx::prelude::*;
 
 const RENEW_CLAIM: Statement = Statement {
@@ -34,13 +34,15 @@ const LOCK_BARRIER: Statement = Statement {
     writes: true,
 };
 
+/// Fenced by the claim: only the relay whose claim (`attempts`) is current resolves, so a role
+/// that may call this function cannot clean up an intent it never claimed.
 const RESOLVE: Statement = Statement {
     sql: "UPDATE @extschema@.pg_reaper_outbox
-             SET state = 'done', outcome = $2, lease_expires_at = NULL, last_error = NULL,
+             SET state = 'done', outcome = $3, lease_expires_at = NULL, last_error = NULL,
                  updated_at = now()
-           WHERE id = $1 AND state <> 'done'
+           WHERE id = $1 AND state = 'in_flight' AND attempts = $2
        RETURNING execution_id, organization_id",
-    args: &[pg_sys::INT8OID, pg_sys::TEXTOID],
+    args: &[pg_sys::INT8OID, pg_sys::INT4OID, pg_sys::TEXTOID],
     writes: true,
 };
 
@@ -70,8 +72,11 @@ const REFIRE_INPUT: Statement = Statement {
 };
 
 /// `to_regprocedure` parses the setting as a name, never as SQL, so nothing in it can run.
+/// The hook's owner is the identity it runs as.
 const RESOLVE_HOOK: Statement = Statement {
-    sql: "SELECT pg_catalog.to_regprocedure($1 || '(text, text, jsonb, jsonb)')::regproc::text",
+    sql: "SELECT p.oid::pg_catalog.regproc::pg_catalog.text, p.proowner
+            FROM pg_catalog.pg_proc p
+           WHERE p.oid = pg_catalog.to_regprocedure($1 || '(text, text, jsonb, jsonb)')",
     args: &[pg_sys::TEXTOID],
     writes: false,
 };
@@ -119,28 +124,83 @@ pub(crate) fn is_function_name(name: &str) -> bool {
     }
 }
 
-/// The configured re-fire hook, schema-qualified and quoted (`regproc` output under this
-/// function's search_path), or None when the setting is empty.
-fn refire_hook(client: &mut pgrx::spi::SpiClient<'_>, schema: pg_sys::Oid) -> Option<String> {
-    let name = guc::REFIRE_FUNCTION
+/// The configured re-fire hook: its name, schema-qualified and quoted (`regproc` output under
+/// this function's search_path), and its owner; None when the setting is empty.
+struct Hook {
+    name: String,
+    owner: pg_sys::Oid,
+}
+
+fn refire_hook(client: &mut pgrx::spi::SpiClient<'_>, schema: pg_sys::Oid) -> Option<Hook> {
+    let setting = guc::REFIRE_FUNCTION
         .get()
         .and_then(|s| s.into_string().ok())?;
-    if name.trim().is_empty() {
+    if setting.trim().is_empty() {
         return None;
     }
-    let resolved = if is_function_name(&name) {
-        plan::run(client, schema, &RESOLVE_HOOK, &[name.as_str().into()])
-            .and_then(|t| t.first().get_one::<String>())
+    let resolved = if is_function_name(&setting) {
+        plan::run(client, schema, &RESOLVE_HOOK, &[setting.as_str().into()])
+            .and_then(|t| {
+                if t.is_empty() {
+                    return Ok(None);
+                }
+                let row = t.first();
+                Ok(row.get::<String>(1)?.zip(row.get::<pg_sys::Oid>(2)?))
+            })
             .unwrap_or_else(|e| error!("pg_reaper.refire_function: {e}"))
     } else {
         None
     };
     match resolved {
-        Some(f) => Some(f),
-        None => error!(
-            "pg_reaper.refire_function = '{name}' does not name a function \
-             f(text, text, jsonb, jsonb); fix the setting (or set it to '' to mark ERROR instead)"
-        ),
+        Some((name, owner)) => Some(Hook { name, owner }),
+        None => {
+            ereport!(
+                ERROR,
+                PgSqlErrorCode::ERRCODE_UNDEFINED_FUNCTION,
+                format!(
+                    "pg_reaper.refire_function = '{setting}' does not name a function \
+                     f(text, text, jsonb, jsonb); fix the setting (or set it to '' to mark \
+                     ERROR instead)"
+                )
+            );
+        }
+    }
+}
+
+/// The current user and security context, put back when dropped.
+struct SavedIdentity {
+    user: pg_sys::Oid,
+    context: i32,
+}
+
+impl SavedIdentity {
+    /// Runs as `owner` from now on, the way Postgres runs a SECURITY DEFINER function or the
+    /// index expressions of a table it maintains: as a restricted operation, so that nothing
+    /// the callee does (temp objects, LISTEN, SET ROLE) outlives the call with our privileges.
+    fn become_user(owner: pg_sys::Oid) -> SavedIdentity {
+        let mut saved = SavedIdentity {
+            user: pg_sys::InvalidOid,
+            context: 0,
+        };
+        // SAFETY: plain reads and writes of the backend's current user; an ERROR in between
+        // is handled by the transaction abort, which restores the identity it started with.
+        unsafe {
+            pg_sys::GetUserIdAndSecContext(&mut saved.user, &mut saved.context);
+            pg_sys::SetUserIdAndSecContext(
+                owner,
+                saved.context
+                    | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
+                    | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
+            );
+        }
+        saved
+    }
+}
+
+impl Drop for SavedIdentity {
+    fn drop(&mut self) {
+        // SAFETY: restores exactly what become_user read.
+        unsafe { pg_sys::SetUserIdAndSecContext(self.user, self.context) };
     }
 }
 
@@ -162,10 +222,7 @@ fn recovery_lock(
     let Some(attempt) = attempt else {
         invalid(F, "attempt", "must not be NULL")
     };
-    let lease = match lease {
-        Some(l) if l.as_micros() > 0 => l,
-        _ => invalid(F, "lease", "must be a positive interval"),
-    };
+    let lease = validate::positive_interval(F, "lease", lease);
     let schema = plan::schema_of_call(fcinfo);
     let row = Spi::connect_mut(|client| {
         let renewed = plan::run(
@@ -203,17 +260,26 @@ fn recovery_lock(
 /// Records the outcome of an intent and, for every outcome but `rearmed`, deletes the barrier
 /// (if still stranded) and its markers. `refired` first calls the re-fire hook with the
 /// barrier's callback and results, in this transaction: if the hook raises, nothing is
-/// recorded or deleted. Returns false when the intent was already done.
-#[pg_extern(security_definer, parallel_unsafe)]
+/// recorded or deleted. The caller must hold the intent's current claim (`attempt`, from
+/// `outbox_claim`): without it nothing happens and the result is false.
+///
+/// The Rust name differs from the SQL name on purpose: the C symbol of 0.1.0's two-argument
+/// `outbox_resolve(id, outcome)` must not exist in this library, so that SQL objects of that
+/// version fail with "could not find function" instead of calling this with a missing argument.
+#[pg_extern(security_definer, parallel_unsafe, name = "outbox_resolve")]
 #[search_path(pg_catalog, pg_temp)]
-fn outbox_resolve(
+fn outbox_resolve_claimed(
     id: Option<i64>,
+    attempt: Option<i32>,
     outcome: Option<&str>,
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> bool {
     const F: &str = "outbox_resolve";
     let Some(id) = id else {
         invalid(F, "id", "must not be NULL")
+    };
+    let Some(attempt) = attempt else {
+        invalid(F, "attempt", "must not be NULL")
     };
     let outcome = match outcome {
         Some(o) if OUTCOMES.contains(&o) => o,
@@ -225,7 +291,12 @@ fn outbox_resolve(
     };
     let schema = plan::schema_of_call(fcinfo);
     Spi::connect_mut(|client| {
-        let done = plan::run(client, schema, &RESOLVE, &[id.into(), outcome.into()])?;
+        let done = plan::run(
+            client,
+            schema,
+            &RESOLVE,
+            &[id.into(), attempt.into(), outcome.into()],
+        )?;
         if done.is_empty() {
             return Ok(false);
         }
@@ -248,7 +319,9 @@ fn outbox_resolve(
             let callback = input.get::<pgrx::JsonB>(1)?;
             let results = input.get::<pgrx::JsonB>(2)?;
             // The hook's name was resolved and quoted by regproc; its arguments are parameters.
-            let call = format!("SELECT {hook}($1, $2, $3, $4)");
+            // It runs as its owner: never with the privileges of this SECURITY DEFINER function.
+            let call = format!("SELECT {}($1, $2, $3, $4)", hook.name);
+            let _as_owner = SavedIdentity::become_user(hook.owner);
             client.update(
                 call.as_str(),
                 None,

@@ -36,6 +36,9 @@ pub enum State {
     Disabled,
     Standby,
     Leader,
+    /// Reaping without the leader lock: a session that is not a pg_reaper worker has held it
+    /// for longer than `pg_reaper.leader_grace`.
+    Contested,
 }
 
 impl State {
@@ -48,6 +51,7 @@ impl State {
             State::Disabled => "disabled",
             State::Standby => "standby",
             State::Leader => "leader",
+            State::Contested => "contested",
         }
     }
 }
@@ -60,6 +64,9 @@ pub struct Stats {
     pub last_tick_at: Option<pg_sys::TimestampTz>,
     pub last_tick_queued: i32,
     pub failed_ticks: i64,
+    /// The worker's process and the database it serves (InvalidOid until connected).
+    pub pid: i32,
+    pub database: pg_sys::Oid,
     /// Set once the database was seen; a start that finds it unset waits without connecting.
     database_seen: bool,
     database_wait_logged: bool,
@@ -111,6 +118,11 @@ pub extern "C-unwind" fn pg_reaper_worker_main(_arg: pg_sys::Datum) {
         let mut s = STATS.exclusive();
         s.database_seen = true;
         s.database_wait_logged = false;
+        // SAFETY: plain reads of this backend's globals, set by the connection above.
+        unsafe {
+            s.pid = pg_sys::MyProcPid;
+            s.database = pg_sys::MyDatabaseId;
+        }
     }
     // The worker runs as a superuser: resolve every name of its statements in pg_catalog, never
     // through a search_path a database owner could have set (ALTER DATABASE … SET).
@@ -235,6 +247,16 @@ fn in_transaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
 const FIND_EXTENSION: &str =
     "SELECT extnamespace FROM pg_catalog.pg_extension WHERE extname = 'pg_reaper'";
 const TRY_LEAD: &str = "SELECT pg_catalog.pg_try_advisory_lock($1)";
+/// Who holds the leader lock in this database, when the worker could not take it.
+const LOCK_HOLDER: &str = "SELECT a.pid, a.usename::text, a.application_name,
+                                  a.backend_type = 'pg_reaper'
+                             FROM pg_catalog.pg_locks l
+                             JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
+                            WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+                              AND l.database = (SELECT oid FROM pg_catalog.pg_database
+                                                 WHERE datname = pg_catalog.current_database())
+                              AND l.classid::int8 * 4294967296 + l.objid::int8 = $1
+                            LIMIT 1";
 const STOP_LEADING: &str = "SELECT pg_catalog.pg_advisory_unlock_all()";
 /// A tick must not hang behind somebody else's lock; the next tick tries again.
 const TICK_TIMEOUTS: &str = "SELECT pg_catalog.set_config('lock_timeout', '5s', true)";
@@ -252,10 +274,50 @@ fn extension_schema() -> Option<pg_sys::Oid> {
     .unwrap_or_else(|e| error!("{e}"))
 }
 
+/// A session holding the leader lock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Holder {
+    pid: i32,
+    role: String,
+    application: String,
+    /// Another pg_reaper worker: waited for as long as it holds the lock.
+    is_worker: bool,
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "pid {}, role \"{}\", application \"{}\"",
+            self.pid, self.role, self.application
+        )
+    }
+}
+
+fn lock_holder() -> Option<Holder> {
+    Spi::connect(|client| {
+        let t = client.select(LOCK_HOLDER, Some(1), &[LEADER_LOCK_KEY.into()])?;
+        if t.is_empty() {
+            return Ok(None);
+        }
+        let row = t.first();
+        Ok::<_, pgrx::spi::SpiError>(Some(Holder {
+            pid: row.get::<i32>(1)?.unwrap_or_default(),
+            role: row.get::<String>(2)?.unwrap_or_default(),
+            application: row.get::<String>(3)?.unwrap_or_default(),
+            is_worker: row.get::<bool>(4)?.unwrap_or(false),
+        }))
+    })
+    .unwrap_or_else(|e| error!("{e}"))
+}
+
 #[derive(Default)]
 struct Worker {
     state: State,
     leader: bool,
+    /// Since when the lock was held by somebody else, and by whom (for the log).
+    standby_since: Option<std::time::Instant>,
+    holder: Option<Holder>,
     consecutive_failures: u64,
     last_no_org: i32,
 }
@@ -322,12 +384,26 @@ impl Worker {
             self.stop_leading();
             return (State::Disabled, None);
         }
+        let mut state = State::Leader;
         if !self.leader {
             self.leader = Spi::get_one_with_args::<bool>(TRY_LEAD, &[LEADER_LOCK_KEY.into()])
                 .unwrap_or_else(|e| error!("{e}"))
                 .unwrap_or(false);
-            if !self.leader {
-                return (State::Standby, None);
+        }
+        if self.leader {
+            self.standby_since = None;
+        } else {
+            // Any role may take an advisory lock. Leadership only saves duplicate work (every
+            // write is a compare-and-set), so a session that is not a pg_reaper worker can
+            // delay reaping by the grace period, never stop it.
+            let since = *self
+                .standby_since
+                .get_or_insert_with(std::time::Instant::now);
+            let grace = Duration::from_secs(guc::LEADER_GRACE.get().max(0) as u64);
+            self.holder = lock_holder();
+            match &self.holder {
+                Some(h) if !h.is_worker && since.elapsed() >= grace => state = State::Contested,
+                _ => return (State::Standby, None),
             }
         }
         Spi::run(TICK_TIMEOUTS).unwrap_or_else(|e| error!("{e}"));
@@ -341,7 +417,7 @@ impl Worker {
             swept: claim::sweep_orphan_markers(schema, seconds(&guc::DEDUP_RETENTION)),
             pruned: outbox::prune_done(schema, seconds(&guc::OUTBOX_RETENTION)),
         };
-        (State::Leader, Some(work))
+        (state, Some(work))
     }
 
     fn stop_leading(&mut self) {
@@ -358,7 +434,7 @@ impl Worker {
             s.state = state;
             s.ticks += 1;
             s.last_tick_at = Some(unsafe { pg_sys::GetCurrentTimestamp() });
-            if state != State::Leader {
+            if !matches!(state, State::Leader | State::Contested) {
                 s.last_tick_queued = 0;
             }
         }
@@ -368,8 +444,30 @@ impl Worker {
         self.state = state;
         match state {
             State::Leader => log!("pg_reaper: leading (advisory lock {LEADER_LOCK_KEY})"),
-            State::Standby => log!(
-                "pg_reaper: standing by: another session holds the leader lock ({LEADER_LOCK_KEY})"
+            State::Standby => match &self.holder {
+                Some(h) if !h.is_worker => log!(
+                    "pg_reaper: standing by: a session that is not a pg_reaper worker holds the \
+                     leader lock ({LEADER_LOCK_KEY}): {h}; reaping resumes without the lock \
+                     after pg_reaper.leader_grace ({} s)",
+                    guc::LEADER_GRACE.get()
+                ),
+                Some(h) => log!(
+                    "pg_reaper: standing by: another pg_reaper worker holds the leader lock \
+                     ({LEADER_LOCK_KEY}): {h}"
+                ),
+                None => log!(
+                    "pg_reaper: standing by: another session holds the leader lock ({LEADER_LOCK_KEY})"
+                ),
+            },
+            State::Contested => log!(
+                "pg_reaper: reaping without the leader lock ({LEADER_LOCK_KEY}): it has been held \
+                 for more than pg_reaper.leader_grace ({} s) by a session that is not a pg_reaper \
+                 worker: {}",
+                guc::LEADER_GRACE.get(),
+                self.holder
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
             ),
             State::WaitingForExtension => {
                 log!(

@@ -55,22 +55,22 @@ pub struct Args {
     #[arg(long, env = "PG_REAPER_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub concurrency: u32,
     /// Timeout of one HTTP request.
-    #[arg(long, env = "PG_REAPER_HTTP_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "PG_REAPER_HTTP_TIMEOUT", default_value = "30s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub http_timeout: Duration,
     /// How long a claimed intent is ours before other relays may take it.
-    #[arg(long, env = "PG_REAPER_LEASE", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "PG_REAPER_LEASE", default_value = "60s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub lease: Duration,
     /// First retry delay; doubled per attempt, with jitter.
-    #[arg(long, env = "PG_REAPER_BACKOFF_BASE", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "PG_REAPER_BACKOFF_BASE", default_value = "1s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub backoff_base: Duration,
     /// Longest retry delay.
-    #[arg(long, env = "PG_REAPER_BACKOFF_MAX", default_value = "300s", value_parser = parse_duration)]
+    #[arg(long, env = "PG_REAPER_BACKOFF_MAX", default_value = "300s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub backoff_max: Duration,
     /// Attempts before an intent goes dead (kept, replayable with outbox_replay()).
     #[arg(long, env = "PG_REAPER_MAX_ATTEMPTS", default_value_t = 20, value_parser = clap::value_parser!(i32).range(1..))]
     pub max_attempts: i32,
     /// Time between outbox polls when no NOTIFY arrives.
-    #[arg(long, env = "PG_REAPER_POLL_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "PG_REAPER_POLL_INTERVAL", default_value = "5s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub poll_interval: Duration,
     /// host:port to serve /metrics and /healthz on (off when unset).
     #[arg(long, env = "PG_REAPER_LISTEN")]
@@ -145,7 +145,7 @@ mod tests {
         assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        for bad in ["5", "s", "-1s", "1.5s", "5 s", "5d", "", "0s"] {
+        for bad in ["5", "s", "-1s", "-1", "1.5s", "5 s", "5d", "", "0s"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }

@@ -14,7 +14,7 @@
 
 use crate::api::{Api, Execution, Failure, Mark, stranded_message};
 use crate::metrics::Metrics;
-use crate::store::{Intent, Outcome, Store, Verdict};
+use crate::store::{Intent, Outcome, Store, StoreError, Verdict};
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, Mutex};
@@ -78,7 +78,7 @@ impl Context {
         intent: &Intent,
         cause: &str,
         error: &str,
-    ) -> Result<(), tokio_postgres::Error> {
+    ) -> Result<(), StoreError> {
         let wait = backoff(
             self.settings.backoff_base,
             self.settings.backoff_max,
@@ -90,11 +90,11 @@ impl Context {
         self.metrics.failure(cause, &state);
         match state.as_str() {
             "dead" => error!(
-                intent = intent.id, execution_id = %intent.execution_id, attempts = intent.attempt, %error,
+                intent = intent.id, execution_id = %intent.log_id(), attempts = intent.attempt, %error,
                 "recovery failed for the last time; the intent is dead (kept: replay it with outbox_replay())"
             ),
             "pending" => warn!(
-                intent = intent.id, execution_id = %intent.execution_id, attempt = intent.attempt, %error,
+                intent = intent.id, execution_id = %intent.log_id(), attempt = intent.attempt, %error,
                 retry_in_ms = wait.as_millis() as u64, "recovery attempt failed; barrier kept, retrying"
             ),
             _ => {
@@ -109,11 +109,11 @@ impl Context {
         store: &Store,
         intent: &Intent,
         outcome: Outcome,
-    ) -> Result<(), tokio_postgres::Error> {
+    ) -> Result<(), StoreError> {
         if store.resolve(intent, outcome).await? {
             self.metrics.outcome(outcome);
             info!(
-                intent = intent.id, execution_id = %intent.execution_id, remaining_at_reap = intent.remaining,
+                intent = intent.id, execution_id = %intent.log_id(), remaining_at_reap = intent.remaining,
                 outcome = outcome.as_str(), "recovered"
             );
         }
@@ -121,7 +121,7 @@ impl Context {
     }
 
     /// One intent, start to end. Errors are Postgres errors; HTTP trouble is handled inside.
-    async fn recover(&self, store: &Store, intent: &Intent) -> Result<(), tokio_postgres::Error> {
+    async fn recover(&self, store: &Store, intent: &Intent) -> Result<(), StoreError> {
         let (status, took) = self
             .api
             .status(&intent.execution_id, &intent.organization_id)
@@ -176,21 +176,27 @@ impl Context {
                     }
                     Verdict::Rearmed => {
                         self.resolved(store, intent, Outcome::Rearmed).await?;
-                        store.commit().await
+                        Ok(store.commit().await?)
                     }
                     Verdict::Refire => match store.resolve(intent, Outcome::Refired).await {
-                        Ok(_) => {
+                        Ok(true) => {
                             store.commit().await?;
                             self.metrics.outcome(Outcome::Refired);
-                            info!(intent = intent.id, execution_id = %intent.execution_id, outcome = "refired", "recovered");
+                            info!(intent = intent.id, execution_id = %intent.log_id(), outcome = "refired", "recovered");
+                            Ok(())
+                        }
+                        Ok(false) => {
+                            store.rollback().await?;
+                            self.metrics.lost();
+                            info!(
+                                intent = intent.id,
+                                "claim taken over by another relay; leaving it"
+                            );
                             Ok(())
                         }
                         Err(e) => {
                             store.rollback().await?;
-                            let msg = format!(
-                                "re-fire hook: {}",
-                                e.as_db_error().map(|d| d.message()).unwrap_or("failed")
-                            );
+                            let msg = format!("re-fire hook: {}", StoreError::from(e));
                             self.fail(store, intent, "refire_hook", &msg).await
                         }
                     },
@@ -211,7 +217,7 @@ impl Context {
                                     Outcome::MarkedError
                                 };
                                 self.resolved(store, intent, outcome).await?;
-                                store.commit().await
+                                Ok(store.commit().await?)
                             }
                             Err(f) => {
                                 store.rollback().await?;
@@ -264,7 +270,7 @@ fn listen(url: String, wake: mpsc::UnboundedSender<()>) {
                             tokio::time::sleep(Duration::from_secs(1)).await;
                         }
                     }
-                    Err(e) => warn!(error = %e, "LISTEN failed"),
+                    Err(e) => warn!(error = %StoreError::from(e), "LISTEN failed"),
                 },
                 Err(e) => warn!(error = %e, "listener connection failed; polling meanwhile"),
             }
@@ -346,7 +352,7 @@ pub async fn run(
                         }
                     }
                     Err(e) => {
-                        warn!(error = %e, "claiming from the outbox failed; reconnecting");
+                        warn!(error = %StoreError::from(e), "claiming from the outbox failed; reconnecting");
                         claimer = None;
                     }
                 }
@@ -393,7 +399,7 @@ async fn finish(ctx: &Arc<Context>, mut tasks: JoinSet<()>) {
             Ok(store) => {
                 for intent in &left {
                     if let Err(e) = store.release(intent).await {
-                        warn!(intent = intent.id, error = %e, "release failed; its lease will expire");
+                        warn!(intent = intent.id, error = %StoreError::from(e), "release failed; its lease will expire");
                     }
                 }
                 info!(

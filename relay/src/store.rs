@@ -15,7 +15,7 @@ const CLAIM: &str = "SELECT id, execution_id, organization_id, remaining, attemp
                        FROM @extschema@.outbox_claim($1, $2::text::interval)";
 const LOCK: &str =
     "SELECT verdict, remaining FROM @extschema@.recovery_lock($1, $2, $3::text::interval)";
-const RESOLVE: &str = "SELECT @extschema@.outbox_resolve($1, $2)";
+const RESOLVE: &str = "SELECT @extschema@.outbox_resolve($1, $2, $3)";
 const FAIL: &str = "SELECT @extschema@.outbox_fail($1, $2, $3, $4::text::interval, $5)";
 const RELEASE: &str = "SELECT @extschema@.outbox_release($1, $2)";
 const LISTEN: &str = "LISTEN pg_reaper_outbox";
@@ -30,6 +30,23 @@ pub struct Intent {
     pub attempt: i32,
 }
 
+impl Intent {
+    /// The execution id as log lines show it: whole up to 128 bytes, else its start and its
+    /// length (ids come from the platform's rows; one line must not carry a 150 kB id).
+    pub fn log_id(&self) -> String {
+        const SHOWN: usize = 128;
+        let id = &self.execution_id;
+        if id.len() <= SHOWN {
+            return id.clone();
+        }
+        let mut end = SHOWN;
+        while !id.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}… ({} bytes)", &id[..end], id.len())
+    }
+}
+
 /// What the re-check under the barrier's row lock decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -41,6 +58,57 @@ pub enum Verdict {
     Mark {
         remaining: Option<i32>,
     },
+}
+
+impl Verdict {
+    /// Strictly: a word this relay does not know (a newer extension?) is an error, never a
+    /// mark, so an unknown verdict fails closed.
+    pub fn parse(word: &str, remaining: Option<i32>) -> Result<Verdict, StoreError> {
+        match word {
+            "lost" => Ok(Verdict::Lost),
+            "rearmed" => Ok(Verdict::Rearmed),
+            "refire" => Ok(Verdict::Refire),
+            "mark" => Ok(Verdict::Mark { remaining }),
+            other => Err(StoreError::Protocol(format!(
+                "recovery_lock returned the unknown verdict {other:?}; not marking"
+            ))),
+        }
+    }
+}
+
+/// A failed call to Postgres, described with what Postgres said: its message and SQLSTATE.
+#[derive(Debug)]
+pub enum StoreError {
+    Db(tokio_postgres::Error),
+    /// The extension answered something this relay does not understand.
+    Protocol(String),
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> StoreError {
+        StoreError::Db(e)
+    }
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Protocol(m) => f.write_str(m),
+            StoreError::Db(e) => match e.as_db_error() {
+                // Message and SQLSTATE only: a DETAIL can be long (pgrx puts a Rust backtrace
+                // there when the server runs with RUST_BACKTRACE set).
+                Some(db) => write!(f, "{} (SQLSTATE {})", db.message(), db.code().code()),
+                // Not a server error (a closed connection, a timeout): its own words and cause.
+                None => {
+                    write!(f, "{e}")?;
+                    if let Some(cause) = std::error::Error::source(e) {
+                        write!(f, ": {cause}")?;
+                    }
+                    Ok(())
+                }
+            },
+        }
+    }
 }
 
 /// The outcome vocabulary of the outbox.
@@ -93,7 +161,7 @@ impl Store {
     ) -> Result<Store, String> {
         let (client, mut connection) = tokio_postgres::connect(url, NoTls)
             .await
-            .map_err(|e| format!("connecting to Postgres: {e}"))?;
+            .map_err(|e| format!("connecting to Postgres: {}", StoreError::from(e)))?;
         tokio::spawn(async move {
             use futures_util::StreamExt;
             let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -115,13 +183,18 @@ impl Store {
         let schema: String = client
             .query_opt(FIND_SCHEMA, &[])
             .await
-            .map_err(|e| format!("looking for the pg_reaper extension: {e}"))?
+            .map_err(|e| {
+                format!(
+                    "looking for the pg_reaper extension: {}",
+                    StoreError::from(e)
+                )
+            })?
             .ok_or_else(|| "the pg_reaper extension is not created in this database".to_string())?
             .get(0);
         client
             .batch_execute(SESSION_SETUP)
             .await
-            .map_err(|e| format!("session setup: {e}"))?;
+            .map_err(|e| format!("session setup: {}", StoreError::from(e)))?;
         Ok(Store { client, schema })
     }
 
@@ -167,11 +240,7 @@ impl Store {
     }
 
     /// In the open transaction: renew the claim, lock the barrier, re-check it.
-    pub async fn lock(
-        &self,
-        intent: &Intent,
-        lease: Duration,
-    ) -> Result<Verdict, tokio_postgres::Error> {
+    pub async fn lock(&self, intent: &Intent, lease: Duration) -> Result<Verdict, StoreError> {
         let row = self
             .client
             .query_one(
@@ -180,17 +249,10 @@ impl Store {
             )
             .await?;
         let verdict: &str = row.get(0);
-        Ok(match verdict {
-            "lost" => Verdict::Lost,
-            "rearmed" => Verdict::Rearmed,
-            "refire" => Verdict::Refire,
-            _ => Verdict::Mark {
-                remaining: row.get(1),
-            },
-        })
+        Verdict::parse(verdict, row.get(1))
     }
 
-    /// Records the outcome (and cleans up); false when the intent was already done.
+    /// Records the outcome (and cleans up); false when the claim is no longer ours.
     pub async fn resolve(
         &self,
         intent: &Intent,
@@ -198,7 +260,10 @@ impl Store {
     ) -> Result<bool, tokio_postgres::Error> {
         let row = self
             .client
-            .query_one(&self.sql(RESOLVE), &[&intent.id, &outcome.as_str()])
+            .query_one(
+                &self.sql(RESOLVE),
+                &[&intent.id, &intent.attempt, &outcome.as_str()],
+            )
             .await?;
         Ok(row.get(0))
     }

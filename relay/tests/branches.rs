@@ -341,7 +341,10 @@ fn refire_hook_instead_of_a_mark_and_a_raising_hook_is_a_failure() {
         (&bad["state"], &bad["barrier"]),
         (&json!("pending"), &json!(true))
     );
-    assert_eq!(bad["last_error"], json!("re-fire hook: queue unavailable"));
+    assert_eq!(
+        bad["last_error"],
+        json!("re-fire hook: queue unavailable (SQLSTATE P0001)")
+    );
     assert_eq!(
         intent(&mut c, "partial")["outcome"],
         json!("marked_error"),
@@ -354,6 +357,111 @@ fn refire_hook_instead_of_a_mark_and_a_raising_hook_is_a_failure() {
             .chain(calls_for(&calls, "bad").iter())
             .all(|c| c["method"] == "GET")
     );
+}
+
+/// The hook runs as its owner, never as the superuser who owns the extension's SECURITY
+/// DEFINER functions: an application schema owner who writes a hook cannot use it to become
+/// superuser.
+#[test]
+fn the_refire_hook_runs_as_its_owner_and_cannot_escalate() {
+    let env = Env::new("rhookowner", false);
+    let mut c = env.db();
+    c.batch_execute(
+        "CREATE ROLE app_owner LOGIN;
+         CREATE SCHEMA app AUTHORIZATION app_owner;
+         ALTER DATABASE q SET pg_reaper.refire_function = 'app.refire';",
+    )
+    .expect("roles");
+    let mut owner = env.cluster.client_as("q", "app_owner");
+    owner
+        .batch_execute(
+            "CREATE TABLE app.jobs (execution_id text, ran_as text);
+             CREATE FUNCTION app.refire(e text, o text, c jsonb, r jsonb) RETURNS void
+             LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF e = 'escalate' THEN EXECUTE 'ALTER ROLE app_owner SUPERUSER'; END IF;
+                 INSERT INTO app.jobs VALUES (e, current_user);
+             END $$;",
+        )
+        .expect("the application's hook, owned by its schema owner");
+    for id in ["job", "escalate"] {
+        env.api.execution(id, "org", "EXECUTING");
+        env.strand(&mut c, id, "org", 3);
+    }
+    env.reap(&mut c);
+    env.relay_once(&[]);
+    assert_eq!(
+        json(&mut c, "SELECT jsonb_agg(to_jsonb(j)) FROM app.jobs j"),
+        json!([{"execution_id": "job", "ran_as": "app_owner"}]),
+        "the hook ran, as its owner"
+    );
+    assert_eq!(intent(&mut c, "job")["outcome"], json!("refired"));
+    let escalate = intent(&mut c, "escalate");
+    assert_eq!(
+        (&escalate["state"], &escalate["barrier"]),
+        (&json!("pending"), &json!(true)),
+        "a failing hook is a retried failure: {escalate}"
+    );
+    let error = escalate["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.starts_with("re-fire hook: must be superuser") && error.ends_with("(SQLSTATE 42501)"),
+        "{error}"
+    );
+    let superuser: bool = c
+        .query_one(
+            "SELECT rolsuper FROM pg_roles WHERE rolname = 'app_owner'",
+            &[],
+        )
+        .expect("role")
+        .get(0);
+    assert!(!superuser, "the hook's owner stayed an ordinary role");
+}
+
+/// A Postgres error reaches `last_error` and the log with its own message and SQLSTATE, not
+/// as a bare "db error".
+#[test]
+fn database_errors_are_reported_with_their_message_and_sqlstate() {
+    let env = Env::new("rsqlstate", false);
+    let mut c = env.db();
+    c.batch_execute("ALTER DATABASE q SET pg_reaper.refire_function = 'public.missing'")
+        .expect("a hook that does not exist");
+    env.api.execution("lost-callback", "org", "EXECUTING");
+    env.strand(&mut c, "lost-callback", "org", 3);
+    env.reap(&mut c);
+    let out = env.relay_once(&["--max-attempts", "1"]);
+    let state = intent(&mut c, "lost-callback");
+    assert_eq!(state["state"], json!("dead"), "{state}");
+    let expected = "re-check: pg_reaper.refire_function = 'public.missing' does not name a \
+                    function f(text, text, jsonb, jsonb); fix the setting (or set it to '' to \
+                    mark ERROR instead) (SQLSTATE 42883)";
+    assert_eq!(state["last_error"], json!(expected));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("SQLSTATE 42883"), "{log}");
+}
+
+/// An execution id from the platform's own rows may be huge; log lines carry its start and its
+/// length only.
+#[test]
+fn huge_execution_ids_are_bounded_in_the_log() {
+    let env = Env::new("rhugeid", false);
+    let mut c = env.db();
+    // Written as the platform's own SQL would (pg_reaper's functions refuse ids over 1 kB).
+    c.batch_execute(
+        "INSERT INTO pg_barrier_state (execution_id, organization_id, remaining, created_at, expires_at)
+         VALUES (repeat('x', 150000), 'org', 1, now() - interval '2 hours', now() - interval '1 second')",
+    )
+    .expect("a 150 kB id");
+    assert_eq!(env.reap(&mut c), 1);
+    let out = env.relay_once(&["--max-attempts", "1"]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    let longest = log.lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 2000, "a log line of {longest} bytes");
+    assert!(log.contains("… (150000 bytes)"), "{log}");
+    let error: Option<String> = c
+        .query_one("SELECT last_error FROM pg_reaper_outbox", &[])
+        .expect("intent")
+        .get(0);
+    assert!(error.as_deref().map_or(0, str::len) < 2000, "{error:?}");
 }
 
 #[test]
@@ -446,7 +554,7 @@ fn bad_configuration_is_one_clear_line_and_a_failure() {
         )
     };
     type EnvChange = fn(&mut std::process::Command);
-    let cases: [(&[&str], EnvChange, &str); 5] = [
+    let cases: [(&[&str], EnvChange, &str); 7] = [
         (
             &["--once"],
             |c| {
@@ -455,6 +563,12 @@ fn bad_configuration_is_one_clear_line_and_a_failure() {
             "--api-base-url",
         ),
         (&["--once", "--lease", "soon"], |_| {}, "--lease"),
+        (
+            &["--once", "--backoff-base", "-1"],
+            |_| {},
+            "--backoff-base",
+        ),
+        (&["--once", "--backoff-max", "-5s"], |_| {}, "--backoff-max"),
         (
             &["--once"],
             |c| {

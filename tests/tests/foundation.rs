@@ -320,14 +320,14 @@ fn nothing_is_granted_to_public_and_documented_grants_suffice() {
         .batch_execute(
             "CREATE ROLE relay LOGIN;
              GRANT EXECUTE ON FUNCTION outbox_claim(int, interval), recovery_lock(bigint, int, interval),
-                 outbox_resolve(bigint, text), outbox_fail(bigint, int, text, interval, int),
+                 outbox_resolve(bigint, int, text), outbox_fail(bigint, int, text, interval, int),
                  outbox_release(bigint, int) TO relay;",
         )
         .expect("relay role");
     for sql in [
         "SELECT * FROM outbox_claim()",
         "SELECT * FROM recovery_lock(1, 1)",
-        "SELECT outbox_resolve(1, 'gone')",
+        "SELECT outbox_resolve(1, 1, 'gone')",
         "SELECT outbox_fail(1, 1, 'x', '1 second', 3)",
         "SELECT outbox_release(1, 1)",
         "SELECT outbox_replay()",
@@ -340,9 +340,49 @@ fn nothing_is_granted_to_public_and_documented_grants_suffice() {
         .batch_execute(
             "SELECT * FROM outbox_claim(); SELECT * FROM recovery_lock(1, 1);
              SELECT outbox_fail(1, 1, 'x', '1 second', 3); SELECT outbox_release(1, 1);
-             SELECT outbox_resolve(1, 'gone');",
+             SELECT outbox_resolve(1, 1, 'gone');",
         )
         .expect("the relay role drives the outbox");
+    // The relay role cannot clean up an intent it never claimed: resolve is fenced by the
+    // claim's attempt token, so the barrier (the recovery handle) and its markers stay.
+    admin
+        .batch_execute(
+            "SELECT barrier_enqueue('unclaimed', 'org', 2); SELECT barrier_claim('unclaimed', 0);
+             UPDATE pg_barrier_state SET created_at = now() - interval '2 hours',
+                    expires_at = now() - interval '1 second';
+             SELECT * FROM reap_expired();",
+        )
+        .expect("a queued strand");
+    let intent: i64 = admin
+        .query_one(
+            "SELECT id FROM pg_reaper_outbox WHERE execution_id = 'unclaimed'",
+            &[],
+        )
+        .expect("intent")
+        .get(0);
+    for attempt in [0, 1, 2] {
+        let resolved: bool = relay
+            .query_one(
+                "SELECT outbox_resolve($1, $2, 'gone')",
+                &[&intent, &attempt],
+            )
+            .expect("resolve")
+            .get(0);
+        assert!(
+            !resolved,
+            "resolved an unclaimed intent with attempt {attempt}"
+        );
+    }
+    let left: i64 = admin
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_barrier_state WHERE execution_id = 'unclaimed')
+                  + (SELECT count(*) FROM pg_batch_dedup WHERE execution_id = 'unclaimed')
+                  + (SELECT count(*) FROM pg_reaper_outbox WHERE state = 'pending')",
+            &[],
+        )
+        .expect("left")
+        .get(0);
+    assert_eq!(left, 3, "barrier, marker and pending intent all kept");
     for sql in [
         "SELECT barrier_enqueue('e', 'org', 1)",
         "SELECT barrier_abort('e')",

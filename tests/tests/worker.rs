@@ -137,6 +137,78 @@ fn a_session_holding_the_lock_keeps_the_worker_standby_until_released() {
     assert_eq!(s["leader_pid"], json!(worker_pid(&mut c)));
 }
 
+/// Any role may take an advisory lock; one with no grants at all must not be able to stop
+/// reaping. The worker names the holder, stands by for pg_reaper.leader_grace, then reaps
+/// without the lock (every write is a compare-and-set, so that is safe).
+#[test]
+fn a_role_without_grants_holding_the_lock_delays_reaping_by_the_grace_only() {
+    let cluster = preloaded("wrogue", "q");
+    let mut c = cluster.create_db("q", None);
+    c.batch_execute("CREATE ROLE rogue LOGIN").expect("rogue");
+    wait_state(&mut c, "leader");
+    c.batch_execute("ALTER SYSTEM SET pg_reaper.leader_grace = 1")
+        .expect("grace");
+    reload(&mut c, "pg_reaper.enabled = off");
+    wait_state(&mut c, "disabled");
+    let mut rogue = postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=rogue dbname=q application_name=squatter",
+            cluster.port
+        ),
+        postgres::NoTls,
+    )
+    .expect("rogue connects");
+    let rogue_pid: i32 = rogue
+        .query_one(
+            "SELECT pg_advisory_lock($1), pg_backend_pid()",
+            &[&LOCK_KEY],
+        )
+        .expect("an ordinary role takes the key")
+        .get(1);
+    strand_expired(&mut c, "held");
+    reload(&mut c, "pg_reaper.enabled = on");
+    let s = wait_state(&mut c, "contested");
+    assert_eq!(s["lock_holder_pid"], json!(rogue_pid));
+    assert_eq!(s["lock_holder_role"], json!("rogue"));
+    assert_eq!(s["lock_holder_application"], json!("squatter"));
+    assert_eq!(
+        s["leader_pid"],
+        json!(worker_pid(&mut c)),
+        "the worker leads"
+    );
+    wait_for(30, "intent while the rogue holds the lock", || {
+        (intents(&mut c, "held") == 1).then_some(())
+    });
+    let log = cluster.log();
+    let holder = format!("pid {rogue_pid}, role \"rogue\", application \"squatter\"");
+    assert!(
+        log.contains("standing by: a session that is not a pg_reaper worker holds the leader lock")
+            && log.contains(&holder),
+        "the holder is named in the log"
+    );
+    assert!(log.contains("pg_reaper: reaping without the leader lock"));
+    // Once the lock is free again the worker takes it.
+    drop(rogue);
+    wait_state(&mut c, "leader");
+    assert_eq!(status(&mut c)["lock_holder_pid"], Value::Null);
+}
+
+/// The worker's shared state belongs to the database it serves; the status view of another
+/// database with the extension says so instead of showing that worker as its leader.
+#[test]
+fn the_status_view_of_another_database_does_not_borrow_the_worker() {
+    let cluster = preloaded("wotherdb", "q");
+    let mut c = cluster.create_db("q", None);
+    wait_state(&mut c, "leader");
+    let mut other = cluster.create_db("other", None);
+    let s = status(&mut other);
+    assert_eq!(s["worker_state"], json!("other_database"), "{s}");
+    assert_eq!(
+        (&s["leader_pid"], &s["ticks"], &s["last_tick_at"]),
+        (&Value::Null, &Value::Null, &Value::Null)
+    );
+}
+
 #[test]
 fn sighup_changes_the_naptime() {
     let cluster = preloaded("wsighup", "q");
