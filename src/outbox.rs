@@ -10,20 +10,42 @@ use crate::plan::{self, Statement};
 use crate::validate::{self, invalid};
 use pgrx::prelude::*;
 
+/// Claims due intents: `pending` ones whose backoff is over and `in_flight` ones whose lease
+/// expired (their relay died or stalled), so leases heal without the background worker. Each
+/// kind is read in its own index order with a limit, never sorted as a whole. An intent whose
+/// `attempts` reached the integer maximum cannot be claimed again (the counter would
+/// overflow and fail every claim): it is set aside as `dead` instead, and not returned.
 const CLAIM: Statement = Statement {
-    sql: "WITH due AS (
+    sql: "WITH expired AS (
+              SELECT id FROM @extschema@.pg_reaper_outbox
+               WHERE state = 'in_flight' AND lease_expires_at < now()
+               ORDER BY lease_expires_at
+               LIMIT $1
+               FOR UPDATE SKIP LOCKED
+          ), due AS (
               SELECT id FROM @extschema@.pg_reaper_outbox
                WHERE state = 'pending' AND next_attempt_at <= now()
                ORDER BY next_attempt_at, id
                LIMIT $1
                FOR UPDATE SKIP LOCKED
+          ), picked AS (
+              SELECT id FROM expired UNION ALL SELECT id FROM due LIMIT $1
+          ), claimed AS (
+              UPDATE @extschema@.pg_reaper_outbox o
+                 SET state = CASE WHEN o.attempts < 2147483647 THEN 'in_flight' ELSE 'dead' END,
+                     attempts = CASE WHEN o.attempts < 2147483647 THEN o.attempts + 1
+                                     ELSE o.attempts END,
+                     lease_expires_at = CASE WHEN o.attempts < 2147483647 THEN now() + $2 END,
+                     last_error = CASE WHEN o.attempts < 2147483647 THEN o.last_error
+                                       ELSE 'set aside: its attempts counter is at the maximum; '
+                                            || 'replay it with outbox_replay()' END,
+                     updated_at = now()
+                FROM picked
+               WHERE o.id = picked.id
+           RETURNING o.id, o.execution_id, o.organization_id, o.remaining, o.attempts, o.state
           )
-          UPDATE @extschema@.pg_reaper_outbox o
-             SET state = 'in_flight', attempts = o.attempts + 1,
-                 lease_expires_at = now() + $2, updated_at = now()
-            FROM due
-           WHERE o.id = due.id
-       RETURNING o.id, o.execution_id, o.organization_id, o.remaining, o.attempts",
+          SELECT id, execution_id, organization_id, remaining, attempts, state = 'dead'
+            FROM claimed",
     args: &[pg_sys::INT4OID, pg_sys::INTERVALOID],
     writes: true,
 };
@@ -62,13 +84,16 @@ const REPLAY: Statement = Statement {
     writes: true,
 };
 
-/// An intent stays `in_flight` only while its relay's lease runs. A relay that was killed never
-/// comes back for it: the compare-and-set on the lease makes it claimable again, immediately.
+/// An intent stays `in_flight` only while its relay's lease runs; after that any relay may
+/// claim it, and the worker shows it as `pending` again. A row still locked by a relay's open
+/// transaction (a paused relay) is skipped, never waited for: the next tick gets it.
 const REOFFER_EXPIRED_LEASES: Statement = Statement {
     sql: "UPDATE @extschema@.pg_reaper_outbox
              SET state = 'pending', lease_expires_at = NULL, next_attempt_at = now(),
                  updated_at = now()
-           WHERE state = 'in_flight' AND lease_expires_at < now()",
+           WHERE id IN (SELECT id FROM @extschema@.pg_reaper_outbox
+                         WHERE state = 'in_flight' AND lease_expires_at < now()
+                           FOR UPDATE SKIP LOCKED)",
     args: &[],
     writes: true,
 };
@@ -121,20 +146,34 @@ fn outbox_claim(
     };
     let lease = validate::positive_interval(F, "lease", lease);
     let schema = plan::schema_of_call(fcinfo);
-    let rows = Spi::connect_mut(|client| {
+    let (rows, set_aside) = Spi::connect_mut(|client| {
         let mut rows = Vec::new();
+        let mut set_aside = Vec::new();
         for row in plan::run(client, schema, &CLAIM, &[n.into(), lease.into()])? {
+            let id = row.get::<i64>(1)?.unwrap_or_default();
+            if row.get::<bool>(6)?.unwrap_or(false) {
+                set_aside.push(id);
+                continue;
+            }
             rows.push((
-                row.get::<i64>(1)?.unwrap_or_default(),
+                id,
                 row.get::<String>(2)?.unwrap_or_default(),
                 row.get::<String>(3)?.unwrap_or_default(),
                 row.get::<i32>(4)?.unwrap_or_default(),
                 row.get::<i32>(5)?.unwrap_or_default(),
             ));
         }
-        Ok::<_, pgrx::spi::SpiError>(rows)
+        Ok::<_, pgrx::spi::SpiError>((rows, set_aside))
     })
     .unwrap_or_else(|e| error!("{F}: {e}"));
+    if !set_aside.is_empty() {
+        warning!(
+            "{F}: set aside {} intent(s) whose attempts counter is at its maximum, as dead: ids {:?}; \
+             replay them with outbox_replay()",
+            set_aside.len(),
+            set_aside
+        );
+    }
     TableIterator::new(rows)
 }
 

@@ -628,6 +628,62 @@ mod tests {
         );
     }
 
+    /// A relay that died holding a claim never comes back for it: once its lease expired, any
+    /// relay's claim takes it over (no background worker needed), and the dead relay's token
+    /// is lost.
+    #[pg_test]
+    fn claim_takes_over_an_expired_lease_and_fences_the_old_claim() {
+        let id = intent("e1", "expired");
+        let (_, first) = claim_one();
+        assert_eq!(count("SELECT count(*) FROM outbox_claim(10)"), 0, "leased");
+        run("UPDATE pg_reaper_outbox SET lease_expires_at = now() - interval '1 second'");
+        let (cid, second) = claim_one();
+        assert_eq!((cid, second), (id, first + 1));
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT outbox_fail({id}, {first}, 'late', '1 second', 5)"
+            )),
+            Some("lost".to_string())
+        );
+        assert_eq!(verdict(id, first).0, "lost");
+        assert_eq!(
+            one::<bool>(&format!("SELECT outbox_resolve({id}, {first}, 'gone')")),
+            Some(false)
+        );
+        assert_eq!(verdict(id, second).0, "mark");
+    }
+
+    /// One intent whose counter is at the integer maximum would make every claim overflow: it is
+    /// set aside as dead (with a WARNING), and the healthy ones are claimed as usual.
+    #[pg_test]
+    fn an_intent_at_the_attempts_maximum_is_set_aside_and_never_blocks_claims() {
+        let extreme = intent("extreme", "expired");
+        let healthy = intent("healthy", "expired");
+        run(&format!(
+            "UPDATE pg_reaper_outbox SET attempts = 2147483647, \
+             next_attempt_at = now() - interval '1 hour' WHERE id = {extreme}"
+        ));
+        assert_eq!(
+            json("SELECT jsonb_agg(id) FROM outbox_claim(10)"),
+            json!([healthy])
+        );
+        assert_eq!(
+            json(&format!(
+                "SELECT jsonb_build_array(state, attempts, last_error LIKE 'set aside:%') \
+                 FROM pg_reaper_outbox WHERE id = {extreme}"
+            )),
+            json!(["dead", 2147483647, true])
+        );
+        assert_eq!(
+            one::<i64>(&format!("SELECT outbox_replay({extreme})")),
+            Some(1)
+        );
+        assert_eq!(
+            json("SELECT jsonb_agg(id) FROM outbox_claim(10)"),
+            json!([extreme])
+        );
+    }
+
     #[pg_test]
     fn release_returns_a_held_claim_only() {
         let id = intent("e1", "expired");

@@ -35,6 +35,14 @@ pub struct Settings {
     pub once: bool,
 }
 
+impl Settings {
+    /// The longest a healthy relay keeps a transaction idle: its recovery transaction waits for
+    /// one HTTP request at most. Beyond that the server ends the session (a paused relay).
+    pub fn transaction_idle(&self) -> Duration {
+        self.http_timeout + Duration::from_secs(10)
+    }
+}
+
 struct Context {
     settings: Settings,
     api: Api,
@@ -60,7 +68,14 @@ impl Context {
         let idle = self.pool.lock().ok().and_then(|mut p| p.pop());
         match idle {
             Some(s) if !s.is_closed() => Ok(s),
-            _ => Store::connect(&self.settings.database_url, None).await,
+            _ => {
+                Store::connect(
+                    &self.settings.database_url,
+                    None,
+                    self.settings.transaction_idle(),
+                )
+                .await
+            }
         }
     }
 
@@ -258,10 +273,10 @@ async fn work(ctx: Arc<Context>, intent: Intent) {
 }
 
 /// Keeps a LISTEN connection up and turns every notification into a wake-up.
-fn listen(url: String, wake: mpsc::UnboundedSender<()>) {
+fn listen(url: String, transaction_idle: Duration, wake: mpsc::UnboundedSender<()>) {
     tokio::spawn(async move {
         loop {
-            match Store::connect(&url, Some(wake.clone())).await {
+            match Store::connect(&url, Some(wake.clone()), transaction_idle).await {
                 Ok(store) => match store.listen().await {
                     Ok(()) => {
                         debug!("listening on pg_reaper_outbox");
@@ -299,7 +314,11 @@ pub async fn run(
     let s = &ctx.settings;
     let (wake_tx, mut wake) = mpsc::unbounded_channel();
     if !s.once {
-        listen(s.database_url.clone(), wake_tx.clone());
+        listen(
+            s.database_url.clone(),
+            s.transaction_idle(),
+            wake_tx.clone(),
+        );
     }
     let permits = Arc::new(Semaphore::new(s.concurrency));
     let mut tasks = JoinSet::new();
@@ -315,7 +334,7 @@ pub async fn run(
         let mut more = false;
         if free > 0 {
             if claimer.as_ref().is_none_or(Store::is_closed) {
-                claimer = match Store::connect(&s.database_url, None).await {
+                claimer = match Store::connect(&s.database_url, None, s.transaction_idle()).await {
                     Ok(c) => Some(c),
                     Err(e) => {
                         db_failures += 1;
@@ -395,7 +414,13 @@ async fn finish(ctx: &Arc<Context>, mut tasks: JoinSet<()>) {
             .lock()
             .map(|m| m.values().cloned().collect())
             .unwrap_or_default();
-        match Store::connect(&ctx.settings.database_url, None).await {
+        match Store::connect(
+            &ctx.settings.database_url,
+            None,
+            ctx.settings.transaction_idle(),
+        )
+        .await
+        {
             Ok(store) => {
                 for intent in &left {
                     if let Err(e) = store.release(intent).await {

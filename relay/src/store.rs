@@ -9,8 +9,14 @@ const FIND_SCHEMA: &str = "SELECT pg_catalog.quote_ident(n.nspname)
                              FROM pg_catalog.pg_extension e
                              JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
                             WHERE e.extname = 'pg_reaper'";
-/// A recovery transaction must not wait forever behind a row lock; it fails and is retried.
-const SESSION_SETUP: &str = "SET lock_timeout = '10s'; SET application_name = 'pg-reaper-relay'";
+/// A recovery transaction must not wait forever behind a row lock, nor a statement run for
+/// ever; either fails and is retried. The idle-in-transaction timeout (set per connection, just
+/// above the HTTP timeout) makes the server end the recovery transaction of a relay that was
+/// paused or cut off while it held a barrier's row lock, so nothing waits on it for longer.
+const SESSION_SETUP: &str = "SET lock_timeout = '10s'; SET statement_timeout = '30s';
+                             SET application_name = 'pg-reaper-relay'";
+const IDLE_IN_TRANSACTION: &str =
+    "SELECT pg_catalog.set_config('idle_in_transaction_session_timeout', $1, false)";
 const CLAIM: &str = "SELECT id, execution_id, organization_id, remaining, attempt
                        FROM @extschema@.outbox_claim($1, $2::text::interval)";
 const LOCK: &str =
@@ -158,6 +164,7 @@ impl Store {
     pub async fn connect(
         url: &str,
         on_notify: Option<tokio::sync::mpsc::UnboundedSender<()>>,
+        transaction_idle: Duration,
     ) -> Result<Store, String> {
         let (client, mut connection) = tokio_postgres::connect(url, NoTls)
             .await
@@ -171,6 +178,10 @@ impl Store {
                         if let Some(tx) = &on_notify {
                             let _ = tx.send(());
                         }
+                    }
+                    // A WARNING from the extension (an intent set aside, say) is the relay's too.
+                    Ok(tokio_postgres::AsyncMessage::Notice(n)) => {
+                        tracing::warn!(sqlstate = n.code().code(), "postgres: {}", n.message());
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -193,6 +204,13 @@ impl Store {
             .get(0);
         client
             .batch_execute(SESSION_SETUP)
+            .await
+            .map_err(|e| format!("session setup: {}", StoreError::from(e)))?;
+        client
+            .execute(
+                IDLE_IN_TRANSACTION,
+                &[&format!("{}ms", transaction_idle.as_millis())],
+            )
             .await
             .map_err(|e| format!("session setup: {}", StoreError::from(e)))?;
         Ok(Store { client, schema })

@@ -5,6 +5,7 @@ mod common;
 
 use common::{Env, KEY, intent, sleep_ms};
 use pg_reaper_tests::{json, wait_for};
+use postgres::Client;
 use serde_json::{Value, json};
 
 fn calls_for<'a>(calls: &'a [Value], id: &str) -> Vec<&'a Value> {
@@ -462,6 +463,61 @@ fn huge_execution_ids_are_bounded_in_the_log() {
         .expect("intent")
         .get(0);
     assert!(error.as_deref().map_or(0, str::len) < 2000, "{error:?}");
+}
+
+/// Without the preloaded worker, nothing re-offers the claims of a relay that was killed:
+/// another relay's claim takes them over once their lease has expired.
+#[test]
+fn without_the_worker_a_killed_relays_claims_are_taken_over_after_the_lease() {
+    let env = Env::new("rtakeover", false);
+    let mut c = env.db();
+    let ids = ["k0", "k1", "k2", "k3"];
+    for id in ids {
+        env.stranded_executing(&mut c, id);
+    }
+    // Status reads hang, so the first relay holds all four claims when it is killed.
+    env.api.faults(json!({"get_delay_ms": 600_000}));
+    let mut first = env.spawn_relay(&["--http-timeout", "600s"]);
+    let in_flight = |c: &mut Client| -> i64 {
+        c.query_one(
+            "SELECT count(*) FROM pg_reaper_outbox WHERE state = 'in_flight'",
+            &[],
+        )
+        .expect("count")
+        .get(0)
+    };
+    wait_for(60, "the first relay to claim all four", || {
+        (in_flight(&mut c) == 4).then_some(())
+    });
+    first.child.kill().expect("SIGKILL");
+    first.child.wait().expect("reaped");
+    env.api.faults(json!({}));
+    wait_for(60, "the dead relay's leases to expire", || {
+        let expired: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_reaper_outbox
+                  WHERE state = 'in_flight' AND lease_expires_at < now()",
+                &[],
+            )
+            .expect("count")
+            .get(0);
+        (expired == 4).then_some(())
+    });
+    env.relay_once(&[]);
+    let calls = env.api.calls();
+    for id in ids {
+        let state = intent(&mut c, id);
+        assert_eq!(
+            (&state["outcome"], &state["attempts"], &state["barrier"]),
+            (&json!("marked_error"), &json!(2), &json!(false)),
+            "{id}: {state}"
+        );
+        let posts = calls_for(&calls, id)
+            .iter()
+            .filter(|c| c["method"] == "POST")
+            .count();
+        assert_eq!(posts, 1, "{id} marked once");
+    }
 }
 
 #[test]

@@ -209,6 +209,65 @@ fn the_status_view_of_another_database_does_not_borrow_the_worker() {
     );
 }
 
+/// A relay paused inside its recovery transaction (a VM pause, a partition) holds the row
+/// lock of an intent whose lease then expires. The worker skips that row instead of waiting on
+/// it: its ticks keep succeeding and new strands keep being queued.
+#[test]
+fn a_paused_relays_locked_intent_never_stalls_the_worker() {
+    let cluster = preloaded("wpaused", "q");
+    let mut c = cluster.create_db("q", None);
+    wait_state(&mut c, "leader");
+    strand_expired(&mut c, "paused");
+    wait_for(30, "the first intent", || {
+        (intents(&mut c, "paused") == 1).then_some(())
+    });
+    // The "relay": claims with a short lease, then opens its recovery transaction and stops.
+    let mut relay = cluster.client("q");
+    let row = relay
+        .query_one("SELECT id, attempt FROM outbox_claim(1, '1 second')", &[])
+        .expect("claim");
+    let (id, attempt): (i64, i32) = (row.get(0), row.get(1));
+    relay.batch_execute("BEGIN").expect("begin");
+    relay
+        .query_one(
+            "SELECT verdict FROM recovery_lock($1, $2, '1 second')",
+            &[&id, &attempt],
+        )
+        .expect("recovery_lock");
+    wait_for(30, "the paused relay's lease to expire", || {
+        c.query_one(
+            "SELECT lease_expires_at < now() FROM pg_reaper_outbox WHERE id = $1",
+            &[&id],
+        )
+        .expect("lease")
+        .get::<_, bool>(0)
+        .then_some(())
+    });
+    let failed_before = status(&mut c)["failed_ticks"].clone();
+    strand_expired(&mut c, "fresh");
+    wait_for(30, "a new strand queued while the row is locked", || {
+        (intents(&mut c, "fresh") == 1).then_some(())
+    });
+    wait_ticks(&mut c, 3);
+    assert_eq!(
+        status(&mut c)["failed_ticks"],
+        failed_before,
+        "no tick failed"
+    );
+    relay.batch_execute("ROLLBACK").expect("rollback");
+    wait_for(
+        30,
+        "the expired lease re-offered once the row is free",
+        || {
+            let state: String = c
+                .query_one("SELECT state FROM pg_reaper_outbox WHERE id = $1", &[&id])
+                .expect("state")
+                .get(0);
+            (state == "pending").then_some(())
+        },
+    );
+}
+
 #[test]
 fn sighup_changes_the_naptime() {
     let cluster = preloaded("wsighup", "q");
