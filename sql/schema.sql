@@ -43,6 +43,9 @@ CREATE INDEX pg_batch_dedup_created_idx ON @extschema@.pg_batch_dedup (created_a
 
 -- Recovery intents: one live (pending, in_flight or dead) intent per execution, enforced by
 -- a partial unique index so that concurrent reapers cannot queue the same strand twice.
+-- `attempts` counts claims and is the claim's fencing token; `failures` counts the failures
+-- that were about this execution (compared with the relay's --max-attempts), never those of an
+-- unreachable API; `mark_sent_at` is when an ERROR mark last may have left for the API.
 CREATE TABLE @extschema@.pg_reaper_outbox (
     id               bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     execution_id     text        NOT NULL,
@@ -51,8 +54,10 @@ CREATE TABLE @extschema@.pg_reaper_outbox (
     state            text        NOT NULL DEFAULT 'pending',
     outcome          text,
     attempts         integer     NOT NULL DEFAULT 0,
+    failures         integer     NOT NULL DEFAULT 0,
     next_attempt_at  timestamptz NOT NULL DEFAULT now(),
     lease_expires_at timestamptz,
+    mark_sent_at     timestamptz,
     last_error       text,
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now(),
@@ -63,7 +68,8 @@ CREATE TABLE @extschema@.pg_reaper_outbox (
     CONSTRAINT pg_reaper_outbox_outcome_iff_done CHECK ((state = 'done') = (outcome IS NOT NULL)),
     CONSTRAINT pg_reaper_outbox_lease_iff_in_flight
         CHECK ((state = 'in_flight') = (lease_expires_at IS NOT NULL)),
-    CONSTRAINT pg_reaper_outbox_attempts_non_negative CHECK (attempts >= 0)
+    CONSTRAINT pg_reaper_outbox_attempts_non_negative CHECK (attempts >= 0),
+    CONSTRAINT pg_reaper_outbox_failures_non_negative CHECK (failures >= 0)
 );
 CREATE UNIQUE INDEX pg_reaper_outbox_live_uniq
     ON @extschema@.pg_reaper_outbox (execution_id) WHERE state <> 'done';

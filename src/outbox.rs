@@ -50,9 +50,11 @@ const CLAIM: Statement = Statement {
     writes: true,
 };
 
+/// A failure about this execution: counted, and the last allowed one makes the intent dead.
 const FAIL: Statement = Statement {
     sql: "UPDATE @extschema@.pg_reaper_outbox
-             SET state = CASE WHEN attempts >= $5 THEN 'dead' ELSE 'pending' END,
+             SET state = CASE WHEN failures + 1 >= $5 THEN 'dead' ELSE 'pending' END,
+                 failures = failures + 1,
                  lease_expires_at = NULL, next_attempt_at = now() + $4, last_error = $3,
                  updated_at = now()
            WHERE id = $1 AND state = 'in_flight' AND attempts = $2
@@ -67,6 +69,36 @@ const FAIL: Statement = Statement {
     writes: true,
 };
 
+/// A failure that says nothing about this execution (the API unreachable, a mark whose answer
+/// never came): back to pending after `backoff`, never counted, never dead.
+const DEFER: Statement = Statement {
+    sql: "UPDATE @extschema@.pg_reaper_outbox
+             SET state = 'pending', lease_expires_at = NULL, next_attempt_at = now() + $4,
+                 last_error = $3, updated_at = now()
+           WHERE id = $1 AND state = 'in_flight' AND attempts = $2
+       RETURNING state",
+    args: &[
+        pg_sys::INT8OID,
+        pg_sys::INT4OID,
+        pg_sys::TEXTOID,
+        pg_sys::INTERVALOID,
+    ],
+    writes: true,
+};
+
+/// Committed before an ERROR mark may leave: records the time, and holds the claim for at
+/// least `hold`, so that if this relay dies with the request in flight, no relay reads the
+/// status again before the API had that long to apply it.
+const MARK_SENDING: Statement = Statement {
+    sql: "UPDATE @extschema@.pg_reaper_outbox
+             SET mark_sent_at = now(),
+                 lease_expires_at = greatest(lease_expires_at, now() + $3), updated_at = now()
+           WHERE id = $1 AND state = 'in_flight' AND attempts = $2
+       RETURNING true",
+    args: &[pg_sys::INT8OID, pg_sys::INT4OID, pg_sys::INTERVALOID],
+    writes: true,
+};
+
 const RELEASE: Statement = Statement {
     sql: "UPDATE @extschema@.pg_reaper_outbox
              SET state = 'pending', lease_expires_at = NULL, next_attempt_at = now(),
@@ -76,9 +108,13 @@ const RELEASE: Statement = Statement {
     writes: true,
 };
 
+/// A replay gives the failure budget back. `attempts` stays (it is the fencing token: reset, a
+/// stale claim's token could match again), unless it is at the maximum, set aside for that.
 const REPLAY: Statement = Statement {
     sql: "UPDATE @extschema@.pg_reaper_outbox
-             SET state = 'pending', attempts = 0, next_attempt_at = now(), updated_at = now()
+             SET state = 'pending', failures = 0,
+                 attempts = CASE WHEN attempts < 2147483647 THEN attempts ELSE 0 END,
+                 next_attempt_at = now(), updated_at = now()
            WHERE state = 'dead' AND ($1::int8 IS NULL OR id = $1)",
     args: &[pg_sys::INT8OID],
     writes: true,
@@ -177,8 +213,8 @@ fn outbox_claim(
     TableIterator::new(rows)
 }
 
-/// Gives a claimed intent back after a failed attempt: `pending` again after `backoff`, or
-/// `dead` once it has had `max_attempts`. Returns the new state, or `lost` when the claim is no
+/// Gives a claimed intent back after a failure about this execution: `pending` again after
+/// `backoff`, or `dead` once it has failed `max_attempts` times (failures, not claims). Returns the new state, or `lost` when the claim is no
 /// longer this caller's (its lease expired and the intent was claimed again or resolved).
 #[pg_extern(security_definer, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
@@ -221,6 +257,66 @@ fn outbox_fail(
     })
     .unwrap_or_else(|e| error!("{F}: {e}"))
     .unwrap_or_else(|| "lost".to_string())
+}
+
+/// Gives a claimed intent back after a failure that says nothing about the execution (the
+/// status API unreachable, or an ERROR mark whose answer never came): `pending` again after
+/// `backoff`, not counted toward `max_attempts`, never `dead`. Returns `pending`, or `lost`
+/// when the claim is no longer the caller's.
+#[pg_extern(security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn outbox_defer(
+    id: Option<i64>,
+    attempt: Option<i32>,
+    error: Option<&str>,
+    backoff: Option<Interval>,
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> String {
+    const F: &str = "outbox_defer";
+    let id = validate::required(F, "id", id);
+    let attempt = validate::required(F, "attempt", attempt);
+    let backoff = validate::non_negative_interval(F, "backoff", backoff);
+    let error = error.unwrap_or("");
+    let schema = plan::schema_of_call(fcinfo);
+    let args = [id.into(), attempt.into(), error.into(), backoff.into()];
+    Spi::connect_mut(|client| {
+        let t = plan::run(client, schema, &DEFER, &args)?;
+        if t.is_empty() {
+            Ok(None)
+        } else {
+            t.first().get_one::<String>()
+        }
+    })
+    .unwrap_or_else(|e| error!("{F}: {e}"))
+    .unwrap_or_else(|| "lost".to_string())
+}
+
+/// Records, and commits before the request leaves, that an ERROR mark may be sent for the
+/// caller's claim, and holds the claim for at least `hold` (the relay's settle delay). False
+/// when the claim is no longer the caller's: then no mark may be sent.
+#[pg_extern(security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn outbox_mark_sending(
+    id: Option<i64>,
+    attempt: Option<i32>,
+    hold: Option<Interval>,
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> bool {
+    const F: &str = "outbox_mark_sending";
+    let id = validate::required(F, "id", id);
+    let attempt = validate::required(F, "attempt", attempt);
+    let hold = validate::positive_interval(F, "hold", hold);
+    let schema = plan::schema_of_call(fcinfo);
+    Spi::connect_mut(|client| {
+        plan::run(
+            client,
+            schema,
+            &MARK_SENDING,
+            &[id.into(), attempt.into(), hold.into()],
+        )
+        .map(|t| !t.is_empty())
+    })
+    .unwrap_or_else(|e| error!("{F}: {e}"))
 }
 
 /// Hands a claimed intent back untouched (a relay shutting down); false when it was not held.

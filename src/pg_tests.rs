@@ -623,8 +623,77 @@ mod tests {
         assert_eq!(reap("").2, 1, "a dead intent blocks a new one");
         assert_eq!(one::<i64>("SELECT outbox_replay()"), Some(1));
         assert_eq!(
-            json("SELECT jsonb_build_array(state, attempts) FROM pg_reaper_outbox"),
-            json!(["pending", 0])
+            json("SELECT jsonb_build_array(state, failures, attempts) FROM pg_reaper_outbox"),
+            json!(["pending", 0, 2]),
+            "the failure budget is back; the fencing token is kept"
+        );
+    }
+
+    /// A failure that says nothing about the execution (the API unreachable) is deferred:
+    /// pending again, never counted, never dead, however often; fenced like the others.
+    #[pg_test]
+    fn defer_never_counts_and_never_kills() {
+        let id = intent("e1", "expired");
+        for _ in 0..5 {
+            run("UPDATE pg_reaper_outbox SET next_attempt_at = now()");
+            let (_, attempt) = claim_one();
+            assert_eq!(
+                one::<String>(&format!(
+                    "SELECT outbox_defer({id}, {attempt}, 'status read: HTTP 503', '0')"
+                )),
+                Some("pending".to_string())
+            );
+            assert_eq!(
+                one::<String>(&format!(
+                    "SELECT outbox_defer({id}, {attempt}, 'again', '0')"
+                )),
+                Some("lost".to_string())
+            );
+        }
+        assert_eq!(
+            json(
+                "SELECT jsonb_build_array(state, failures, attempts, last_error) FROM pg_reaper_outbox"
+            ),
+            json!(["pending", 0, 5, "status read: HTTP 503"])
+        );
+        // One failure about the execution, with a budget of one: dead.
+        let (_, attempt) = claim_one();
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT outbox_fail({id}, {attempt}, 'HTTP 500', '0', 1)"
+            )),
+            Some("dead".to_string())
+        );
+    }
+
+    /// Before an ERROR mark leaves, the claim is held for the settle delay (committed), so a
+    /// relay that dies with its request in flight is not taken over before the API had that
+    /// long to apply it; a later renewal never shortens the hold.
+    #[pg_test]
+    fn mark_sending_holds_the_claim_for_the_settle_delay() {
+        let id = intent("e1", "expired");
+        let (_, attempt) = claim_one();
+        assert_eq!(
+            one::<bool>(&format!(
+                "SELECT outbox_mark_sending({id}, {attempt}, '10 minutes')"
+            )),
+            Some(true)
+        );
+        assert_eq!(verdict(id, attempt).0, "mark");
+        assert_eq!(
+            one::<bool>(
+                "SELECT mark_sent_at = now() AND lease_expires_at = now() + interval '10 minutes' \
+                 FROM pg_reaper_outbox"
+            ),
+            Some(true)
+        );
+        assert_eq!(
+            one::<bool>(&format!(
+                "SELECT outbox_mark_sending({id}, {}, '10 minutes')",
+                attempt + 1
+            )),
+            Some(false),
+            "not the caller's claim"
         );
     }
 

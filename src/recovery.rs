@@ -17,7 +17,7 @@ use pgrx::prelude::*;
 
 const RENEW_CLAIM: Statement = Statement {
     sql: "UPDATE @extschema@.pg_reaper_outbox
-             SET lease_expires_at = now() + $3, updated_at = now()
+             SET lease_expires_at = greatest(lease_expires_at, now() + $3), updated_at = now()
            WHERE id = $1 AND state = 'in_flight' AND attempts = $2
        RETURNING execution_id",
     args: &[pg_sys::INT8OID, pg_sys::INT4OID, pg_sys::INTERVALOID],

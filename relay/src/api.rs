@@ -14,8 +14,14 @@ const NON_TERMINAL: [&str; 2] = ["PENDING", "EXECUTING"];
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failure {
     Status(u16, String),
+    /// No answer in time: the request may have been applied.
     Timeout,
+    /// No connection (refused, DNS, TLS handshake): the request never left.
     Connect(String),
+    /// The connection broke after the request may have left.
+    Transport(String),
+    /// No request can be made for this execution (an id too long for a URL, say).
+    Request(String),
     Body(String),
     UnknownStatus(String),
 }
@@ -27,9 +33,28 @@ impl Failure {
             Failure::Status(_, _) => "http_status",
             Failure::Timeout => "timeout",
             Failure::Connect(_) => "connect",
+            Failure::Transport(_) => "transport",
+            Failure::Request(_) => "bad_request",
             Failure::Body(_) => "bad_body",
             Failure::UnknownStatus(_) => "unknown_status",
         }
+    }
+
+    /// Says nothing about this execution: the API, or the path to it, is down or refuses the
+    /// relay as a whole. Such failures never count toward --max-attempts.
+    pub fn is_systemic(&self) -> bool {
+        matches!(
+            self,
+            Failure::Timeout
+                | Failure::Connect(_)
+                | Failure::Transport(_)
+                | Failure::Status(401 | 403 | 502 | 503 | 504, _)
+        )
+    }
+
+    /// For an ERROR mark: the request may have reached the API though no answer came back.
+    pub fn may_have_applied(&self) -> bool {
+        matches!(self, Failure::Timeout | Failure::Transport(_))
     }
 }
 
@@ -39,6 +64,8 @@ impl std::fmt::Display for Failure {
             Failure::Status(code, body) => write!(f, "HTTP {code}: {body}"),
             Failure::Timeout => f.write_str("timed out"),
             Failure::Connect(e) => write!(f, "connection failed: {e}"),
+            Failure::Transport(e) => write!(f, "connection broken: {e}"),
+            Failure::Request(e) => write!(f, "cannot make the request: {e}"),
             Failure::Body(e) => write!(f, "unusable response body: {e}"),
             Failure::UnknownStatus(s) => write!(f, "unknown execution status {s:?}"),
         }
@@ -152,15 +179,7 @@ impl Api {
     }
 
     fn url(&self, execution_id: &str, suffix: &str) -> String {
-        // The id goes into one path segment: escape what would change the path.
-        let mut id = String::new();
-        for b in execution_id.bytes() {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                id.push(b as char);
-            } else {
-                id.push_str(&format!("%{b:02X}"));
-            }
-        }
+        let id = path_segment(execution_id);
         format!("{}/v1/workflow-execution/{id}/{suffix}", self.base)
     }
 
@@ -203,12 +222,14 @@ impl Api {
         }
     }
 
-    /// `POST {base}/v1/workflow-execution/{id}/update_status/` with status ERROR.
+    /// `POST {base}/v1/workflow-execution/{id}/update_status/` with status ERROR, carrying
+    /// `idempotency_key` so that an API that honours the header applies a repeat once.
     pub async fn mark_error(
         &self,
         execution_id: &str,
         org: &str,
         message: &str,
+        idempotency_key: &str,
     ) -> (Result<Mark, Failure>, Duration) {
         let body = serde_json::json!({
             "status": "ERROR",
@@ -218,6 +239,7 @@ impl Api {
         let request = self
             .client
             .post(self.url(execution_id, "update_status/"))
+            .header("Idempotency-Key", idempotency_key)
             .json(&body);
         match self.send(request, org).await {
             Ok((code, body, took)) => {
@@ -245,10 +267,42 @@ impl Api {
     }
 }
 
+/// One path segment (or header token) holding `id`: unreserved bytes as they are, the rest
+/// percent-encoded.
+fn path_segment(id: &str) -> String {
+    let mut out = String::new();
+    for b in id.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The `Idempotency-Key` of an intent's ERROR mark: the same on every attempt of that intent,
+/// different for another intent (or another database's intent of the same execution).
+pub fn idempotency_key(intent_id: i64, execution_id: &str) -> String {
+    const SHOWN: usize = 128;
+    let id = path_segment(execution_id);
+    if id.len() <= SHOWN {
+        format!("pg-reaper-{intent_id}-{id}")
+    } else {
+        // Header lines are bounded; the intent id alone is unique within a database.
+        format!(
+            "pg-reaper-{intent_id}-{}-{}",
+            &id[..SHOWN],
+            execution_id.len()
+        )
+    }
+}
+
 fn transport_failure(e: reqwest::Error) -> Failure {
     if e.is_timeout() {
         return Failure::Timeout;
     }
+    let (connect, builder) = (e.is_connect(), e.is_builder());
     // The whole cause chain ("…: invalid peer certificate: UnknownIssuer"), without the URL:
     // it holds nothing secret, but keeps the line short.
     let e = e.without_url();
@@ -259,7 +313,13 @@ fn transport_failure(e: reqwest::Error) -> Failure {
         message.push_str(&cause.to_string());
         source = cause.source();
     }
-    Failure::Connect(message)
+    if builder {
+        Failure::Request(message)
+    } else if connect {
+        Failure::Connect(message)
+    } else {
+        Failure::Transport(message)
+    }
 }
 
 async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, Failure> {

@@ -66,7 +66,12 @@ pub struct Args {
     /// Longest retry delay.
     #[arg(long, env = "PG_REAPER_BACKOFF_MAX", default_value = "300s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub backoff_max: Duration,
-    /// Attempts before an intent goes dead (kept, replayable with outbox_replay()).
+    /// After an ERROR mark that got no answer (timeout, broken connection), how long to wait
+    /// before reading the status again: the API may still apply it. Default: 2 × --http-timeout.
+    #[arg(long, env = "PG_REAPER_SETTLE_DELAY", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub settle_delay: Option<Duration>,
+    /// Failures about an execution before its intent goes dead (kept, replayable with
+    /// outbox_replay()). Systemic failures (the API unreachable) never count.
     #[arg(long, env = "PG_REAPER_MAX_ATTEMPTS", default_value_t = 20, value_parser = clap::value_parser!(i32).range(1..))]
     pub max_attempts: i32,
     /// Time between outbox polls when no NOTIFY arrives.

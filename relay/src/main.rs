@@ -3,6 +3,7 @@
 //! Postgres through the extension's functions.
 
 mod api;
+mod circuit;
 mod config;
 mod metrics;
 mod relay;
@@ -43,6 +44,9 @@ fn start(args: config::Args) -> Result<i32, String> {
     if args.backoff_max < args.backoff_base {
         return Err("--backoff-max: must not be shorter than --backoff-base".to_string());
     }
+    if args.settle_delay.is_some_and(|d| d < args.http_timeout) {
+        return Err("--settle-delay: must not be shorter than --http-timeout".to_string());
+    }
     let settings = relay::Settings {
         database_url: args.database_url,
         concurrency: args.concurrency as usize,
@@ -52,6 +56,7 @@ fn start(args: config::Args) -> Result<i32, String> {
         max_attempts: args.max_attempts,
         poll_interval: args.poll_interval,
         http_timeout: args.http_timeout,
+        settle_delay: args.settle_delay.unwrap_or(args.http_timeout * 2),
         once: args.once,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

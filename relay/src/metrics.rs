@@ -9,11 +9,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-const CAUSES: [&str; 9] = [
+const CAUSES: [&str; 11] = [
     "http_status",
+    "bad_request",
     "unauthorized",
     "timeout",
     "connect",
+    "transport",
     "bad_body",
     "unknown_status",
     "indeterminate",
@@ -33,6 +35,8 @@ pub struct Metrics {
     dead: AtomicU64,
     lost: AtomicU64,
     in_flight: AtomicI64,
+    /// 1 while the status API answers, 0 during a systemic episode.
+    api_reachable: AtomicI64,
     latency_buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_micros: AtomicU64,
@@ -79,11 +83,19 @@ impl Metrics {
         self.lost.fetch_add(1, Relaxed);
     }
 
+    pub fn api_reachable(&self, up: bool) {
+        self.api_reachable.store(i64::from(up), Relaxed);
+    }
+
     pub fn in_flight(&self, delta: i64) {
         self.in_flight.fetch_add(delta, Relaxed);
     }
 
+    /// The duration of a request that got an answer (zero: none).
     pub fn http(&self, took: Duration) {
+        if took.is_zero() {
+            return;
+        }
         let secs = took.as_secs_f64();
         for (i, bound) in BUCKETS.iter().enumerate() {
             if secs <= *bound {
@@ -155,6 +167,11 @@ impl Metrics {
             s,
             "# HELP pg_reaper_relay_in_flight Intents being worked on.\n# TYPE pg_reaper_relay_in_flight gauge\npg_reaper_relay_in_flight {}",
             self.in_flight.load(Relaxed)
+        );
+        let _ = writeln!(
+            s,
+            "# HELP pg_reaper_relay_api_reachable Whether the status API answers (0 during a systemic outage).\n# TYPE pg_reaper_relay_api_reachable gauge\npg_reaper_relay_api_reachable {}",
+            self.api_reachable.load(Relaxed)
         );
         let _ = writeln!(
             s,

@@ -1,22 +1,26 @@
 //! The drain loop: claim due intents (woken by NOTIFY, or by the poll interval), work on up to
-//! `--concurrency` of them at once, and carry each through contract §5:
+//! `--concurrency` of them at once, and carry each through these steps:
 //!
 //! status read → gone / already terminal: resolve (clean up only)
-//!             → indeterminate / failure: push back with backoff (barrier kept, nothing marked)
-//!             → non-terminal: BEGIN; recovery_lock (row lock + re-check);
+//!             → indeterminate, or a failure about this execution: fail (counted, backoff)
+//!             → a systemic failure: defer (uncounted) and open an episode (see `circuit`)
+//!             → non-terminal: commit "a mark may leave" (holds the claim for the settle
+//!               delay); BEGIN; recovery_lock (row lock + re-check);
 //!                 rearmed → resolve; refire → resolve 'refired' (the hook runs in it);
-//!                 mark → POST ERROR; 2xx → resolve; else ROLLBACK and push back; COMMIT.
+//!                 mark → POST ERROR; 2xx → resolve, COMMIT; else ROLLBACK and fail or
+//!                 defer (an unanswered mark: for the settle delay, so the next status read
+//!                 comes after the API had time to apply it).
 //!
 //! The transaction that holds the barrier's row lock is committed only after the mark
 //! succeeded, so the barrier (the recovery handle) disappears exactly when recovery is
 //! confirmed, and a killed relay leaves nothing half-done: its transaction rolls back and its
-//! lease expires.
+//! claim is held until the settle delay has passed.
 
-use crate::api::{Api, Execution, Failure, Mark, stranded_message};
+use crate::api::{Api, Execution, Failure, Mark, idempotency_key, stranded_message};
+use crate::circuit::{Circuit, Gate};
 use crate::metrics::Metrics;
 use crate::store::{Intent, Outcome, Store, StoreError, Verdict};
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -32,6 +36,8 @@ pub struct Settings {
     pub max_attempts: i32,
     pub poll_interval: Duration,
     pub http_timeout: Duration,
+    /// How long after an unanswered ERROR mark the status is read again.
+    pub settle_delay: Duration,
     pub once: bool,
 }
 
@@ -47,6 +53,7 @@ struct Context {
     settings: Settings,
     api: Api,
     metrics: Arc<Metrics>,
+    circuit: Circuit,
     pool: Mutex<Vec<Store>>,
     /// Intents being worked on, to release them if a shutdown has to cut work short.
     in_flight: Mutex<HashMap<i64, Intent>>,
@@ -57,10 +64,24 @@ pub fn backoff(base: Duration, max: Duration, attempt: i32) -> Duration {
     let exp = base
         .saturating_mul(1u32 << (attempt.clamp(1, 31) - 1) as u32)
         .min(max);
-    let random = std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish();
-    exp.mul_f64(0.5 + (random % 1000) as f64 / 2000.0)
+    exp.mul_f64(0.5 + fastrand::f64() / 2.0)
+}
+
+/// How one attempt at an intent ended. `record` writes it back and reports it: the one place
+/// where outcomes and failures are counted and logged.
+enum End {
+    /// Resolved (and committed) with this outcome.
+    Resolved(Outcome),
+    /// The claim is no longer ours: another relay took it over, or it is done.
+    Lost,
+    /// A failure about this execution: counted toward --max-attempts.
+    Failed { cause: &'static str, error: String },
+    /// A failure that says nothing about this execution: not counted, retried after `after`.
+    Deferred {
+        cause: &'static str,
+        error: String,
+        after: Duration,
+    },
 }
 
 impl Context {
@@ -87,168 +108,178 @@ impl Context {
         }
     }
 
-    async fn fail(
-        &self,
-        store: &Store,
-        intent: &Intent,
-        cause: &str,
-        error: &str,
-    ) -> Result<(), StoreError> {
-        let wait = backoff(
-            self.settings.backoff_base,
-            self.settings.backoff_max,
-            intent.attempt,
-        );
-        let state = store
-            .fail(intent, error, wait, self.settings.max_attempts)
-            .await?;
-        self.metrics.failure(cause, &state);
-        match state.as_str() {
-            "dead" => error!(
-                intent = intent.id, execution_id = %intent.log_id(), attempts = intent.attempt, %error,
-                "recovery failed for the last time; the intent is dead (kept: replay it with outbox_replay())"
-            ),
-            "pending" => warn!(
-                intent = intent.id, execution_id = %intent.log_id(), attempt = intent.attempt, %error,
-                retry_in_ms = wait.as_millis() as u64, "recovery attempt failed; barrier kept, retrying"
-            ),
-            _ => {
-                info!(intent = intent.id, %error, "attempt failed, but the claim was already taken over")
-            }
-        }
-        Ok(())
-    }
-
-    async fn resolved(
-        &self,
-        store: &Store,
-        intent: &Intent,
-        outcome: Outcome,
-    ) -> Result<(), StoreError> {
-        if store.resolve(intent, outcome).await? {
-            self.metrics.outcome(outcome);
-            info!(
-                intent = intent.id, execution_id = %intent.log_id(), remaining_at_reap = intent.remaining,
-                outcome = outcome.as_str(), "recovered"
-            );
-        }
-        Ok(())
-    }
-
-    /// One intent, start to end. Errors are Postgres errors; HTTP trouble is handled inside.
+    /// One intent, start to end. Errors are Postgres errors; HTTP trouble is an `End`.
     async fn recover(&self, store: &Store, intent: &Intent) -> Result<(), StoreError> {
+        let end = self.attempt(store, intent).await?;
+        self.record(store, intent, end).await
+    }
+
+    async fn attempt(&self, store: &Store, intent: &Intent) -> Result<End, StoreError> {
         let (status, took) = self
             .api
             .status(&intent.execution_id, &intent.organization_id)
             .await;
-        if !took.is_zero() {
-            self.metrics.http(took);
-        }
-        let failure = |f: &Failure| {
-            if f.cause() == "unauthorized" {
-                error!(%f, "the status API refused the key: a configuration problem (check the API key); retrying");
-            }
-            f.to_string()
-        };
+        self.metrics.http(took);
         match status {
-            Ok(Execution::Gone) => self.resolved(store, intent, Outcome::Gone).await,
-            Ok(Execution::Terminal(_)) => {
-                self.resolved(store, intent, Outcome::AlreadyTerminal).await
-            }
-            Ok(Execution::Indeterminate) => {
-                let msg = "status read returned no status (indeterminate); not marking";
-                self.fail(store, intent, "indeterminate", msg).await
-            }
-            Err(f) => {
-                self.fail(
-                    store,
-                    intent,
-                    f.cause(),
-                    &format!("status read: {}", failure(&f)),
-                )
-                .await
-            }
-            Ok(Execution::NonTerminal(_)) => {
-                store.begin().await?;
-                let verdict = match store.lock(intent, self.settings.lease).await {
-                    Ok(v) => v,
-                    Err(e) => {
-                        store.rollback().await?;
-                        return self
-                            .fail(store, intent, "database", &format!("re-check: {e}"))
-                            .await;
+            Ok(answer) => {
+                self.circuit.reachable();
+                match answer {
+                    Execution::Gone => self.resolve(store, intent, Outcome::Gone).await,
+                    Execution::Terminal(_) => {
+                        self.resolve(store, intent, Outcome::AlreadyTerminal).await
                     }
-                };
-                match verdict {
-                    Verdict::Lost => {
-                        store.rollback().await?;
-                        self.metrics.lost();
-                        info!(
-                            intent = intent.id,
-                            "claim taken over by another relay; leaving it"
-                        );
-                        Ok(())
+                    Execution::Indeterminate => Ok(End::Failed {
+                        cause: "indeterminate",
+                        error: "status read returned no status (indeterminate); not marking"
+                            .to_string(),
+                    }),
+                    Execution::NonTerminal(_) => self.mark(store, intent).await,
+                }
+            }
+            Err(f) => Ok(self.failed("status read", &f, Duration::ZERO)),
+        }
+    }
+
+    /// Resolves outside any transaction (gone, already terminal: clean up only).
+    async fn resolve(
+        &self,
+        store: &Store,
+        intent: &Intent,
+        outcome: Outcome,
+    ) -> Result<End, StoreError> {
+        Ok(if store.resolve(intent, outcome).await? {
+            End::Resolved(outcome)
+        } else {
+            End::Lost
+        })
+    }
+
+    /// The non-terminal branch: re-check under the barrier's row lock, then re-fire or mark.
+    async fn mark(&self, store: &Store, intent: &Intent) -> Result<End, StoreError> {
+        let settle = self.settings.settle_delay;
+        if !store.mark_sending(intent, settle).await? {
+            return Ok(End::Lost);
+        }
+        store.begin().await?;
+        let end = match store.lock(intent, self.settings.lease).await {
+            Err(e) => End::Failed {
+                cause: "database",
+                error: format!("re-check: {e}"),
+            },
+            Ok(Verdict::Lost) => End::Lost,
+            Ok(Verdict::Rearmed) => self.resolve(store, intent, Outcome::Rearmed).await?,
+            Ok(Verdict::Refire) => match store.resolve(intent, Outcome::Refired).await {
+                Ok(true) => End::Resolved(Outcome::Refired),
+                Ok(false) => End::Lost,
+                Err(e) => End::Failed {
+                    cause: "refire_hook",
+                    error: format!("re-fire hook: {}", StoreError::from(e)),
+                },
+            },
+            Ok(Verdict::Mark { remaining }) => {
+                let (mark, took) = self
+                    .api
+                    .mark_error(
+                        &intent.execution_id,
+                        &intent.organization_id,
+                        &stranded_message(remaining),
+                        &idempotency_key(intent.id, &intent.execution_id),
+                    )
+                    .await;
+                self.metrics.http(took);
+                match mark {
+                    Ok(m) => {
+                        self.circuit.reachable();
+                        let outcome = match m {
+                            Mark::AlreadyFinal => Outcome::AlreadyTerminal,
+                            Mark::Marked => Outcome::MarkedError,
+                        };
+                        self.resolve(store, intent, outcome).await?
                     }
-                    Verdict::Rearmed => {
-                        self.resolved(store, intent, Outcome::Rearmed).await?;
-                        Ok(store.commit().await?)
-                    }
-                    Verdict::Refire => match store.resolve(intent, Outcome::Refired).await {
-                        Ok(true) => {
-                            store.commit().await?;
-                            self.metrics.outcome(Outcome::Refired);
-                            info!(intent = intent.id, execution_id = %intent.log_id(), outcome = "refired", "recovered");
-                            Ok(())
-                        }
-                        Ok(false) => {
-                            store.rollback().await?;
-                            self.metrics.lost();
-                            info!(
-                                intent = intent.id,
-                                "claim taken over by another relay; leaving it"
-                            );
-                            Ok(())
-                        }
-                        Err(e) => {
-                            store.rollback().await?;
-                            let msg = format!("re-fire hook: {}", StoreError::from(e));
-                            self.fail(store, intent, "refire_hook", &msg).await
-                        }
-                    },
-                    Verdict::Mark { remaining } => {
-                        let message = stranded_message(remaining);
-                        let (mark, took) = self
-                            .api
-                            .mark_error(&intent.execution_id, &intent.organization_id, &message)
-                            .await;
-                        if !took.is_zero() {
-                            self.metrics.http(took);
-                        }
-                        match mark {
-                            Ok(m) => {
-                                let outcome = if m == Mark::AlreadyFinal {
-                                    Outcome::AlreadyTerminal
-                                } else {
-                                    Outcome::MarkedError
-                                };
-                                self.resolved(store, intent, outcome).await?;
-                                Ok(store.commit().await?)
-                            }
-                            Err(f) => {
-                                store.rollback().await?;
-                                self.fail(
-                                    store,
-                                    intent,
-                                    f.cause(),
-                                    &format!("ERROR mark: {}", failure(&f)),
-                                )
-                                .await
-                            }
-                        }
+                    // An unanswered mark may still be applied: read the status only after the
+                    // API had the settle delay to do so.
+                    Err(f) if f.may_have_applied() => self.failed("ERROR mark", &f, settle),
+                    Err(f) => self.failed("ERROR mark", &f, Duration::ZERO),
+                }
+            }
+        };
+        if matches!(end, End::Resolved(_)) {
+            store.commit().await?;
+        } else {
+            store.rollback().await?;
+        }
+        Ok(end)
+    }
+
+    /// Classifies an HTTP failure of `what`: systemic ones open (or feed) an episode and are
+    /// deferred by at least `after`; the others are the execution's own, and counted.
+    fn failed(&self, what: &str, f: &Failure, after: Duration) -> End {
+        let error = format!("{what}: {f}");
+        if f.is_systemic() {
+            self.circuit.unreachable(f);
+            End::Deferred {
+                cause: f.cause(),
+                error,
+                after,
+            }
+        } else {
+            self.circuit.reachable();
+            End::Failed {
+                cause: f.cause(),
+                error,
+            }
+        }
+    }
+
+    async fn record(&self, store: &Store, intent: &Intent, end: End) -> Result<(), StoreError> {
+        let id = intent.log_id();
+        match end {
+            End::Resolved(outcome) => {
+                self.metrics.outcome(outcome);
+                info!(
+                    intent = intent.id, execution_id = %id, remaining_at_reap = intent.remaining,
+                    outcome = outcome.as_str(), "recovered"
+                );
+            }
+            End::Lost => {
+                self.metrics.lost();
+                info!(
+                    intent = intent.id,
+                    "claim taken over by another relay, or already done; leaving it"
+                );
+            }
+            End::Deferred {
+                cause,
+                error,
+                after,
+            } => {
+                let state = store.defer(intent, &error, after).await?;
+                self.metrics.failure(cause, &state);
+                // The episode's start and end are logged once (see `circuit`); not every intent.
+                debug!(intent = intent.id, execution_id = %id, %error, retry_in_ms = after.as_millis() as u64,
+                       "systemic failure; the intent waits, uncounted");
+            }
+            End::Failed { cause, error } => {
+                let s = &self.settings;
+                let wait = backoff(s.backoff_base, s.backoff_max, intent.attempt);
+                let state = store.fail(intent, &error, wait, s.max_attempts).await?;
+                self.metrics.failure(cause, &state);
+                match state.as_str() {
+                    "dead" => error!(
+                        intent = intent.id, execution_id = %id, %error,
+                        "recovery failed for the last time; the intent is dead (kept: replay it with outbox_replay())"
+                    ),
+                    "pending" => warn!(
+                        intent = intent.id, execution_id = %id, attempt = intent.attempt, %error,
+                        retry_in_ms = wait.as_millis() as u64, "recovery attempt failed; barrier kept, retrying"
+                    ),
+                    _ => {
+                        info!(intent = intent.id, %error, "attempt failed, but the claim was already taken over")
                     }
                 }
             }
         }
+        Ok(())
     }
 }
 
@@ -304,10 +335,12 @@ pub async fn run(
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> i32 {
+    let circuit = Circuit::new(settings.backoff_base, settings.backoff_max, metrics.clone());
     let ctx = Arc::new(Context {
         settings,
         api,
         metrics,
+        circuit,
         pool: Mutex::new(Vec::new()),
         in_flight: Mutex::default(),
     });
@@ -330,7 +363,19 @@ pub async fn run(
             break;
         }
         while tasks.try_join_next().is_some() {}
-        let free = permits.available_permits();
+        // In a systemic episode: one probe per backoff step, nothing else.
+        let gate = ctx.circuit.gate(!tasks.is_empty());
+        if s.once && gate != Gate::Open && tasks.is_empty() {
+            info!(
+                "stopping (--once): the status API is unreachable; the intents wait in the outbox"
+            );
+            break;
+        }
+        let free = match gate {
+            Gate::Open => permits.available_permits(),
+            Gate::Probe => permits.available_permits().min(1),
+            Gate::WaitUntil(_) => 0,
+        };
         let mut more = false;
         if free > 0 {
             if claimer.as_ref().is_none_or(Store::is_closed) {
@@ -352,7 +397,10 @@ pub async fn run(
                     Ok(intents) => {
                         db_failures = 0;
                         ctx.metrics.claimed(intents.len());
-                        more = intents.len() == free;
+                        if gate == Gate::Probe && intents.is_empty() {
+                            ctx.circuit.nothing_to_probe();
+                        }
+                        more = gate == Gate::Open && intents.len() == free;
                         if s.once && intents.is_empty() && tasks.is_empty() {
                             break;
                         }
@@ -380,10 +428,10 @@ pub async fn run(
         if more {
             continue;
         }
-        let pause = if claimer.is_none() {
-            Duration::from_secs(1)
-        } else {
-            s.poll_interval
+        let pause = match gate {
+            Gate::WaitUntil(t) => t.saturating_duration_since(std::time::Instant::now()),
+            _ if claimer.is_none() => Duration::from_secs(1),
+            _ => s.poll_interval,
         };
         tokio::select! {
             _ = wake.recv() => while wake.try_recv().is_ok() {},

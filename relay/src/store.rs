@@ -24,6 +24,8 @@ const LOCK: &str =
 const RESOLVE: &str = "SELECT @extschema@.outbox_resolve($1, $2, $3)";
 const FAIL: &str = "SELECT @extschema@.outbox_fail($1, $2, $3, $4::text::interval, $5)";
 const RELEASE: &str = "SELECT @extschema@.outbox_release($1, $2)";
+const DEFER: &str = "SELECT @extschema@.outbox_defer($1, $2, $3, $4::text::interval)";
+const MARK_SENDING: &str = "SELECT @extschema@.outbox_mark_sending($1, $2, $3::text::interval)";
 const LISTEN: &str = "LISTEN pg_reaper_outbox";
 
 /// One claimed intent; `attempt` is the claim's fencing token.
@@ -305,6 +307,41 @@ impl Store {
                     &interval(backoff),
                     &max_attempts,
                 ],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// Pushes the intent back after a failure that says nothing about the execution: not
+    /// counted, never dead. Returns `pending` or `lost`.
+    pub async fn defer(
+        &self,
+        intent: &Intent,
+        error: &str,
+        backoff: Duration,
+    ) -> Result<String, tokio_postgres::Error> {
+        let row = self
+            .client
+            .query_one(
+                &self.sql(DEFER),
+                &[&intent.id, &intent.attempt, &error, &interval(backoff)],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// Commits that an ERROR mark may now leave, holding the claim for at least `hold`; false
+    /// when the claim is no longer ours (then no mark may be sent).
+    pub async fn mark_sending(
+        &self,
+        intent: &Intent,
+        hold: Duration,
+    ) -> Result<bool, tokio_postgres::Error> {
+        let row = self
+            .client
+            .query_one(
+                &self.sql(MARK_SENDING),
+                &[&intent.id, &intent.attempt, &interval(hold)],
             )
             .await?;
         Ok(row.get(0))

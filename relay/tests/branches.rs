@@ -162,13 +162,14 @@ fn failures_keep_the_barrier_and_retry_with_backoff_until_dead_then_replay() {
     env.strand(&mut c, "http", "org", 1);
     env.strand(&mut c, "weird", "org", 1);
     env.reap(&mut c);
+    // The API answers, about this one execution, with a 500: a failure of its own, counted.
     env.api
-        .faults(json!({"fail_status": 503, "fail_count": 1000}));
-    // Each --once run makes one attempt per due intent; backoff is at most 200 ms here.
-    for _ in 0..3 {
+        .faults(json!({"fail_ids": ["http"], "fail_ids_status": 500}));
+    wait_for(120, "both intents dead after three failures each", || {
         env.relay_once(&["--max-attempts", "3"]);
-        sleep_ms(250);
-    }
+        let dead = json(&mut c, "SELECT to_jsonb(outbox_dead) FROM pg_reaper_status");
+        (dead == json!(2)).then_some(())
+    });
     let http = intent(&mut c, "http");
     assert_eq!(
         (&http["state"], &http["attempts"], &http["barrier"]),
@@ -176,15 +177,11 @@ fn failures_keep_the_barrier_and_retry_with_backoff_until_dead_then_replay() {
     );
     assert_eq!(
         http["last_error"],
-        json!("status read: HTTP 503: {\"error\":\"injected fault\"}")
+        json!("status read: HTTP 500: {\"error\":\"injected fault\"}")
     );
     assert_eq!(env.api.executions()["http"]["error_marks"], json!(0));
-    assert_eq!(
-        json(&mut c, "SELECT to_jsonb(outbox_dead) FROM pg_reaper_status"),
-        json!(2)
-    );
 
-    // The API is healthy again: the unknown status still fails, the 503 one recovers after replay.
+    // The API is healthy again: the unknown status still fails, the 500 one recovers after replay.
     env.api.faults(json!({}));
     assert_eq!(json(&mut c, "SELECT to_jsonb(outbox_replay())"), json!(2));
     env.relay_once(&["--max-attempts", "3"]);
@@ -477,7 +474,7 @@ fn without_the_worker_a_killed_relays_claims_are_taken_over_after_the_lease() {
     }
     // Status reads hang, so the first relay holds all four claims when it is killed.
     env.api.faults(json!({"get_delay_ms": 600_000}));
-    let mut first = env.spawn_relay(&["--http-timeout", "600s"]);
+    let mut first = env.spawn_relay(&["--http-timeout", "600s", "--settle-delay", "600s"]);
     let in_flight = |c: &mut Client| -> i64 {
         c.query_one(
             "SELECT count(*) FROM pg_reaper_outbox WHERE state = 'in_flight'",

@@ -132,11 +132,17 @@ fn relays_sigkilled_at_random_points_lose_nothing_and_mark_once() {
     let mut c = env.db();
     let fleet = fleet(&env, &mut c, 300);
     env.api.faults(json!({"delay_ms": 15}));
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(7);
-    eprintln!("kill schedule seed {seed}");
+    // PG_REAPER_CHAOS_SEED replays a schedule; otherwise a new one, printed for that purpose.
+    let seed = std::env::var("PG_REAPER_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(7)
+        });
+    eprintln!("kill schedule seed {seed} (PG_REAPER_CHAOS_SEED={seed} to replay it)");
     for pause in delays(seed, 6, 100, 600) {
         let relay = env.spawn_relay(&["--concurrency", "8"]);
         sleep_ms(pause);
@@ -211,38 +217,59 @@ fn postgres_immediate_restart_mid_drain() {
     final_invariants(&env, &mut c, &fleet);
 }
 
+/// The state and outcome of the newest intent of `id`, if it has one yet.
+fn intent_state(c: &mut Client, id: &str) -> Option<(String, Option<String>)> {
+    c.query_opt(
+        "SELECT state, outcome FROM pg_reaper_outbox WHERE execution_id = $1 ORDER BY id DESC LIMIT 1",
+        &[&id],
+    )
+    .expect("intent")
+    .map(|r| (r.get(0), r.get(1)))
+}
+
+fn outbox(c: &mut Client) -> Value {
+    json(
+        c,
+        "SELECT jsonb_build_object(
+             'dead', count(*) FILTER (WHERE state = 'dead'),
+             'done', count(*) FILTER (WHERE state = 'done'),
+             'over_budget', count(*) FILTER (WHERE attempts > 2),
+             'failures', coalesce(sum(failures), 0))
+           FROM pg_reaper_outbox",
+    )
+}
+
+/// An outage far longer than the failure budget (`--max-attempts 2`): refused connections,
+/// then 503 everywhere, then healthy. Nothing goes dead, nothing is marked meanwhile, the
+/// relay sends one probe per backoff step (not one request per intent), logs the episode
+/// once, and every execution is recovered by itself, with exactly one mark, no replay.
 #[test]
-fn api_down_then_failing_then_back_marks_nothing_meanwhile_and_recovers_all() {
-    let mut env = Env::new("cdown", false);
+fn an_outage_longer_than_the_failure_budget_kills_nothing_and_needs_no_replay() {
+    let mut env = Env::new("coutage", false);
     let mut c = env.db();
-    let fleet = fleet(&env, &mut c, 30);
+    let fleet = fleet(&env, &mut c, 12);
     let port = env.api.port;
     env.api.stop();
-    // Refused connections: every attempt fails, nothing is marked, every barrier stays.
-    for _ in 0..3 {
-        env.relay_once(&[]);
-        sleep_ms(250);
-    }
-    assert_eq!(
-        json(
-            &mut c,
-            "SELECT jsonb_build_array(min(attempts), count(*) FILTER (WHERE state = 'pending')) FROM pg_reaper_outbox"
-        ),
-        json!([3, 30])
-    );
-    assert_eq!(
-        json(&mut c, "SELECT to_jsonb(count(*)) FROM pg_barrier_state"),
-        json!(30)
-    );
+    let metrics_port = common::free_port();
+    let listen = format!("127.0.0.1:{metrics_port}");
+    let mut relay = env.spawn_relay(&[
+        "--concurrency",
+        "4",
+        "--max-attempts",
+        "2",
+        "--listen",
+        &listen,
+    ]);
+    // Refused connections: intents are claimed again and again, far past their budget.
+    wait_for(120, "intents claimed past their failure budget", || {
+        (outbox(&mut c)["over_budget"].as_i64().unwrap_or(0) >= 3).then_some(())
+    });
+    let (_, metrics) = common::http_get(&listen, "/metrics");
     assert!(
-        json(
-            &mut c,
-            "SELECT to_jsonb(min(last_error)) FROM pg_reaper_outbox"
-        )
-        .as_str()
-        .is_some_and(|e| e.starts_with("status read: connection failed")),
+        metrics.contains("pg_reaper_relay_api_reachable 0"),
+        "{metrics}"
     );
-    // Back, but answering 503 for a while (the API's state was lost with it: recreate it).
+    // Back, but answering 503 for everything (its state was lost with it: recreate it).
     env.api = SampleApi::start(&env.key_file, port);
     for (id, status) in &fleet {
         if *status != "GONE" {
@@ -250,22 +277,227 @@ fn api_down_then_failing_then_back_marks_nothing_meanwhile_and_recovers_all() {
         }
     }
     env.api
-        .faults(json!({"fail_status": 503, "fail_count": 40}));
-    let mut relay = env.spawn_relay(&["--concurrency", "4"]);
-    wait_for(60, "every intent done", || {
+        .faults(json!({"fail_status": 503, "fail_count": 1_000_000}));
+    wait_for(120, "probes answered 503", || {
+        (env.api.calls().len() >= 6).then_some(())
+    });
+    let during = outbox(&mut c);
+    assert_eq!(
+        (&during["dead"], &during["done"], &during["failures"]),
+        (&json!(0), &json!(0), &json!(0)),
+        "nothing dead, nothing counted, nothing done: {during}"
+    );
+    // One probe at a time: a step (at least half of --backoff-base, 50 ms) between requests.
+    let calls = env.api.calls();
+    let at: Vec<u64> = calls.iter().filter_map(|c| c["at_ms"].as_u64()).collect();
+    for pair in at.windows(2) {
+        assert!(
+            pair[1] >= pair[0] + 25,
+            "two requests {} ms apart during the outage: {at:?}",
+            pair[1] - pair[0]
+        );
+    }
+    env.api.faults(json!({}));
+    wait_for(120, "every intent done", || {
         all_done(&mut c, fleet.len()).then_some(())
     });
-    relay.terminate();
-    final_invariants(&env, &mut c, &fleet);
+    let (_, metrics) = common::http_get(&listen, "/metrics");
     assert!(
-        json(
-            &mut c,
-            "SELECT to_jsonb(min(attempts)) FROM pg_reaper_outbox"
-        )
-        .as_i64()
-        .unwrap_or(0)
-            >= 4,
-        "the backoff history is visible in attempts"
+        metrics.contains("pg_reaper_relay_api_reachable 1"),
+        "{metrics}"
+    );
+    let (_, log) = relay.terminate();
+    final_invariants(&env, &mut c, &fleet);
+    assert_eq!(outbox(&mut c)["dead"], json!(0));
+    assert_eq!(
+        log.matches("status API unreachable").count(),
+        1,
+        "the episode's start is logged once: {log}"
+    );
+    assert_eq!(
+        log.matches("status API reachable again").count(),
+        1,
+        "{log}"
+    );
+}
+
+/// A failure about one execution (a 500 for it alone) still uses up its budget and goes dead,
+/// while the others are recovered.
+#[test]
+fn a_per_execution_failure_still_goes_dead_while_the_others_recover() {
+    let env = Env::new("cperexec", false);
+    let mut c = env.db();
+    let fleet = fleet(&env, &mut c, 6);
+    env.api
+        .faults(json!({"fail_ids": ["x0001"], "fail_ids_status": 500}));
+    let mut relay = env.spawn_relay(&["--max-attempts", "3"]);
+    wait_for(120, "x0001 dead and the others done", || {
+        let o = outbox(&mut c);
+        (o["dead"] == json!(1) && o["done"] == json!(5)).then_some(())
+    });
+    relay.terminate();
+    let failed = common::intent(&mut c, "x0001");
+    assert_eq!(
+        (&failed["state"], &failed["barrier"]),
+        (&json!("dead"), &json!(true))
+    );
+    let api = env.api.executions();
+    for (id, start) in &fleet {
+        if id != "x0001" && *start == "EXECUTING" {
+            assert_eq!(api[id]["error_marks"], json!(1), "{id}");
+        }
+    }
+    assert_eq!(api["x0001"]["error_marks"], json!(0));
+}
+
+/// POSTs for which the relay gets no answer (its HTTP timeout) are applied by the API later.
+/// The relay reads the status again only after its settle delay and finds them terminal: one
+/// applied mark per execution, never a second, and every mark carried an Idempotency-Key.
+#[test]
+fn marks_applied_after_the_http_timeout_are_never_sent_twice() {
+    let env = Env::new("clate", false);
+    let mut c = env.db();
+    let ids: Vec<String> = (0..5).map(|i| format!("late{i}")).collect();
+    for id in &ids {
+        env.stranded_executing(&mut c, id);
+    }
+    env.api
+        .faults(json!({"apply_delay_ms": 2000, "post_delay_ms": 60_000}));
+    let mut relay = env.spawn_relay(&["--http-timeout", "1s", "--settle-delay", "10s"]);
+    wait_for(120, "every intent done", || {
+        all_done(&mut c, ids.len()).then_some(())
+    });
+    relay.terminate();
+    let api = env.api.executions();
+    let calls = env.api.calls();
+    for id in &ids {
+        assert_eq!(api[id]["error_marks"], json!(1), "{id}: one applied mark");
+        assert_eq!(
+            common::intent(&mut c, id)["outcome"],
+            json!("already_terminal")
+        );
+        let posts: Vec<&Value> = calls
+            .iter()
+            .filter(|c| {
+                c["method"] == "POST" && c["path"].as_str().is_some_and(|p| p.contains(id.as_str()))
+            })
+            .collect();
+        assert_eq!(posts.len(), 1, "{id}: one POST");
+        let key = posts[0]["idempotency_key"].as_str().unwrap_or_default();
+        assert!(
+            key.starts_with("pg-reaper-") && key.ends_with(&format!("-{id}")),
+            "{key}"
+        );
+    }
+}
+
+/// A relay killed the moment its POST reached the API, which applies it seconds later (longer
+/// than the lease): the claim is held for the settle delay, so the relay that takes over reads
+/// the status after the mark landed and does not mark again.
+#[test]
+fn a_relay_killed_with_its_mark_in_flight_is_not_followed_by_a_second_mark() {
+    let env = Env::new("ckillpost", false);
+    let mut c = env.db();
+    env.stranded_executing(&mut c, "inflight");
+    env.api
+        .faults(json!({"apply_delay_ms": 5000, "post_delay_ms": 60_000}));
+    let settle = ["--http-timeout", "2s", "--settle-delay", "10s"];
+    let mut first = env.spawn_relay(&settle);
+    wait_for(60, "the mark reaching the API", || {
+        env.api
+            .calls()
+            .iter()
+            .any(|c| c["method"] == "POST")
+            .then_some(())
+    });
+    first.signal("KILL");
+    let _ = first.child.wait();
+    env.api.faults(json!({}));
+    let mut second = env.spawn_relay(&settle);
+    wait_for(120, "the intent done", || {
+        (common::intent(&mut c, "inflight")["state"] == json!("done")).then_some(())
+    });
+    second.terminate();
+    assert_eq!(env.api.executions()["inflight"]["error_marks"], json!(1));
+    assert_eq!(
+        common::intent(&mut c, "inflight")["outcome"],
+        json!("already_terminal")
+    );
+    let posts = env
+        .api
+        .calls()
+        .iter()
+        .filter(|c| c["method"] == "POST")
+        .count();
+    assert_eq!(posts, 1);
+}
+
+/// A relay stopped (SIGSTOP: a VM pause, a partition) with its POST in flight and its recovery
+/// transaction open. Meanwhile the worker keeps queueing new strands and a second relay marks
+/// them; the server ends the stopped relay's transaction; after SIGCONT nothing is marked twice.
+#[test]
+fn a_paused_relay_stops_nothing_and_marks_nothing_twice() {
+    let env = Env::new("cpause", true);
+    let mut c = env.db();
+    env.api.execution("paused", "org", "EXECUTING");
+    env.strand(&mut c, "paused", "org", 1);
+    wait_for(60, "the worker queueing it", || {
+        intent_state(&mut c, "paused")
+    });
+    env.api
+        .faults(json!({"apply_delay_ms": 1000, "post_delay_ms": 60_000}));
+    let timing = ["--http-timeout", "3s", "--settle-delay", "6s"];
+    let mut stopped = env.spawn_relay(&timing);
+    wait_for(60, "its mark reaching the API", || {
+        env.api
+            .calls()
+            .iter()
+            .any(|c| c["method"] == "POST")
+            .then_some(())
+    });
+    stopped.signal("STOP");
+    env.api.faults(json!({}));
+    let mut other = env.spawn_relay(&timing);
+    for id in ["fresh1", "fresh2"] {
+        env.api.execution(id, "org", "EXECUTING");
+        env.strand(&mut c, id, "org", 1);
+    }
+    wait_for(
+        120,
+        "new strands queued and marked while the relay is stopped",
+        || {
+            let done = ["fresh1", "fresh2"].iter().all(|id| {
+                intent_state(&mut c, id).and_then(|(_, o)| o) == Some("marked_error".to_string())
+            });
+            done.then_some(())
+        },
+    );
+    // The server ends the stopped relay's idle transaction; the intent is then taken over.
+    wait_for(
+        120,
+        "the stopped relay's intent done by the other relay",
+        || {
+            intent_state(&mut c, "paused")
+                .filter(|(state, _)| state == "done")
+                .map(|_| ())
+        },
+    );
+    stopped.signal("CONT");
+    let (status, _) = stopped.terminate();
+    assert!(status.success());
+    other.terminate();
+    let api = env.api.executions();
+    for id in ["paused", "fresh1", "fresh2"] {
+        assert_eq!(api[id]["error_marks"], json!(1), "{id}: exactly one mark");
+    }
+    assert_eq!(
+        common::intent(&mut c, "paused")["outcome"],
+        json!("already_terminal")
+    );
+    assert!(
+        env.cluster
+            .log()
+            .contains("terminating connection due to idle-in-transaction timeout")
     );
 }
 

@@ -13,7 +13,11 @@
 //!   GET  /_admin/calls             every recorded /v1 call (method, path, headers, body)
 //!   POST /_admin/faults            {"fail_status": 503, "fail_count": 5, "delay_ms": 5,
 //!                                   "get_delay_ms": 0, "post_delay_ms": 0,
+//!                                   "apply_delay_ms": 0, "fail_ids": [], "fail_ids_status": 500,
 //!                                   "missing_status": false, "pad_bytes": 0}
+//!     fail_ids: requests about these executions answer fail_ids_status, every time;
+//!     apply_delay_ms: an ERROR mark is applied this long after it arrived, whether or not the
+//!     caller still waits for the answer (a slow database behind the API).
 //!   POST /_admin/reset             forget calls and faults
 
 use http_body_util::{BodyExt, Full};
@@ -43,6 +47,7 @@ struct Call {
     authorization: Option<String>,
     organization: Option<String>,
     content_type: Option<String>,
+    idempotency_key: Option<String>,
     body: Value,
     /// When the request arrived, in milliseconds since the Unix epoch.
     at_ms: u64,
@@ -60,6 +65,12 @@ struct Faults {
     get_delay_ms: u64,
     #[serde(default)]
     post_delay_ms: u64,
+    #[serde(default)]
+    apply_delay_ms: u64,
+    #[serde(default)]
+    fail_ids: Vec<String>,
+    #[serde(default)]
+    fail_ids_status: Option<u16>,
     #[serde(default)]
     missing_status: bool,
     /// Pads every status read with this many bytes (a body-size limit test).
@@ -102,6 +113,7 @@ async fn handle(req: Request<Incoming>, state: Shared, key: Arc<String>) -> Resp
     let authorization = header(&req, "authorization");
     let organization = header(&req, "x-organization-id");
     let content_type = header(&req, "content-type");
+    let idempotency_key = header(&req, "idempotency-key");
     let bytes = req
         .into_body()
         .collect()
@@ -123,7 +135,7 @@ async fn handle(req: Request<Incoming>, state: Shared, key: Arc<String>) -> Resp
         Some((id, action)) => (id.to_string(), action.trim_end_matches('/').to_string()),
         None => (tail.to_string(), String::new()),
     };
-    let (delay, fail) = {
+    let (delay, fail, apply_delay) = {
         let Ok(mut s) = state.lock() else {
             return reply(500, json!({"error": "state poisoned"}));
         };
@@ -138,6 +150,7 @@ async fn handle(req: Request<Incoming>, state: Shared, key: Arc<String>) -> Resp
             authorization,
             organization: organization.clone(),
             content_type,
+            idempotency_key,
             body: body.clone(),
         });
         let f = &mut s.faults;
@@ -148,65 +161,102 @@ async fn handle(req: Request<Incoming>, state: Shared, key: Arc<String>) -> Resp
                 _ => 0,
             };
         let fail = match f.fail_status {
+            _ if f.fail_ids.contains(&id) => Some(f.fail_ids_status.unwrap_or(500)),
             Some(code) if f.fail_count > 0 => {
                 f.fail_count -= 1;
                 Some(code)
             }
             _ => None,
         };
-        (delay, fail)
+        (delay, fail, f.apply_delay_ms)
     };
+    if method == Method::POST && action == "update_status" && fail.is_none() && apply_delay > 0 {
+        // Applied later by a task of its own: a caller that gave up does not cancel it.
+        let (state, id, organization, body) = (state.clone(), id.clone(), organization, body);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(apply_delay)).await;
+            let _ = update_status(&state, &id, organization.as_deref(), &body);
+        });
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        return reply(200, json!({"status": "accepted"}));
+    }
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
     if let Some(code) = fail {
         return reply(code, json!({"error": "injected fault"}));
     }
-    let Ok(mut s) = state.lock() else {
+    match (&method, action.as_str()) {
+        (&Method::GET, "") => read_status(&state, &id, organization.as_deref()),
+        (&Method::POST, "update_status") => {
+            let (code, body) = update_status(&state, &id, organization.as_deref(), &body);
+            reply(code, body)
+        }
+        _ => reply(405, json!({"error": "method not allowed"})),
+    }
+}
+
+fn read_status(state: &Shared, id: &str, organization: Option<&str>) -> Response<Full<Bytes>> {
+    let Ok(s) = state.lock() else {
         return reply(500, json!({"error": "state poisoned"}));
     };
-    let (missing_status, pad_bytes) = (s.faults.missing_status, s.faults.pad_bytes);
-    let Some(execution) = s.executions.get_mut(&id) else {
+    let Some(execution) = s.executions.get(id) else {
         return reply(404, json!({"error": "WorkflowExecution not found"}));
     };
-    if organization.as_deref() != Some(execution.organization_id.as_str()) {
+    if organization != Some(execution.organization_id.as_str()) {
         return reply(
             500,
             json!({"error": "execution is not visible to this organization"}),
         );
     }
-    match (&method, action.as_str()) {
-        (&Method::GET, "") if missing_status => reply(200, json!({"execution": {"id": id}})),
-        (&Method::GET, "") => {
-            let pad = "x".repeat(pad_bytes);
-            reply(
-                200,
-                json!({"execution": {"id": id, "status": execution.status}, "pad": pad}),
-            )
-        }
-        (&Method::POST, "update_status") => {
-            let Some(status) = body.get("status").and_then(Value::as_str) else {
-                return reply(400, json!({"error": "status is required"}));
-            };
-            // The one-way guard: a finished execution is never turned into an ERROR.
-            if status == "ERROR" && ["COMPLETED", "STOPPED"].contains(&execution.status.as_str()) {
-                return reply(200, json!({"status": "skipped", "reason": "already_final"}));
-            }
-            if status == "ERROR" {
-                execution.error_marks += 1;
-                execution.error_message = body
-                    .get("error_message")
-                    .and_then(Value::as_str)
-                    .map(str::to_string);
-            }
-            execution.status = status.to_string();
-            reply(
-                200,
-                json!({"status": "updated", "terminal": TERMINAL.contains(&status)}),
-            )
-        }
-        _ => reply(405, json!({"error": "method not allowed"})),
+    if s.faults.missing_status {
+        return reply(200, json!({"execution": {"id": id}}));
     }
+    let pad = "x".repeat(s.faults.pad_bytes);
+    reply(
+        200,
+        json!({"execution": {"id": id, "status": execution.status}, "pad": pad}),
+    )
+}
+
+/// Applies a status update; the answer's code and body.
+fn update_status(
+    state: &Shared,
+    id: &str,
+    organization: Option<&str>,
+    body: &Value,
+) -> (u16, Value) {
+    let Ok(mut s) = state.lock() else {
+        return (500, json!({"error": "state poisoned"}));
+    };
+    let Some(execution) = s.executions.get_mut(id) else {
+        return (404, json!({"error": "WorkflowExecution not found"}));
+    };
+    if organization != Some(execution.organization_id.as_str()) {
+        return (
+            500,
+            json!({"error": "execution is not visible to this organization"}),
+        );
+    }
+    let Some(status) = body.get("status").and_then(Value::as_str) else {
+        return (400, json!({"error": "status is required"}));
+    };
+    // The one-way guard: a finished execution is never turned into an ERROR.
+    if status == "ERROR" && ["COMPLETED", "STOPPED"].contains(&execution.status.as_str()) {
+        return (200, json!({"status": "skipped", "reason": "already_final"}));
+    }
+    if status == "ERROR" {
+        execution.error_marks += 1;
+        execution.error_message = body
+            .get("error_message")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+    }
+    execution.status = status.to_string();
+    (
+        200,
+        json!({"status": "updated", "terminal": TERMINAL.contains(&status)}),
+    )
 }
 
 fn admin(method: &Method, rest: &str, body: Value, state: &Shared) -> Response<Full<Bytes>> {

@@ -146,6 +146,9 @@ impl Env {
                 format!("http://127.0.0.1:{}/internal", self.api.port),
             )
             .env("PG_REAPER_API_KEY_FILE", &self.key_file)
+            // Short enough that a killed relay's held claim comes back within a test's wait.
+            .env("PG_REAPER_HTTP_TIMEOUT", "5s")
+            .env("PG_REAPER_SETTLE_DELAY", "10s")
             .env("RUST_LOG", "info")
             .env_remove("PG_REAPER_API_KEY")
             .args([
@@ -235,6 +238,21 @@ pub struct Relay {
 }
 
 impl Relay {
+    /// Everything it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, `KILL`, …).
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill -{name}");
+    }
+
     /// SIGTERM, then waits: the exit status and everything it logged.
     pub fn terminate(&mut self) -> (std::process::ExitStatus, String) {
         let _ = Command::new("kill")
