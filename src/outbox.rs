@@ -18,13 +18,13 @@ use pgrx::prelude::*;
 const CLAIM: Statement = Statement {
     sql: "WITH expired AS (
               SELECT id FROM @extschema@.pg_reaper_outbox
-               WHERE state = 'in_flight' AND lease_expires_at < now()
+               WHERE state = 'in_flight' AND lease_expires_at < coalesce($3, now())
                ORDER BY lease_expires_at
                LIMIT $1
                FOR UPDATE SKIP LOCKED
           ), due AS (
               SELECT id FROM @extschema@.pg_reaper_outbox
-               WHERE state = 'pending' AND next_attempt_at <= now()
+               WHERE state = 'pending' AND next_attempt_at <= coalesce($3, now())
                ORDER BY next_attempt_at, id
                LIMIT $1
                FOR UPDATE SKIP LOCKED
@@ -46,7 +46,7 @@ const CLAIM: Statement = Statement {
           )
           SELECT id, execution_id, organization_id, remaining, attempts, state = 'dead'
             FROM claimed",
-    args: &[pg_sys::INT4OID, pg_sys::INTERVALOID],
+    args: &[pg_sys::INT4OID, pg_sys::INTERVALOID, pg_sys::TIMESTAMPTZOID],
     writes: true,
 };
 
@@ -158,12 +158,18 @@ pub fn reoffer_expired_leases(schema: pg_sys::Oid) -> usize {
     .unwrap_or_else(|e| error!("pg_reaper: re-offering expired leases: {e}"))
 }
 
-/// Claims up to `max_intents` due intents for `lease`; each row's `attempt` is its fencing token.
-#[pg_extern(security_definer, parallel_unsafe)]
+/// Claims up to `max_intents` intents due by `due_by` (NULL: now) for `lease`; each row's
+/// `attempt` is its fencing token. A single pass over what was due at its start (a relay's
+/// `--once`) passes that time, so that intents failing during the pass wait for the next.
+///
+/// The Rust name differs from the SQL name so that 0.1.0's two-argument SQL function finds no
+/// symbol of this library with another argument list (see `outbox_resolve`).
+#[pg_extern(security_definer, parallel_unsafe, name = "outbox_claim")]
 #[search_path(pg_catalog, pg_temp)]
-fn outbox_claim(
+fn outbox_claim_due(
     max_intents: default!(Option<i32>, 16),
     lease: default!(Option<Interval>, "'60 seconds'"),
+    due_by: default!(Option<TimestampWithTimeZone>, "NULL"),
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> TableIterator<
     'static,
@@ -185,7 +191,12 @@ fn outbox_claim(
     let (rows, set_aside) = Spi::connect_mut(|client| {
         let mut rows = Vec::new();
         let mut set_aside = Vec::new();
-        for row in plan::run(client, schema, &CLAIM, &[n.into(), lease.into()])? {
+        for row in plan::run(
+            client,
+            schema,
+            &CLAIM,
+            &[n.into(), lease.into(), due_by.into()],
+        )? {
             let id = row.get::<i64>(1)?.unwrap_or_default();
             if row.get::<bool>(6)?.unwrap_or(false) {
                 set_aside.push(id);

@@ -697,6 +697,28 @@ mod tests {
         );
     }
 
+    /// A single pass (the relay's `--once`) claims what was due when it started: an intent that
+    /// became due later, such as one that failed during the pass, waits for the next pass.
+    #[pg_test]
+    fn claim_due_by_leaves_what_became_due_later() {
+        let early = intent("early", "expired");
+        intent("late", "expired");
+        run(&format!(
+            "UPDATE pg_reaper_outbox SET next_attempt_at = now() - interval '1 minute' \
+             WHERE id = {early}"
+        ));
+        assert_eq!(
+            json(
+                "SELECT jsonb_agg(id) FROM outbox_claim(10, '1 minute', now() - interval '30 seconds')"
+            ),
+            json!([early])
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM outbox_claim(10, '1 minute', NULL)"),
+            1
+        );
+    }
+
     /// A relay that died holding a claim never comes back for it: once its lease expired, any
     /// relay's claim takes it over (no background worker needed), and the dead relay's token
     /// is lost.

@@ -1,10 +1,14 @@
 //! The background worker: one per server, started by `shared_preload_libraries`.
 //!
-//! Each naptime it runs one tick in one transaction. The tick finds out what the worker may do
-//! (is there a database, the extension, a primary, is it enabled, does it hold the leader lock)
-//! and, as leader, reaps, re-offers intents whose relay lease expired and sweeps orphaned
-//! dedup markers. A failing tick is rolled back and logged, and the next one runs: the worker
-//! never takes the server down and never spins in a crash-restart loop. Leadership only avoids
+//! Each naptime it runs one tick, like pg_cron's and pg_net's loops. The tick finds out, in one
+//! short transaction, what the worker may do (is there a database, the extension, a primary,
+//! is it enabled, does it hold the leader lock) and, as leader, runs its chores, each in a
+//! transaction of its own with a lock and a statement timeout: reap, re-offer intents whose
+//! relay lease expired, sweep orphaned dedup markers, prune done intents. A failing chore is
+//! rolled back and logged with its SQLSTATE, the others still run, and the next tick runs: the
+//! worker never takes the server down and never spins in a crash-restart loop. It shows what it
+//! is doing in `pg_stat_activity`, flushes its table statistics after its commits (autovacuum
+//! sees its deletes), and SIGTERM interrupts it even inside a statement. Leadership only avoids
 //! duplicate work; every write is a compare-and-set on rows, so two leaders would be harmless.
 
 use crate::{claim, guc, outbox, reap};
@@ -102,6 +106,11 @@ pub fn stats() -> Option<Stats> {
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn pg_reaper_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    // SIGTERM as in any backend: `die` sets the interrupt that the next CHECK_FOR_INTERRUPTS
+    // (inside a lock wait, a scan, or at the latch) turns into a clean FATAL exit, so a
+    // shutdown or pg_terminate_backend() never waits for a long chore to end.
+    // SAFETY: installs Postgres's own handler for this process, as bgworker.c documents.
+    unsafe { pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(postgres_die)) };
     let database = guc::DATABASE
         .get()
         .and_then(|s| s.into_string().ok())
@@ -139,17 +148,52 @@ pub extern "C-unwind" fn pg_reaper_worker_main(_arg: pg_sys::Datum) {
     let mut worker = Worker::default();
     loop {
         if BackgroundWorker::sighup_received() {
+            // SAFETY: re-reads the configuration between ticks, as the postmaster asked.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            log!(
+                "pg_reaper: configuration reloaded: naptime {} s, batch_size {}, stuck_timeout {} s, \
+                 leader_grace {} s, enabled {}",
+                guc::NAPTIME.get(),
+                guc::BATCH_SIZE.get(),
+                guc::STUCK_TIMEOUT.get(),
+                guc::LEADER_GRACE.get(),
+                guc::ENABLED.get()
+            );
         }
         worker.tick();
+        report_activity(None);
+        // Returns false only on postmaster death: SIGTERM exits through `die` (a FATAL with
+        // exit code 1, so the postmaster starts the worker again after pg_terminate_backend();
+        // during a server shutdown it starts nothing).
         if !BackgroundWorker::wait_latch(Some(naptime())) {
             break;
         }
     }
     log!("pg_reaper: worker shutting down");
-    // Exit code 1 makes the postmaster start the worker again after pg_terminate_backend();
-    // during a server shutdown it starts nothing, whatever the code.
+    // SAFETY: ends the process the way a backend does.
     unsafe { pg_sys::proc_exit(1) };
+}
+
+unsafe extern "C-unwind" {
+    /// Postgres's own SIGTERM handler (pgrx's `pg_sys::die` is a Rust wrapper, not a handler).
+    #[link_name = "die"]
+    fn postgres_die(signal: std::ffi::c_int);
+}
+
+/// Shows what the worker is doing in `pg_stat_activity` (`query`, `state`): a chore while it
+/// runs, idle between ticks.
+fn report_activity(chore: Option<&'static std::ffi::CStr>) {
+    // SAFETY: pgstat copies the string; both are valid for the call.
+    unsafe {
+        match chore {
+            Some(what) => {
+                pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, what.as_ptr())
+            }
+            None => {
+                pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null())
+            }
+        }
+    }
 }
 
 fn naptime() -> Duration {
@@ -237,7 +281,13 @@ fn in_transaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
             pgrx::pg_sys::panic::CaughtError::PostgresError(r)
             | pgrx::pg_sys::panic::CaughtError::ErrorReport(r)
             | pgrx::pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => {
-                r.message().to_string()
+                // SAFETY: unpack_sql_state returns a pointer to a static buffer of 5 chars.
+                let code = unsafe {
+                    std::ffi::CStr::from_ptr(pg_sys::unpack_sql_state(r.sql_error_code() as i32))
+                }
+                .to_string_lossy()
+                .into_owned();
+                format!("{} (SQLSTATE {code})", r.message())
             }
         })
     })
@@ -258,8 +308,9 @@ const LOCK_HOLDER: &str = "SELECT a.pid, a.usename::text, a.application_name,
                               AND l.classid::int8 * 4294967296 + l.objid::int8 = $1
                             LIMIT 1";
 const STOP_LEADING: &str = "SELECT pg_catalog.pg_advisory_unlock_all()";
-/// A tick must not hang behind somebody else's lock; the next tick tries again.
-const TICK_TIMEOUTS: &str = "SELECT pg_catalog.set_config('lock_timeout', '5s', true)";
+/// A chore must not hang behind somebody else's lock, nor run away; the next tick tries again.
+const CHORE_TIMEOUTS: &str = "SELECT pg_catalog.set_config('lock_timeout', '5s', true),
+                                    pg_catalog.set_config('statement_timeout', '60s', true)";
 
 /// The extension's schema, or None while it is not created in this database.
 fn extension_schema() -> Option<pg_sys::Oid> {
@@ -334,45 +385,89 @@ struct Work {
 
 impl Worker {
     fn tick(&mut self) {
-        let result = in_transaction(AssertUnwindSafe(|| self.decide_and_work()));
-        match result {
-            Ok((state, work)) => {
-                if self.consecutive_failures > 0 {
-                    log!(
-                        "pg_reaper: ticks succeed again after {} failure(s)",
-                        self.consecutive_failures
-                    );
-                    self.consecutive_failures = 0;
-                }
-                self.enter(state);
-                if let Some(work) = work {
-                    self.report(&work);
-                }
-            }
+        report_activity(Some(c"pg_reaper: deciding"));
+        let decided = in_transaction(AssertUnwindSafe(|| self.decide()));
+        let (state, schema) = match decided {
+            Ok(d) => d,
             Err(message) => {
-                self.consecutive_failures += 1;
-                let n = self.consecutive_failures;
-                // The first failure and then ever rarer ones: a table dropped under the worker
-                // must not write a line every naptime.
-                if n.is_power_of_two() {
-                    warning!(
-                        "pg_reaper: tick failed ({n} consecutive, rolled back; retrying every \
-                         naptime): {message}"
-                    );
-                }
-                STATS.exclusive().failed_ticks += 1;
+                self.failed("deciding", &message);
                 // The lock may have been taken in the failed transaction: session advisory
                 // locks survive a rollback. Start again from a known state: not leading.
                 if let Err(e) = in_transaction(|| Spi::run(STOP_LEADING)) {
                     warning!("pg_reaper: releasing the leader lock: {e}");
                 }
                 self.leader = false;
+                return;
             }
+        };
+        let work = schema.map(|schema| self.chores(schema));
+        let ok = work.as_ref().is_none_or(|(_, failed)| !failed);
+        if ok && self.consecutive_failures > 0 {
+            log!(
+                "pg_reaper: ticks succeed again after {} failure(s)",
+                self.consecutive_failures
+            );
+            self.consecutive_failures = 0;
+        }
+        self.enter(state);
+        if let Some((work, _)) = work {
+            self.report(&work);
         }
     }
 
-    /// The state the worker is in now and, as leader, the work it did.
-    fn decide_and_work(&mut self) -> (State, Option<Work>) {
+    /// The leader's chores, each in its own transaction: one failing (a lock timeout, a
+    /// dropped table) neither undoes nor stops the others. Returns what they did and whether
+    /// any failed.
+    fn chores(&mut self, schema: pg_sys::Oid) -> (Work, bool) {
+        let mut work = Work::default();
+        let mut failed = false;
+        let seconds = |g: &pgrx::GucSetting<i32>| Interval::from_seconds(f64::from(g.get()));
+        let batch = i64::from(guc::BATCH_SIZE.get());
+        let mut chore = |name: &'static std::ffi::CStr, run: &mut dyn FnMut()| {
+            report_activity(Some(name));
+            let result = in_transaction(AssertUnwindSafe(|| {
+                Spi::run(CHORE_TIMEOUTS).unwrap_or_else(|e| error!("{e}"));
+                run();
+            }));
+            if let Err(message) = result {
+                failed = true;
+                let what = name.to_string_lossy();
+                self.failed(what.trim_start_matches("pg_reaper: "), &message);
+            }
+            // SAFETY: flushes this backend's pending table statistics (rate-limited inside).
+            unsafe { pg_sys::pgstat_report_stat(false) };
+        };
+        chore(c"pg_reaper: reap", &mut || {
+            (work.reaped, work.no_org_sample) = reap::reap(schema, Some(batch), false);
+        });
+        chore(c"pg_reaper: re-offer expired leases", &mut || {
+            work.reoffered = outbox::reoffer_expired_leases(schema);
+        });
+        chore(c"pg_reaper: sweep dedup markers", &mut || {
+            work.swept = claim::sweep_orphan_markers(schema, seconds(&guc::DEDUP_RETENTION));
+        });
+        chore(c"pg_reaper: prune done intents", &mut || {
+            work.pruned = outbox::prune_done(schema, seconds(&guc::OUTBOX_RETENTION));
+        });
+        (work, failed)
+    }
+
+    /// Counts and logs a failure (the first, then ever rarer ones: a table dropped under the
+    /// worker must not write a line every naptime).
+    fn failed(&mut self, what: &str, message: &str) {
+        self.consecutive_failures += 1;
+        let n = self.consecutive_failures;
+        if n.is_power_of_two() {
+            warning!(
+                "pg_reaper: tick failed ({n} consecutive, rolled back; retrying every naptime): \
+                 {what}: {message}"
+            );
+        }
+        STATS.exclusive().failed_ticks += 1;
+    }
+
+    /// The state the worker is in now and, when it leads, the extension's schema.
+    fn decide(&mut self) -> (State, Option<pg_sys::Oid>) {
         if unsafe { pg_sys::RecoveryInProgress() } {
             return (State::Recovery, None);
         }
@@ -406,18 +501,7 @@ impl Worker {
                 _ => return (State::Standby, None),
             }
         }
-        Spi::run(TICK_TIMEOUTS).unwrap_or_else(|e| error!("{e}"));
-        let batch = i64::from(guc::BATCH_SIZE.get());
-        let (reaped, no_org_sample) = reap::reap(schema, Some(batch), false);
-        let seconds = |g: &pgrx::GucSetting<i32>| Interval::from_seconds(f64::from(g.get()));
-        let work = Work {
-            reaped,
-            no_org_sample,
-            reoffered: outbox::reoffer_expired_leases(schema),
-            swept: claim::sweep_orphan_markers(schema, seconds(&guc::DEDUP_RETENTION)),
-            pruned: outbox::prune_done(schema, seconds(&guc::OUTBOX_RETENTION)),
-        };
-        (state, Some(work))
+        (state, Some(schema))
     }
 
     fn stop_leading(&mut self) {

@@ -5,6 +5,7 @@
 mod api;
 mod circuit;
 mod config;
+mod db;
 mod metrics;
 mod relay;
 mod store;
@@ -48,7 +49,7 @@ fn start(args: config::Args) -> Result<i32, String> {
         return Err("--settle-delay: must not be shorter than --http-timeout".to_string());
     }
     let settings = relay::Settings {
-        database_url: args.database_url,
+        database: db::Target::parse(&args.database_url)?,
         concurrency: args.concurrency as usize,
         lease: args.lease,
         backoff_base: args.backoff_base,

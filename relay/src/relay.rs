@@ -28,7 +28,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
 pub struct Settings {
-    pub database_url: String,
+    pub database: crate::db::Target,
     pub concurrency: usize,
     pub lease: Duration,
     pub backoff_base: Duration,
@@ -91,7 +91,7 @@ impl Context {
             Some(s) if !s.is_closed() => Ok(s),
             _ => {
                 Store::connect(
-                    &self.settings.database_url,
+                    &self.settings.database,
                     None,
                     self.settings.transaction_idle(),
                 )
@@ -304,10 +304,10 @@ async fn work(ctx: Arc<Context>, intent: Intent) {
 }
 
 /// Keeps a LISTEN connection up and turns every notification into a wake-up.
-fn listen(url: String, transaction_idle: Duration, wake: mpsc::UnboundedSender<()>) {
+fn listen(target: crate::db::Target, transaction_idle: Duration, wake: mpsc::UnboundedSender<()>) {
     tokio::spawn(async move {
         loop {
-            match Store::connect(&url, Some(wake.clone()), transaction_idle).await {
+            match Store::connect(&target, Some(wake.clone()), transaction_idle).await {
                 Ok(store) => match store.listen().await {
                     Ok(()) => {
                         debug!("listening on pg_reaper_outbox");
@@ -326,6 +326,25 @@ fn listen(url: String, transaction_idle: Duration, wake: mpsc::UnboundedSender<(
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     });
+}
+
+/// The longest a claim may take before the relay gives up on that connection (the server's
+/// statement_timeout is 30 s; this also covers a server that cannot answer at all).
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(45);
+
+/// `work` unless shutdown is asked for first (then None): SIGTERM is honoured while Postgres
+/// does not answer.
+async fn until_shutdown<F: std::future::Future>(
+    shutdown: &mut watch::Receiver<bool>,
+    work: F,
+) -> Option<F::Output> {
+    if *shutdown.borrow() {
+        return None;
+    }
+    tokio::select! {
+        out = work => Some(out),
+        _ = shutdown.changed() => None,
+    }
 }
 
 /// Runs until `shutdown` (or, with `once`, until nothing is due). Returns the process exit code.
@@ -347,15 +366,12 @@ pub async fn run(
     let s = &ctx.settings;
     let (wake_tx, mut wake) = mpsc::unbounded_channel();
     if !s.once {
-        listen(
-            s.database_url.clone(),
-            s.transaction_idle(),
-            wake_tx.clone(),
-        );
+        listen(s.database.clone(), s.transaction_idle(), wake_tx.clone());
     }
     let permits = Arc::new(Semaphore::new(s.concurrency));
     let mut tasks = JoinSet::new();
     let mut claimer: Option<Store> = None;
+    let mut pass_start: Option<String> = None;
     let mut db_failures = 0u32;
     info!(concurrency = s.concurrency, once = s.once, "relay started");
     loop {
@@ -379,7 +395,11 @@ pub async fn run(
         let mut more = false;
         if free > 0 {
             if claimer.as_ref().is_none_or(Store::is_closed) {
-                claimer = match Store::connect(&s.database_url, None, s.transaction_idle()).await {
+                let connecting = Store::connect(&s.database, None, s.transaction_idle());
+                let Some(connected) = until_shutdown(&mut shutdown, connecting).await else {
+                    break;
+                };
+                claimer = match connected {
                     Ok(c) => Some(c),
                     Err(e) => {
                         db_failures += 1;
@@ -392,8 +412,35 @@ pub async fn run(
                     }
                 };
             }
+            // --once is one pass over what was due when it started: an intent that fails
+            // during the pass is not claimed again by it.
+            if s.once
+                && pass_start.is_none()
+                && let Some(c) = &claimer
+            {
+                match c.now().await {
+                    Ok(t) => pass_start = Some(t),
+                    Err(e) => {
+                        warn!(error = %StoreError::from(e), "reading the database clock failed; reconnecting");
+                        claimer = None;
+                    }
+                }
+            }
             if let Some(c) = &claimer {
-                match c.claim(free as i32, s.lease).await {
+                // Bounded on this side too: a partitioned server cannot cancel the statement.
+                let claiming = tokio::time::timeout(
+                    CLAIM_TIMEOUT,
+                    c.claim(free as i32, s.lease, pass_start.as_deref()),
+                );
+                let Some(claimed) = until_shutdown(&mut shutdown, claiming).await else {
+                    break;
+                };
+                let claimed = claimed.unwrap_or_else(|_| {
+                    Err(StoreError::Protocol(format!(
+                        "no answer to the claim within {CLAIM_TIMEOUT:?}"
+                    )))
+                });
+                match claimed {
                     Ok(intents) => {
                         db_failures = 0;
                         ctx.metrics.claimed(intents.len());
@@ -419,7 +466,7 @@ pub async fn run(
                         }
                     }
                     Err(e) => {
-                        warn!(error = %StoreError::from(e), "claiming from the outbox failed; reconnecting");
+                        warn!(error = %e, "claiming from the outbox failed; reconnecting");
                         claimer = None;
                     }
                 }
@@ -463,7 +510,7 @@ async fn finish(ctx: &Arc<Context>, mut tasks: JoinSet<()>) {
             .map(|m| m.values().cloned().collect())
             .unwrap_or_default();
         match Store::connect(
-            &ctx.settings.database_url,
+            &ctx.settings.database,
             None,
             ctx.settings.transaction_idle(),
         )

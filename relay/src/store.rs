@@ -2,8 +2,9 @@
 //! state transitions live in the extension; this module only names them. Every statement is
 //! here, with `@extschema@` replaced by the extension's (quoted) schema found at connect time.
 
+use crate::db::Target;
 use std::time::Duration;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 const FIND_SCHEMA: &str = "SELECT pg_catalog.quote_ident(n.nspname)
                              FROM pg_catalog.pg_extension e
@@ -18,7 +19,8 @@ const SESSION_SETUP: &str = "SET lock_timeout = '10s'; SET statement_timeout = '
 const IDLE_IN_TRANSACTION: &str =
     "SELECT pg_catalog.set_config('idle_in_transaction_session_timeout', $1, false)";
 const CLAIM: &str = "SELECT id, execution_id, organization_id, remaining, attempt
-                       FROM @extschema@.outbox_claim($1, $2::text::interval)";
+                       FROM @extschema@.outbox_claim($1, $2::text::interval, $3::text::timestamptz)";
+const NOW: &str = "SELECT pg_catalog.now()::text";
 const LOCK: &str =
     "SELECT verdict, remaining FROM @extschema@.recovery_lock($1, $2, $3::text::interval)";
 const RESOLVE: &str = "SELECT @extschema@.outbox_resolve($1, $2, $3)";
@@ -164,11 +166,12 @@ impl Store {
     /// Connects, finds the extension's schema and sets the session up. The connection's
     /// driver runs as a task; `on_message` gets every NOTIFY (for the listener connection).
     pub async fn connect(
-        url: &str,
+        target: &Target,
         on_notify: Option<tokio::sync::mpsc::UnboundedSender<()>>,
         transaction_idle: Duration,
     ) -> Result<Store, String> {
-        let (client, mut connection) = tokio_postgres::connect(url, NoTls)
+        let (client, mut connection) = target
+            .connect()
             .await
             .map_err(|e| format!("connecting to Postgres: {}", StoreError::from(e)))?;
         tokio::spawn(async move {
@@ -226,14 +229,16 @@ impl Store {
         self.client.batch_execute(LISTEN).await
     }
 
+    /// Claims up to `n` intents due by `due_by` (a time read with `now`; None: now).
     pub async fn claim(
         &self,
         n: i32,
         lease: Duration,
-    ) -> Result<Vec<Intent>, tokio_postgres::Error> {
+        due_by: Option<&str>,
+    ) -> Result<Vec<Intent>, StoreError> {
         let rows = self
             .client
-            .query(&self.sql(CLAIM), &[&n, &interval(lease)])
+            .query(&self.sql(CLAIM), &[&n, &interval(lease), &due_by])
             .await?;
         Ok(rows
             .iter()
@@ -245,6 +250,11 @@ impl Store {
                 attempt: r.get(4),
             })
             .collect())
+    }
+
+    /// The database's clock, as text for `claim`.
+    pub async fn now(&self) -> Result<String, tokio_postgres::Error> {
+        Ok(self.client.query_one(NOW, &[]).await?.get(0))
     }
 
     pub async fn begin(&self) -> Result<(), tokio_postgres::Error> {
@@ -357,5 +367,28 @@ impl Store {
 
     pub fn is_closed(&self) -> bool {
         self.client.is_closed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts_parse_strictly_and_an_unknown_one_never_marks() {
+        assert_eq!(
+            Verdict::parse("mark", Some(2)).ok(),
+            Some(Verdict::Mark { remaining: Some(2) })
+        );
+        assert_eq!(Verdict::parse("lost", None).ok(), Some(Verdict::Lost));
+        assert_eq!(Verdict::parse("rearmed", None).ok(), Some(Verdict::Rearmed));
+        assert_eq!(
+            Verdict::parse("refire", Some(0)).ok(),
+            Some(Verdict::Refire)
+        );
+        for unknown in ["MARK", "mark ", "", "refired", "skip"] {
+            let e = Verdict::parse(unknown, Some(1)).expect_err(unknown);
+            assert!(e.to_string().contains("not marking"), "{e}");
+        }
     }
 }

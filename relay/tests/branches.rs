@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Env, KEY, intent, sleep_ms};
+use common::{Env, KEY, intent, wait_due};
 use pg_reaper_tests::{json, wait_for};
 use postgres::Client;
 use serde_json::{Value, json};
@@ -133,7 +133,7 @@ fn skipped_mark_means_it_turned_terminal_meanwhile() {
     env.api.faults(json!({"post_delay_ms": 1500}));
     let mut relay = env.spawn_relay(&[]);
     // While the mark is on its way, the execution completes normally.
-    wait_for(10, "the mark request", || {
+    wait_for(60, "the mark request", || {
         env.api
             .calls()
             .iter()
@@ -141,7 +141,7 @@ fn skipped_mark_means_it_turned_terminal_meanwhile() {
             .then_some(())
     });
     env.api.execution("e", "org", "COMPLETED");
-    wait_for(10, "the outcome", || {
+    wait_for(60, "the outcome", || {
         (intent(&mut c, "e")["state"] == "done").then_some(())
     });
     relay.terminate();
@@ -220,7 +220,7 @@ fn an_oversized_body_is_a_failure_not_read_whole() {
     );
     // Just under the limit, the same read is fine.
     env.api.faults(json!({"pad_bytes": 1000}));
-    sleep_ms(250);
+    wait_due(&mut c, "e");
     env.relay_once(&[]);
     assert_eq!(intent(&mut c, "e")["outcome"], json!("marked_error"));
 }
@@ -232,7 +232,7 @@ fn a_missing_status_is_indeterminate_and_never_marked() {
     env.stranded_executing(&mut c, "e");
     env.api.faults(json!({"missing_status": true}));
     env.relay_once(&[]);
-    sleep_ms(250);
+    wait_due(&mut c, "e");
     env.relay_once(&[]);
     let i = intent(&mut c, "e");
     assert_eq!(
@@ -279,13 +279,13 @@ fn a_rearmed_execution_is_not_marked_and_its_new_run_is_untouched() {
     env.stranded_executing(&mut c, "e");
     env.api.faults(json!({"get_delay_ms": 1500}));
     let mut relay = env.spawn_relay(&[]);
-    wait_for(10, "the status read", || {
+    wait_for(60, "the status read", || {
         (!env.api.calls().is_empty()).then_some(())
     });
     // The execution is re-enqueued while its status read is in flight.
     c.batch_execute("SELECT barrier_enqueue('e', 'org', 5); SELECT barrier_claim('e', 0)")
         .expect("re-arm");
-    wait_for(10, "the outcome", || {
+    wait_for(60, "the outcome", || {
         (intent(&mut c, "e")["state"] == "done").then_some(())
     });
     relay.terminate();
@@ -474,7 +474,14 @@ fn without_the_worker_a_killed_relays_claims_are_taken_over_after_the_lease() {
     }
     // Status reads hang, so the first relay holds all four claims when it is killed.
     env.api.faults(json!({"get_delay_ms": 600_000}));
-    let mut first = env.spawn_relay(&["--http-timeout", "600s", "--settle-delay", "600s"]);
+    let mut first = env.spawn_relay(&[
+        "--http-timeout",
+        "600s",
+        "--settle-delay",
+        "600s",
+        "--lease",
+        "3s",
+    ]);
     let in_flight = |c: &mut Client| -> i64 {
         c.query_one(
             "SELECT count(*) FROM pg_reaper_outbox WHERE state = 'in_flight'",
@@ -530,7 +537,7 @@ fn metrics_healthz_and_sigterm_leave_nothing_in_flight() {
     let port = common::free_port();
     let listen = format!("127.0.0.1:{port}");
     let mut relay = env.spawn_relay(&["--listen", &listen, "--concurrency", "2"]);
-    wait_for(20, "all recovered", || {
+    wait_for(60, "all recovered", || {
         (json(
             &mut c,
             "SELECT to_jsonb(count(*)) FROM pg_reaper_outbox WHERE state = 'done'",
@@ -573,7 +580,7 @@ fn metrics_healthz_and_sigterm_leave_nothing_in_flight() {
     }
     env.api.faults(json!({"get_delay_ms": 800}));
     env.reap(&mut c);
-    wait_for(10, "work in flight", || {
+    wait_for(60, "work in flight", || {
         (json(
             &mut c,
             "SELECT to_jsonb(count(*)) FROM pg_reaper_outbox WHERE state = 'in_flight'",
@@ -675,7 +682,7 @@ fn https_to_the_api_with_a_custom_ca() {
             .spawn()
             .expect("TLS sample API"),
     );
-    wait_for(20, "the TLS API", || {
+    wait_for(60, "the TLS API", || {
         std::net::TcpStream::connect(("127.0.0.1", port)).ok()
     });
     let base = format!("https://127.0.0.1:{port}/internal");
@@ -695,7 +702,7 @@ fn https_to_the_api_with_a_custom_ca() {
     let error = i["last_error"].as_str().unwrap_or("");
     assert!(error.contains("UnknownIssuer"), "{error}");
 
-    sleep_ms(250);
+    wait_due(&mut c, "over-tls");
     common::run_ok(
         env.relay_command(&["--once", "--api-ca-file", &format!("{tls}/ca.pem")])
             .env("PG_REAPER_API_BASE_URL", &base),

@@ -144,7 +144,7 @@ fn relays_sigkilled_at_random_points_lose_nothing_and_mark_once() {
         });
     eprintln!("kill schedule seed {seed} (PG_REAPER_CHAOS_SEED={seed} to replay it)");
     for pause in delays(seed, 6, 100, 600) {
-        let relay = env.spawn_relay(&["--concurrency", "8"]);
+        let relay = env.spawn_relay(&["--concurrency", "8", "--lease", "3s"]);
         sleep_ms(pause);
         drop(relay); // SIGKILL, at a random point of the drain
         no_handle_lost(&mut c);
@@ -197,8 +197,8 @@ fn postgres_immediate_restart_mid_drain() {
     let mut c = env.db();
     let fleet = fleet(&env, &mut c, 200);
     env.api.faults(json!({"delay_ms": 20}));
-    let mut relay = env.spawn_relay(&["--concurrency", "4"]);
-    wait_for(30, "the drain under way", || {
+    let mut relay = env.spawn_relay(&["--concurrency", "4", "--lease", "3s"]);
+    wait_for(60, "the drain under way", || {
         (json(
             &mut c,
             "SELECT to_jsonb(count(*) > 20) FROM pg_reaper_outbox WHERE state = 'done'",
@@ -269,15 +269,18 @@ fn an_outage_longer_than_the_failure_budget_kills_nothing_and_needs_no_replay() 
         metrics.contains("pg_reaper_relay_api_reachable 0"),
         "{metrics}"
     );
-    // Back, but answering 503 for everything (its state was lost with it: recreate it).
-    env.api = SampleApi::start(&env.key_file, port);
+    // Back, but answering 503 for everything from its first request (its state was lost with
+    // it: recreate it; the admin calls are not subject to faults).
+    env.api = SampleApi::start_with(
+        &env.key_file,
+        port,
+        &["--faults", r#"{"fail_status": 503, "fail_count": 1000000}"#],
+    );
     for (id, status) in &fleet {
         if *status != "GONE" {
             env.api.execution(id, "org", status);
         }
     }
-    env.api
-        .faults(json!({"fail_status": 503, "fail_count": 1_000_000}));
     wait_for(120, "probes answered 503", || {
         (env.api.calls().len() >= 6).then_some(())
     });
@@ -446,7 +449,14 @@ fn a_paused_relay_stops_nothing_and_marks_nothing_twice() {
     });
     env.api
         .faults(json!({"apply_delay_ms": 1000, "post_delay_ms": 60_000}));
-    let timing = ["--http-timeout", "3s", "--settle-delay", "6s"];
+    let timing = [
+        "--http-timeout",
+        "3s",
+        "--settle-delay",
+        "6s",
+        "--lease",
+        "3s",
+    ];
     let mut stopped = env.spawn_relay(&timing);
     wait_for(60, "its mark reaching the API", || {
         env.api
@@ -505,7 +515,7 @@ fn a_paused_relay_stops_nothing_and_marks_nothing_twice() {
 fn drop_extension_under_a_running_relay_and_worker_then_create_it_again() {
     let env = Env::new("cdrop", true);
     let mut c = env.db();
-    wait_for(30, "the worker leading", || {
+    wait_for(60, "the worker leading", || {
         let s = json(
             &mut c,
             "SELECT to_jsonb(worker_state) FROM pg_reaper_status",
@@ -514,22 +524,27 @@ fn drop_extension_under_a_running_relay_and_worker_then_create_it_again() {
     });
     let first = fleet(&env, &mut c, 5);
     let mut relay = env.spawn_relay(&["--concurrency", "2"]);
-    wait_for(20, "the first fleet", || {
+    wait_for(60, "the first fleet", || {
         all_done(&mut c, first.len()).then_some(())
     });
     c.batch_execute("DROP EXTENSION pg_reaper")
         .expect("drop while running");
-    wait_for(20, "the worker waiting", || {
+    wait_for(60, "the worker waiting", || {
         env.cluster
             .log()
             .contains("waiting for CREATE EXTENSION")
             .then_some(())
     });
-    sleep_ms(1500); // the relay's claims fail meanwhile and it reconnects, again and again
+    wait_for(60, "the relay finding the extension gone", || {
+        relay
+            .log()
+            .contains("the pg_reaper extension is not created in this database")
+            .then_some(())
+    });
     c.batch_execute("CREATE EXTENSION pg_reaper")
         .expect("create again");
     let second = fleet(&env, &mut c, 5);
-    wait_for(30, "the second fleet after re-creation", || {
+    wait_for(60, "the second fleet after re-creation", || {
         all_done(&mut c, second.len()).then_some(())
     });
     let (status, log) = relay.terminate();
@@ -555,7 +570,7 @@ fn end_to_end_in_a_schema_that_needs_quoting() {
     env.api.execution("q-1", "org", "EXECUTING");
     env.strand(&mut c, "q-1", "org", 1);
     // The worker reaps it (no reap_expired() by hand), the relay recovers it.
-    wait_for(20, "the worker's intent", || {
+    wait_for(60, "the worker's intent", || {
         let n = json(&mut c, "SELECT to_jsonb(count(*)) FROM pg_reaper_outbox");
         (n == json!(1)).then_some(())
     });
@@ -577,7 +592,7 @@ fn after_failover_a_relay_pointed_at_the_new_primary_drains_what_was_queued() {
     let fleet = fleet(&env, &mut c, 20);
     let replica = env.cluster.start_replica("cfailover-replica", &[]);
     // Let the replica catch up with the intents, then fail over.
-    wait_for(20, "the intents on the replica", || {
+    wait_for(60, "the intents on the replica", || {
         let mut r = replica.client("q");
         let n = json(&mut r, "SELECT to_jsonb(count(*)) FROM pg_reaper_outbox");
         (n == json!(20)).then_some(())

@@ -319,8 +319,9 @@ fn nothing_is_granted_to_public_and_documented_grants_suffice() {
     admin
         .batch_execute(
             "CREATE ROLE relay LOGIN;
-             GRANT EXECUTE ON FUNCTION outbox_claim(int, interval), recovery_lock(bigint, int, interval),
+             GRANT EXECUTE ON FUNCTION outbox_claim(int, interval, timestamptz), recovery_lock(bigint, int, interval),
                  outbox_resolve(bigint, int, text), outbox_fail(bigint, int, text, interval, int),
+                 outbox_defer(bigint, int, text, interval), outbox_mark_sending(bigint, int, interval),
                  outbox_release(bigint, int) TO relay;",
         )
         .expect("relay role");
@@ -329,6 +330,8 @@ fn nothing_is_granted_to_public_and_documented_grants_suffice() {
         "SELECT * FROM recovery_lock(1, 1)",
         "SELECT outbox_resolve(1, 1, 'gone')",
         "SELECT outbox_fail(1, 1, 'x', '1 second', 3)",
+        "SELECT outbox_defer(1, 1, 'x', '1 second')",
+        "SELECT outbox_mark_sending(1, 1, '1 second')",
         "SELECT outbox_release(1, 1)",
         "SELECT outbox_replay()",
     ] {
@@ -340,6 +343,7 @@ fn nothing_is_granted_to_public_and_documented_grants_suffice() {
         .batch_execute(
             "SELECT * FROM outbox_claim(); SELECT * FROM recovery_lock(1, 1);
              SELECT outbox_fail(1, 1, 'x', '1 second', 3); SELECT outbox_release(1, 1);
+             SELECT outbox_defer(1, 1, 'x', '1 second'); SELECT outbox_mark_sending(1, 1, '1 second');
              SELECT outbox_resolve(1, 1, 'gone');",
         )
         .expect("the relay role drives the outbox");

@@ -5,6 +5,8 @@
 //! relay at the platform's real API instead.
 //!
 //! `--tls-cert FILE --tls-key FILE` serves HTTPS instead (PEM chain, PKCS#8 key).
+//! `--faults JSON` starts with these faults in force (as `POST /_admin/faults` would set them),
+//! so that not one request is answered without them.
 //!
 //! Admin endpoints (same bearer key):
 //!   PUT  /_admin/executions/{id}   {"organization_id": "...", "status": "EXECUTING"}
@@ -340,6 +342,7 @@ fn main() {
     let mut listen: SocketAddr = ([127, 0, 0, 1], 8089).into();
     let mut key_file = std::env::var("PG_REAPER_API_KEY_FILE").ok();
     let (mut tls_cert, mut tls_key) = (None, None);
+    let mut faults = Faults::default();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match (arg.as_str(), args.next()) {
@@ -350,9 +353,13 @@ fn main() {
             ("--api-key-file", Some(v)) => key_file = Some(v),
             ("--tls-cert", Some(v)) => tls_cert = Some(v),
             ("--tls-key", Some(v)) => tls_key = Some(v),
+            ("--faults", Some(v)) => match serde_json::from_str(&v) {
+                Ok(f) => faults = f,
+                Err(e) => fail(&format!("--faults: '{v}' is not a faults object: {e}")),
+            },
             _ => fail(&format!(
                 "{arg}: unknown flag or missing value (flags: --listen host:port, --api-key-file path, \
-                 --tls-cert path, --tls-key path)"
+                 --tls-cert path, --tls-key path, --faults json)"
             )),
         }
     }
@@ -385,7 +392,10 @@ fn main() {
                 .map(|a| a.to_string())
                 .unwrap_or_default()
         );
-        let state: Shared = Arc::default();
+        let state: Shared = Arc::new(Mutex::new(State {
+            faults,
+            ..State::default()
+        }));
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;

@@ -20,9 +20,15 @@ pub struct SampleApi {
 
 impl SampleApi {
     pub fn start(key_file: &PathBuf, port: u16) -> SampleApi {
+        SampleApi::start_with(key_file, port, &[])
+    }
+
+    /// Started with more flags (`--faults JSON`: in force from its first request).
+    pub fn start_with(key_file: &PathBuf, port: u16, flags: &[&str]) -> SampleApi {
         let child = Command::new(env!("CARGO_BIN_EXE_pg-reaper-sample-api"))
             .args(["--listen", &format!("127.0.0.1:{port}"), "--api-key-file"])
             .arg(key_file)
+            .args(flags)
             .stderr(Stdio::null())
             .spawn()
             .expect("start the sample API");
@@ -149,6 +155,9 @@ impl Env {
             // Short enough that a killed relay's held claim comes back within a test's wait.
             .env("PG_REAPER_HTTP_TIMEOUT", "5s")
             .env("PG_REAPER_SETTLE_DELAY", "10s")
+            // Long enough that load never lets a working relay's claim expire; the tests that
+            // want a lease to run out ask for --lease 3s.
+            .env("PG_REAPER_LEASE", "30s")
             .env("RUST_LOG", "info")
             .env_remove("PG_REAPER_API_KEY")
             .args([
@@ -158,8 +167,6 @@ impl Env {
                 "50ms",
                 "--backoff-max",
                 "200ms",
-                "--lease",
-                "3s",
             ])
             .args(args);
         c
@@ -182,13 +189,7 @@ impl Env {
         static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = self.cluster.dir.join(format!("relay-{n}.log"));
-        let file = std::fs::File::create(&log).expect("relay log file");
-        let child = self
-            .relay_command(args)
-            .stderr(file)
-            .spawn()
-            .expect("start the relay");
-        Relay { child, log }
+        Relay::spawn(self.relay_command(args), log)
     }
 
     /// Enqueues `id` for 3 batches in `org`, counts `done` of them down, and strands it.
@@ -238,6 +239,13 @@ pub struct Relay {
 }
 
 impl Relay {
+    /// Starts `command` with its stderr in the file `log`.
+    pub fn spawn(mut command: Command, log: PathBuf) -> Relay {
+        let file = std::fs::File::create(&log).expect("relay log file");
+        let child = command.stderr(file).spawn().expect("start the relay");
+        Relay { child, log }
+    }
+
     /// Everything it logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -282,6 +290,20 @@ pub fn run_ok(command: &mut Command) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+/// Waits until the intent of `id` is due again (its backoff is over), as the database sees it.
+pub fn wait_due(c: &mut Client, id: &str) {
+    wait_for(60, &format!("the intent of {id} due again"), || {
+        c.query_one(
+            "SELECT coalesce(bool_and(next_attempt_at <= now()), true) FROM pg_reaper_outbox
+              WHERE execution_id = $1 AND state = 'pending'",
+            &[&id],
+        )
+        .expect("due")
+        .get::<_, bool>(0)
+        .then_some(())
+    });
 }
 
 pub fn sleep_ms(ms: u64) {
