@@ -15,6 +15,7 @@ RELAY=target/debug/pg-reaper-relay
 SAMPLE_API=target/debug/pg-reaper-sample-api
 PG_PORT="${PG_REAPER_RUN_PORT:-25439}"
 API_PORT="${PG_REAPER_RUN_API_PORT:-25440}"
+METRICS_PORT="${PG_REAPER_RUN_METRICS_PORT:-25441}"
 
 echo "== a throwaway cluster on port $PG_PORT with pg_reaper preloaded"
 throwaway_cluster run "$PG_PORT" <<CONF
@@ -78,7 +79,8 @@ echo "== the relay (logs in $DATA/relay.log)"
 PG_REAPER_API_KEY_FILE="$KEY_FILE" "$RELAY" \
   --database-url "host=127.0.0.1 port=$PG_PORT user=postgres dbname=queue" \
   --api-base-url "http://127.0.0.1:$API_PORT/internal" \
-  --poll-interval 1s --backoff-base 250ms --concurrency 4 2>"$DATA/relay.log" &
+  --poll-interval 1s --backoff-base 250ms --concurrency 4 --listen "127.0.0.1:$METRICS_PORT" \
+  2>"$DATA/relay.log" &
 PIDS+=($!)
 
 for _ in $(seq 60); do
@@ -107,4 +109,12 @@ SELECT e.id AS execution, coalesce(o.outcome, CASE WHEN b.execution_id IS NOT NU
  ORDER BY e.id;
 SQL
 psql -x -c "SELECT * FROM pg_reaper_status"
+
+echo "== what an operator sees of one recovered and one unrecoverable execution: barrier_explain()"
+psql -At -c "SELECT jsonb_pretty(barrier_explain('exec-13'))" -c "SELECT jsonb_pretty(barrier_explain('exec-23'))"
+
+echo "== the relay's /metrics (one scrape target: relay counters and database gauges), summarised"
+metrics="$(exec 3<>"/dev/tcp/127.0.0.1/$METRICS_PORT"; printf 'GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n' >&3; cat <&3)"
+printf '%s\n' "$metrics" | grep -E '^pg_reaper_(relay_outcomes_total|relay_api_reachable|outbox_intents|barriers|worker_leader|relay_intents_claimed_total)' \
+  | grep -v ' 0$' | sed 's/^/   /' || true
 echo "== done; stopping the relay, the API and the cluster"

@@ -2,11 +2,12 @@
 # Installs what building and testing pg_reaper needs, and nothing that is already there:
 # Debian's PostgreSQL 15 with server headers, clang for bindgen, sudo and runuser (to run
 # Postgres as the postgres OS user when we are root), openssl (the tests make certificates),
+# prometheus (promtool and a real server for the alerting-rule and dashboard tests),
 # cargo-pgrx 0.18.1, and its config.
 set -euo pipefail
 export PATH="$HOME/.cargo/bin:$PATH"
 PG_CONFIG="${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}"
-packages=(postgresql-15 postgresql-server-dev-15 postgresql-client-15 libclang-dev clang sudo util-linux openssl)
+packages=(postgresql-15 postgresql-server-dev-15 postgresql-client-15 libclang-dev clang sudo util-linux openssl prometheus)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -29,6 +29,9 @@ cargo pgrx test pg15 --runas postgres --pgdata "$PGRX_PGDATA" 2>&1 | tee -a "$LO
 echo "== install"
 cargo pgrx install --pg-config "$PG_CONFIG"
 
+echo "== alerting rules: promtool unit tests"
+(cd deploy/prometheus && promtool check rules pg_reaper.rules.yml && promtool test rules pg_reaper.rules.test.yml) 2>&1 | tee -a "$LOG"
+
 echo "== integration tests: throwaway clusters, concurrent sessions, the worker, the relay and the sample API"
 cargo test --locked -p pg_reaper_tests -p pg-reaper-relay 2>&1 | tee -a "$LOG"
 

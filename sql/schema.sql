@@ -45,7 +45,9 @@ CREATE INDEX pg_batch_dedup_created_idx ON @extschema@.pg_batch_dedup (created_a
 -- a partial unique index so that concurrent reapers cannot queue the same strand twice.
 -- `attempts` counts claims and is the claim's fencing token; `failures` counts the failures
 -- that were about this execution (compared with the relay's --max-attempts), never those of an
--- unreachable API; `mark_sent_at` is when an ERROR mark last may have left for the API.
+-- unreachable API; `mark_sent_at` is when an ERROR mark last may have left for the API;
+-- `action` is set on intents an operator queued with barrier_recover() ('error' or 'refire':
+-- carried out without the stranded re-check), NULL on those reaping queued.
 CREATE TABLE @extschema@.pg_reaper_outbox (
     id               bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     execution_id     text        NOT NULL,
@@ -58,6 +60,7 @@ CREATE TABLE @extschema@.pg_reaper_outbox (
     next_attempt_at  timestamptz NOT NULL DEFAULT now(),
     lease_expires_at timestamptz,
     mark_sent_at     timestamptz,
+    action           text,
     last_error       text,
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now(),
@@ -69,7 +72,8 @@ CREATE TABLE @extschema@.pg_reaper_outbox (
     CONSTRAINT pg_reaper_outbox_lease_iff_in_flight
         CHECK ((state = 'in_flight') = (lease_expires_at IS NOT NULL)),
     CONSTRAINT pg_reaper_outbox_attempts_non_negative CHECK (attempts >= 0),
-    CONSTRAINT pg_reaper_outbox_failures_non_negative CHECK (failures >= 0)
+    CONSTRAINT pg_reaper_outbox_failures_non_negative CHECK (failures >= 0),
+    CONSTRAINT pg_reaper_outbox_action_valid CHECK (action IN ('error', 'refire'))
 );
 CREATE UNIQUE INDEX pg_reaper_outbox_live_uniq
     ON @extschema@.pg_reaper_outbox (execution_id) WHERE state <> 'done';

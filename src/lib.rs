@@ -15,6 +15,7 @@ use pgrx::prelude::*;
 mod barrier;
 mod claim;
 mod guc;
+mod operator;
 mod outbox;
 mod plan;
 mod raw_jsonb;

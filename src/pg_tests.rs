@@ -938,6 +938,198 @@ mod tests {
         );
     }
 
+    // ---- operator functions ----------------------------------------------------------------
+
+    fn explain(id: &str) -> serde_json::Value {
+        json(&format!("SELECT barrier_explain('{id}')"))
+    }
+
+    #[pg_test]
+    fn explain_tells_every_state_in_order() {
+        assert_eq!(explain("nothing")["state"], json!("absent"));
+        assert_eq!(explain("nothing")["intents"], json!([]));
+        strand("exp", "org", "expired");
+        strand("stale", "org", "stale");
+        run("SELECT barrier_enqueue('live', 'org', 2, '1 hour', '{\"task\": \"agg\"}')");
+        run("SELECT barrier_claim('live', 0), barrier_claim('live', 1)");
+        run("SELECT barrier_enqueue('zero', 'org', 1)");
+        run("SELECT barrier_decrement('zero')");
+        run("SELECT barrier_enqueue('torn', 'org', 1)");
+        run(
+            "UPDATE pg_barrier_state SET remaining = -1, expires_at = now() - interval '1 second', \
+             created_at = now() - interval '2 hours' WHERE execution_id = 'torn'",
+        );
+        for (id, state) in [
+            ("torn", "torn_down"),
+            ("exp", "stranded_expired"),
+            ("stale", "stranded_no_progress"),
+            ("zero", "complete_awaiting_finish"),
+            ("live", "live"),
+        ] {
+            assert_eq!(explain(id)["state"], json!(state), "{id}: {}", explain(id));
+        }
+        let live = explain("live");
+        assert_eq!(
+            (
+                &live["markers"],
+                &live["has_callback"],
+                &live["remaining"],
+                &live["organization_id"]
+            ),
+            (&json!(2), &json!(true), &json!(2), &json!("org"))
+        );
+        // Not stranded yet: it will be at the deadline or after the stuck timeout, the earlier.
+        assert_eq!(
+            one::<bool>(
+                "SELECT (barrier_explain('live')->>'stranded_at')::timestamptz = \
+                 least(expires_at, last_progress_at + interval '9000 seconds') \
+                 FROM pg_barrier_state WHERE execution_id = 'live'"
+            ),
+            Some(true)
+        );
+        assert!(
+            live["advice"].as_str().unwrap_or("").starts_with("Live"),
+            "{live}"
+        );
+        let keys: Vec<String> = live
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        for key in [
+            "execution_id",
+            "state",
+            "organization_id",
+            "remaining",
+            "created_at",
+            "expires_at",
+            "last_progress_at",
+            "stranded_at",
+            "markers",
+            "has_callback",
+            "intents",
+            "advice",
+        ] {
+            assert!(keys.contains(&key.to_string()), "{key} in {keys:?}");
+        }
+    }
+
+    #[pg_test]
+    fn explain_lists_intents_oldest_first_and_advises_on_them() {
+        let id = intent("e", "expired");
+        let e = explain("e");
+        assert_eq!(e["intents"].as_array().map(Vec::len), Some(1));
+        assert_eq!(e["intents"][0]["id"], json!(id));
+        assert!(
+            e["advice"].as_str().unwrap_or("").contains("is pending"),
+            "{e}"
+        );
+        let (_, attempt) = claim_one();
+        run(&format!(
+            "SELECT outbox_fail({id}, {attempt}, 'HTTP 500', '0', 1)"
+        ));
+        let e = explain("e");
+        assert_eq!(
+            (&e["intents"][0]["state"], &e["intents"][0]["last_error"]),
+            (&json!("dead"), &json!("HTTP 500"))
+        );
+        assert!(
+            e["advice"]
+                .as_str()
+                .unwrap_or("")
+                .contains(&format!("outbox_replay({id})")),
+            "{e}"
+        );
+        strand("noorg", "", "expired");
+        assert!(
+            explain("noorg")["advice"]
+                .as_str()
+                .unwrap_or("")
+                .contains("no organization_id"),
+            "{}",
+            explain("noorg")
+        );
+    }
+
+    #[pg_test(error = "barrier_explain: execution_id must not be NULL or empty")]
+    fn explain_rejects_an_empty_id() {
+        run("SELECT barrier_explain('')");
+    }
+
+    /// An operator's recovery of a live (not stranded) barrier: queued with its action, the
+    /// re-check does not ask for the predicate, and the cleanup removes the barrier anyway.
+    #[pg_test]
+    fn recover_queues_a_forced_intent_that_skips_the_stranded_check() {
+        run("SELECT barrier_enqueue('live', 'org', 3)");
+        run("SELECT barrier_claim('live', 0)");
+        let id = one::<i64>("SELECT barrier_recover('live')").expect("id");
+        assert_eq!(
+            json(&format!(
+                "SELECT jsonb_build_array(state, action, remaining) FROM pg_reaper_outbox WHERE id = {id}"
+            )),
+            json!(["pending", "error", 3])
+        );
+        assert_eq!(
+            one::<i64>("SELECT barrier_recover('live', 'error')"),
+            Some(id),
+            "the live intent is returned again"
+        );
+        let (cid, attempt) = claim_one();
+        assert_eq!(cid, id);
+        assert_eq!(verdict(id, attempt), ("mark".into(), Some(3)));
+        assert_eq!(
+            one::<bool>(&format!(
+                "SELECT outbox_resolve({id}, {attempt}, 'marked_error')"
+            )),
+            Some(true)
+        );
+        assert_eq!(count("SELECT count(*) FROM pg_barrier_state"), 0);
+        assert_eq!(count("SELECT count(*) FROM pg_batch_dedup"), 0);
+    }
+
+    #[pg_test]
+    fn recover_refuses_what_it_cannot_do_and_changes_nothing() {
+        // Runs a statement in a subtransaction: its SQLSTATE and message, or 'ok'.
+        run(
+            "CREATE FUNCTION pg_reaper_try(sql text) RETURNS text LANGUAGE plpgsql AS $$
+             BEGIN EXECUTE sql; RETURN 'ok';
+             EXCEPTION WHEN others THEN RETURN SQLSTATE || ' ' || SQLERRM; END $$",
+        );
+        run("SELECT barrier_enqueue('plain', 'org', 2)");
+        run("SELECT barrier_enqueue('noorg', '', 2)");
+        for (sql, message) in [
+            (
+                "SELECT barrier_recover('')",
+                "execution_id must not be NULL or empty",
+            ),
+            (
+                "SELECT barrier_recover(NULL)",
+                "execution_id must not be NULL or empty",
+            ),
+            (
+                "SELECT barrier_recover('plain', 'delete')",
+                "action must be 'error' or 'refire'",
+            ),
+            (
+                "SELECT barrier_recover('plain', NULL)",
+                "action must be 'error' or 'refire'",
+            ),
+            ("SELECT barrier_recover('missing')", "has no barrier"),
+            ("SELECT barrier_recover('noorg')", "without organization_id"),
+            (
+                "SELECT barrier_recover('plain', 'refire')",
+                "needs a barrier with a callback",
+            ),
+        ] {
+            let got =
+                one::<String>(&format!("SELECT pg_reaper_try($${sql}$$)")).unwrap_or_default();
+            assert!(
+                got.starts_with("22023") && got.contains(message),
+                "{sql}: {got}"
+            );
+        }
+        assert_eq!(count("SELECT count(*) FROM pg_reaper_outbox"), 0);
+    }
+
     #[pg_test(
         error = "outbox_resolve: outcome must be one of marked_error, already_terminal, gone, rearmed, refired"
     )]

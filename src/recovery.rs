@@ -19,18 +19,19 @@ const RENEW_CLAIM: Statement = Statement {
     sql: "UPDATE @extschema@.pg_reaper_outbox
              SET lease_expires_at = greatest(lease_expires_at, now() + $3), updated_at = now()
            WHERE id = $1 AND state = 'in_flight' AND attempts = $2
-       RETURNING execution_id",
+       RETURNING execution_id, action",
     args: &[pg_sys::INT8OID, pg_sys::INT4OID, pg_sys::INTERVALOID],
     writes: true,
 };
 
+/// `$3`: an operator forced this recovery (barrier_recover), which skips the stranded check.
 const LOCK_BARRIER: Statement = Statement {
     sql: "SELECT remaining, callback IS NOT NULL,
-                 @extschema@.barrier_is_stranded(expires_at, last_progress_at, created_at, $2)
+                 @extschema@.barrier_is_stranded(expires_at, last_progress_at, created_at, $2) OR $3
             FROM @extschema@.pg_barrier_state
            WHERE execution_id = $1
              FOR UPDATE",
-    args: &[pg_sys::TEXTOID, pg_sys::INTERVALOID],
+    args: &[pg_sys::TEXTOID, pg_sys::INTERVALOID, pg_sys::BOOLOID],
     writes: true,
 };
 
@@ -41,33 +42,39 @@ const RESOLVE: Statement = Statement {
              SET state = 'done', outcome = $3, lease_expires_at = NULL, last_error = NULL,
                  updated_at = now()
            WHERE id = $1 AND state = 'in_flight' AND attempts = $2
-       RETURNING execution_id, organization_id",
+       RETURNING execution_id, organization_id, action IS NOT NULL",
     args: &[pg_sys::INT8OID, pg_sys::INT4OID, pg_sys::TEXTOID],
     writes: true,
 };
 
-/// The guarded delete: only a barrier that is still stranded goes, and its markers with it.
+/// The guarded delete: only a barrier that is still stranded goes (or any, for a recovery an
+/// operator forced: `$3`), and its markers with it.
 const CLEAN_UP: Statement = Statement {
     sql: "WITH gone AS (
               DELETE FROM @extschema@.pg_barrier_state b
                WHERE b.execution_id = $1
-                 AND @extschema@.barrier_is_stranded(b.expires_at, b.last_progress_at, b.created_at, $2)
+                 AND (@extschema@.barrier_is_stranded(b.expires_at, b.last_progress_at, b.created_at, $2)
+                      OR $3)
            RETURNING 1
           ), markers AS (
               DELETE FROM @extschema@.pg_batch_dedup
                WHERE execution_id = $1 AND EXISTS (SELECT 1 FROM gone)
           )
           SELECT EXISTS (SELECT 1 FROM gone)",
-    args: &[pg_sys::TEXTOID, pg_sys::INTERVALOID],
+    args: &[pg_sys::TEXTOID, pg_sys::INTERVALOID, pg_sys::BOOLOID],
     writes: true,
 };
 
+/// A reaped re-fire needs every batch done and the barrier still stranded; an operator's
+/// (`$3`) only the callback.
 const REFIRE_INPUT: Statement = Statement {
     sql: "SELECT callback, results FROM @extschema@.pg_barrier_state
-           WHERE execution_id = $1 AND remaining = 0 AND callback IS NOT NULL
-             AND @extschema@.barrier_is_stranded(expires_at, last_progress_at, created_at, $2)
+           WHERE execution_id = $1 AND callback IS NOT NULL
+             AND ((remaining = 0
+                   AND @extschema@.barrier_is_stranded(expires_at, last_progress_at, created_at, $2))
+                  OR $3)
              FOR UPDATE",
-    args: &[pg_sys::TEXTOID, pg_sys::INTERVALOID],
+    args: &[pg_sys::TEXTOID, pg_sys::INTERVALOID, pg_sys::BOOLOID],
     writes: true,
 };
 
@@ -234,8 +241,15 @@ fn recovery_lock(
         if renewed.is_empty() {
             return Ok(("lost", None));
         }
-        let execution_id = renewed.first().get_one::<String>()?.unwrap_or_default();
-        let args = [execution_id.as_str().into(), guc::stuck_timeout().into()];
+        let renewed = renewed.first();
+        let execution_id = renewed.get::<String>(1)?.unwrap_or_default();
+        let action = renewed.get::<String>(2)?;
+        let forced = action.is_some();
+        let args = [
+            execution_id.as_str().into(),
+            guc::stuck_timeout().into(),
+            forced.into(),
+        ];
         let barrier = plan::run(client, schema, &LOCK_BARRIER, &args)?;
         if barrier.is_empty() {
             return Ok(("rearmed", None));
@@ -244,12 +258,27 @@ fn recovery_lock(
         let remaining = barrier.get::<i32>(1)?;
         let has_callback = barrier.get::<bool>(2)?.unwrap_or(false);
         let stranded = barrier.get::<bool>(3)?.unwrap_or(false);
-        let verdict = if !stranded {
-            "rearmed"
-        } else if remaining == Some(0) && has_callback && refire_hook(client, schema).is_some() {
-            "refire"
-        } else {
-            "mark"
+        let verdict = match action.as_deref() {
+            // An operator's choice (barrier_recover), checked again now: the callback or the
+            // hook may have gone since.
+            Some("refire") => {
+                if !has_callback || refire_hook(client, schema).is_none() {
+                    error!(
+                        "cannot re-fire execution {execution_id} as asked by barrier_recover(): \
+                         its barrier has no callback or pg_reaper.refire_function is empty"
+                    );
+                }
+                "refire"
+            }
+            Some(_) => "mark",
+            None if !stranded => "rearmed",
+            None if remaining == Some(0)
+                && has_callback
+                && refire_hook(client, schema).is_some() =>
+            {
+                "refire"
+            }
+            None => "mark",
         };
         Ok::<_, pgrx::spi::SpiError>((verdict, remaining))
     })
@@ -303,7 +332,12 @@ fn outbox_resolve_claimed(
         let done = done.first();
         let execution_id = done.get::<String>(1)?.unwrap_or_default();
         let organization_id = done.get::<String>(2)?.unwrap_or_default();
-        let barrier_args = [execution_id.as_str().into(), guc::stuck_timeout().into()];
+        let forced = done.get::<bool>(3)?.unwrap_or(false);
+        let barrier_args = [
+            execution_id.as_str().into(),
+            guc::stuck_timeout().into(),
+            forced.into(),
+        ];
         if outcome == "refired" {
             let Some(hook) = refire_hook(client, schema) else {
                 error!("{F}: cannot re-fire: pg_reaper.refire_function is empty")

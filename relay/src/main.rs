@@ -86,6 +86,6 @@ fn start(args: config::Args) -> Result<i32, String> {
             tracing::info!("signal received: stopping");
             let _ = stop_tx.send(true);
         });
-        Ok(relay::run(settings, api, metrics, stop_rx).await)
+        Ok(relay::run(settings, api, metrics, args.listen.is_some(), stop_rx).await)
     })
 }

@@ -26,6 +26,21 @@ const BUCKETS: [f64; 12] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// The database side, read from `pg_reaper_status` (at most once per poll interval), so that
+/// one scrape target covers the whole system.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DbGauges {
+    /// Outbox rows by state: pending, in_flight, dead, done.
+    pub intents: [i64; 4],
+    pub oldest_pending_age_seconds: Option<f64>,
+    pub barriers_live: i64,
+    pub barriers_stranded: i64,
+    pub worker_leader: bool,
+    /// None without a worker serving this database.
+    pub worker_last_tick_age_seconds: Option<f64>,
+    pub worker_failed_ticks: Option<i64>,
+}
+
 #[derive(Default)]
 pub struct Metrics {
     claimed: AtomicU64,
@@ -40,6 +55,7 @@ pub struct Metrics {
     latency_buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_micros: AtomicU64,
+    db: std::sync::Mutex<Option<DbGauges>>,
     /// Milliseconds since `started` of the last successful outbox claim.
     last_claim_ok_ms: AtomicU64,
     started: std::sync::OnceLock<Instant>,
@@ -81,6 +97,12 @@ impl Metrics {
 
     pub fn lost(&self) {
         self.lost.fetch_add(1, Relaxed);
+    }
+
+    pub fn database(&self, gauges: Option<DbGauges>) {
+        if let Ok(mut db) = self.db.lock() {
+            *db = gauges;
+        }
     }
 
     pub fn api_reachable(&self, up: bool) {
@@ -198,7 +220,68 @@ impl Metrics {
             s,
             "pg_reaper_relay_http_request_duration_seconds_count {count}"
         );
+        if let Some(db) = self.db.lock().ok().and_then(|g| g.clone()) {
+            render_database(&mut s, &db);
+        }
         s
+    }
+}
+
+fn render_database(s: &mut String, db: &DbGauges) {
+    let mut metric = |name: &str, kind: &str, help: &str, lines: &[(&str, f64)]| {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in lines {
+            let _ = writeln!(s, "{name}{labels} {v}");
+        }
+    };
+    let [pending, in_flight, dead, done] = db.intents.map(|n| n as f64);
+    metric(
+        "pg_reaper_outbox_intents",
+        "gauge",
+        "Recovery intents in the outbox, by state.",
+        &[
+            ("{state=\"pending\"}", pending),
+            ("{state=\"in_flight\"}", in_flight),
+            ("{state=\"dead\"}", dead),
+            ("{state=\"done\"}", done),
+        ],
+    );
+    metric(
+        "pg_reaper_outbox_oldest_pending_age_seconds",
+        "gauge",
+        "Age of the oldest pending intent (0 when none is pending).",
+        &[("", db.oldest_pending_age_seconds.unwrap_or(0.0))],
+    );
+    metric(
+        "pg_reaper_barriers",
+        "gauge",
+        "Barriers by the stranded predicate.",
+        &[
+            ("{state=\"live\"}", db.barriers_live as f64),
+            ("{state=\"stranded\"}", db.barriers_stranded as f64),
+        ],
+    );
+    metric(
+        "pg_reaper_worker_leader",
+        "gauge",
+        "Whether a pg_reaper worker leads in the relay's database.",
+        &[("", f64::from(u8::from(db.worker_leader)))],
+    );
+    if let Some(age) = db.worker_last_tick_age_seconds {
+        metric(
+            "pg_reaper_worker_last_tick_age_seconds",
+            "gauge",
+            "Seconds since the worker's last tick.",
+            &[("", age)],
+        );
+    }
+    if let Some(n) = db.worker_failed_ticks {
+        metric(
+            "pg_reaper_worker_failed_ticks_total",
+            "counter",
+            "Worker ticks that failed since the server started.",
+            &[("", n as f64)],
+        );
     }
 }
 

@@ -303,6 +303,42 @@ async fn work(ctx: Arc<Context>, intent: Intent) {
     ctx.metrics.in_flight(-1);
 }
 
+/// Reads `pg_reaper_status` into the metrics every poll interval, on a connection of its own.
+/// A role without the grants for it gets one WARNING, and the database gauges stay absent.
+fn collect_database_gauges(
+    target: crate::db::Target,
+    transaction_idle: Duration,
+    every: Duration,
+    metrics: Arc<Metrics>,
+) {
+    tokio::spawn(async move {
+        let mut store: Option<Store> = None;
+        let mut warned = false;
+        loop {
+            if store.as_ref().is_none_or(Store::is_closed) {
+                store = Store::connect(&target, None, transaction_idle).await.ok();
+            }
+            if let Some(s) = &store {
+                match s.status().await {
+                    Ok(g) => {
+                        metrics.database(Some(g));
+                        warned = false;
+                    }
+                    Err(e) => {
+                        metrics.database(None);
+                        if !warned {
+                            warn!(error = %e, "cannot read pg_reaper_status for the database gauges \
+                                   (the relay's role needs SELECT on it and EXECUTE on reaper_status())");
+                            warned = true;
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(every).await;
+        }
+    });
+}
+
 /// Keeps a LISTEN connection up and turns every notification into a wake-up.
 fn listen(target: crate::db::Target, transaction_idle: Duration, wake: mpsc::UnboundedSender<()>) {
     tokio::spawn(async move {
@@ -352,8 +388,17 @@ pub async fn run(
     settings: Settings,
     api: Api,
     metrics: Arc<Metrics>,
+    database_gauges: bool,
     mut shutdown: watch::Receiver<bool>,
 ) -> i32 {
+    if database_gauges {
+        collect_database_gauges(
+            settings.database.clone(),
+            settings.transaction_idle(),
+            settings.poll_interval,
+            metrics.clone(),
+        );
+    }
     let circuit = Circuit::new(settings.backoff_base, settings.backoff_max, metrics.clone());
     let ctx = Arc::new(Context {
         settings,

@@ -29,6 +29,14 @@ const RELEASE: &str = "SELECT @extschema@.outbox_release($1, $2)";
 const DEFER: &str = "SELECT @extschema@.outbox_defer($1, $2, $3, $4::text::interval)";
 const MARK_SENDING: &str = "SELECT @extschema@.outbox_mark_sending($1, $2, $3::text::interval)";
 const LISTEN: &str = "LISTEN pg_reaper_outbox";
+/// The database side of the metrics; its role needs SELECT on the view and EXECUTE on
+/// reaper_status().
+const STATUS: &str = "SELECT outbox_pending, outbox_in_flight, outbox_dead, outbox_done,
+                             extract(epoch FROM oldest_pending_age)::float8,
+                             barriers_live, barriers_stranded, leader_pid IS NOT NULL,
+                             extract(epoch FROM pg_catalog.now() - last_tick_at)::float8,
+                             failed_ticks
+                        FROM @extschema@.pg_reaper_status";
 
 /// One claimed intent; `attempt` is the claim's fencing token.
 #[derive(Debug, Clone)]
@@ -355,6 +363,20 @@ impl Store {
             )
             .await?;
         Ok(row.get(0))
+    }
+
+    /// The gauges of `pg_reaper_status`.
+    pub async fn status(&self) -> Result<crate::metrics::DbGauges, StoreError> {
+        let r = self.client.query_one(&self.sql(STATUS), &[]).await?;
+        Ok(crate::metrics::DbGauges {
+            intents: [r.get(0), r.get(1), r.get(2), r.get(3)],
+            oldest_pending_age_seconds: r.get(4),
+            barriers_live: r.get(5),
+            barriers_stranded: r.get(6),
+            worker_leader: r.get(7),
+            worker_last_tick_age_seconds: r.get(8),
+            worker_failed_ticks: r.get(9),
+        })
     }
 
     pub async fn release(&self, intent: &Intent) -> Result<bool, tokio_postgres::Error> {

@@ -524,6 +524,94 @@ fn without_the_worker_a_killed_relays_claims_are_taken_over_after_the_lease() {
     }
 }
 
+/// An operator recovers executions that are not stranded (barrier_recover): the relay reads
+/// the status first (terminal and gone ones are only cleaned up), marks ERROR or re-fires the
+/// callback as asked, and removes the barrier; a second request returns the live intent.
+#[test]
+fn barrier_recover_is_carried_out_by_the_relay_with_every_rule_but_the_stranded_check() {
+    let env = Env::new("rrecover", false);
+    let mut c = env.db();
+    c.batch_execute(
+        "CREATE TABLE refired (execution_id text, results jsonb);
+         CREATE FUNCTION public.refire(e text, o text, c jsonb, r jsonb) RETURNS void
+         LANGUAGE sql AS $$ INSERT INTO public.refired VALUES (e, r) $$;
+         ALTER DATABASE q SET pg_reaper.refire_function = 'public.refire';",
+    )
+    .expect("hook");
+    let mut c = env.db(); // a session that has the database's setting
+    for (id, status) in [
+        ("err", Some("EXECUTING")),
+        ("fire", Some("EXECUTING")),
+        ("term", Some("COMPLETED")),
+        ("gone", None),
+        ("twice", Some("EXECUTING")),
+    ] {
+        if let Some(status) = status {
+            env.api.execution(id, "org", status);
+        }
+        c.execute(
+            "SELECT barrier_enqueue($1, 'org', 3, '1 hour', '{\"task\": \"agg\"}')",
+            &[&id],
+        )
+        .expect("enqueue");
+        c.execute(
+            "SELECT barrier_claim($1, 0), barrier_decrement($1, '7')",
+            &[&id],
+        )
+        .expect("one batch done");
+    }
+    let recover = |c: &mut Client, id: &str, action: &str| -> i64 {
+        c.query_one("SELECT barrier_recover($1, $2)", &[&id, &action])
+            .expect("recover")
+            .get(0)
+    };
+    for id in ["err", "term", "gone", "twice"] {
+        recover(&mut c, id, "error");
+    }
+    recover(&mut c, "fire", "refire");
+    let first = recover(&mut c, "twice", "error");
+    assert_eq!(
+        recover(&mut c, "twice", "error"),
+        first,
+        "the live intent, again"
+    );
+    env.relay_once(&[]);
+
+    let api = env.api.executions();
+    for (id, outcome) in [
+        ("err", "marked_error"),
+        ("fire", "refired"),
+        ("term", "already_terminal"),
+        ("gone", "gone"),
+        ("twice", "marked_error"),
+    ] {
+        let i = intent(&mut c, id);
+        assert_eq!(
+            (&i["outcome"], &i["barrier"], &i["markers"]),
+            (&json!(outcome), &json!(false), &json!(0)),
+            "{id}: {i}"
+        );
+    }
+    assert_eq!(api["err"]["error_marks"], json!(1));
+    assert_eq!(api["twice"]["error_marks"], json!(1));
+    assert_eq!(
+        (&api["term"]["status"], &api["term"]["error_marks"]),
+        (&json!("COMPLETED"), &json!(0))
+    );
+    assert_eq!(api["fire"]["error_marks"], json!(0), "re-fired, not marked");
+    assert_eq!(
+        json(&mut c, "SELECT jsonb_agg(to_jsonb(r)) FROM refired r"),
+        json!([{"execution_id": "fire", "results": [7]}])
+    );
+    assert_eq!(
+        json(
+            &mut c,
+            "SELECT to_jsonb(count(*)) FROM pg_reaper_outbox WHERE execution_id = 'twice'"
+        ),
+        json!(1)
+    );
+}
+
 #[test]
 fn metrics_healthz_and_sigterm_leave_nothing_in_flight() {
     let env = Env::new("rmetrics", false);
