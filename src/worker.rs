@@ -79,6 +79,7 @@ pub struct Stats {
 // SAFETY: plain Copy data, no pointers.
 unsafe impl PGRXSharedMemory for Stats {}
 
+// SAFETY: the lock is initialised by pg_shmem_init! while preloading, before any use.
 static STATS: PgLwLock<Stats> = unsafe { PgLwLock::new(c"pg_reaper_worker") };
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 
@@ -135,6 +136,7 @@ pub extern "C-unwind" fn pg_reaper_worker_main(_arg: pg_sys::Datum) {
     }
     // The worker runs as a superuser: resolve every name of its statements in pg_catalog, never
     // through a search_path a database owner could have set (ALTER DATABASE … SET).
+    // SAFETY: both strings are static and NUL-terminated; the GUC exists in every backend.
     unsafe {
         pg_sys::SetConfigOption(
             c"search_path".as_ptr(),
@@ -210,6 +212,7 @@ fn wait_for_database(database: &str) -> ! {
         match exists {
             Ok(true) => {
                 STATS.exclusive().database_seen = true;
+                // SAFETY: ends the process the way a backend does; the next start connects.
                 unsafe { pg_sys::proc_exit(1) };
             }
             Ok(false) => {
@@ -226,6 +229,7 @@ fn wait_for_database(database: &str) -> ! {
             Err(e) => warning!("pg_reaper: looking for database \"{database}\": {e}"),
         }
         if !BackgroundWorker::wait_latch(Some(naptime().max(Duration::from_secs(1)))) {
+            // SAFETY: the postmaster died; end the process the way a backend does.
             unsafe { pg_sys::proc_exit(1) };
         }
     }
@@ -259,6 +263,8 @@ fn database_exists(name: &std::ffi::CStr) -> bool {
 /// Runs `f` in its own transaction; an ERROR anywhere (including at commit) rolls it back
 /// and comes back as the error's message instead of ending the process.
 fn in_transaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    // SAFETY: called between transactions only (the main loop, never nested); every path below
+    // ends the transaction it starts, by commit or by abort.
     unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();
@@ -266,6 +272,7 @@ fn in_transaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
     }
     PgTryBuilder::new(AssertUnwindSafe(|| {
         let result = f();
+        // SAFETY: pops the snapshot pushed above and commits the transaction started above.
         unsafe {
             pg_sys::PopActiveSnapshot();
             pg_sys::CommitTransactionCommand();
@@ -273,6 +280,8 @@ fn in_transaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
         Ok(result)
     }))
     .catch_others(|e| {
+        // SAFETY: the ERROR left the transaction aborted; this cleans it up and forgets the
+        // error's state, as PostgresMain's error recovery does.
         unsafe {
             pg_sys::AbortCurrentTransaction();
             pg_sys::FlushErrorState();
@@ -468,6 +477,7 @@ impl Worker {
 
     /// The state the worker is in now and, when it leads, the extension's schema.
     fn decide(&mut self) -> (State, Option<pg_sys::Oid>) {
+        // SAFETY: a plain read of shared recovery state.
         if unsafe { pg_sys::RecoveryInProgress() } {
             return (State::Recovery, None);
         }
@@ -517,6 +527,7 @@ impl Worker {
             let mut s = STATS.exclusive();
             s.state = state;
             s.ticks += 1;
+            // SAFETY: a plain read of the clock.
             s.last_tick_at = Some(unsafe { pg_sys::GetCurrentTimestamp() });
             if !matches!(state, State::Leader | State::Contested) {
                 s.last_tick_queued = 0;

@@ -261,3 +261,51 @@ fn a_relay_naming_primary_and_standby_follows_a_failover_by_itself() {
         assert_eq!(api[id]["error_marks"], json!(1), "{id}");
     }
 }
+
+/// A server that accepts connections and never answers (a hung primary, a black-holed
+/// failover address): the relay's connection attempt waits, and SIGTERM still ends the relay
+/// at once. The connect timeout is set far beyond the test's patience, so only the signal can.
+#[test]
+fn sigterm_is_honoured_while_postgres_does_not_answer() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+    let port = listener.local_addr().expect("addr").port();
+    let (accepted_tx, accepted) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            held.push(stream); // kept open, never read or written
+            let _ = accepted_tx.send(());
+        }
+    });
+    let dir = std::env::temp_dir().join(format!("pgr-hung-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let key = dir.join("api.key");
+    std::fs::write(&key, "k\n").expect("key");
+    let log = dir.join("relay.log");
+    let mut relay = Command::new(env!("CARGO_BIN_EXE_pg-reaper-relay"))
+        .env(
+            "PG_REAPER_DATABASE_URL",
+            format!("host=127.0.0.1 port={port} user=postgres dbname=q connect_timeout=600"),
+        )
+        .env("PG_REAPER_API_BASE_URL", "http://127.0.0.1:9/internal")
+        .env("PG_REAPER_API_KEY_FILE", &key)
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("start the relay");
+    accepted
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the relay connecting to the silent server");
+    let pid = relay.id().to_string();
+    Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    let status = wait_for(60, "the relay to exit after SIGTERM", || {
+        relay.try_wait().expect("try_wait")
+    });
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(status.success(), "{status:?}: {text}");
+    assert!(text.contains("relay stopped"), "{text}");
+}
