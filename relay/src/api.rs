@@ -200,13 +200,18 @@ impl Api {
         Ok((code, body, started.elapsed()))
     }
 
-    /// `GET {base}/v1/workflow-execution/{id}/`, and the request's duration.
+    /// `GET {base}/v1/workflow-execution/{id}/?file_execution=false`, and the request's
+    /// duration. Without the parameter the platform's API adds every file execution of the
+    /// run to the answer: megabytes for a large run, over the body limit.
     pub async fn status(
         &self,
         execution_id: &str,
         org: &str,
     ) -> (Result<Execution, Failure>, Duration) {
-        let request = self.client.get(self.url(execution_id, ""));
+        let request = self
+            .client
+            .get(self.url(execution_id, ""))
+            .query(&[("file_execution", "false")]);
         match self.send(request, org).await {
             Ok((code, body, took)) => {
                 let answer = if (200..300).contains(&code) {

@@ -524,6 +524,42 @@ fn without_the_worker_a_killed_relays_claims_are_taken_over_after_the_lease() {
     }
 }
 
+/// A run of 10,000 files: read with `?file_execution=false`, the status fits in a small body
+/// (asked without it, the API would send every file execution: megabytes, over the limit).
+#[test]
+fn a_large_run_is_read_without_its_file_executions() {
+    let env = Env::new("rbigrun", false);
+    let mut c = env.db();
+    env.api.admin(
+        "PUT",
+        "executions/big",
+        Some(&json!({"organization_id": "org", "status": "EXECUTING", "file_executions": 10000})),
+    );
+    env.strand(&mut c, "big", "org", 1);
+    env.reap(&mut c);
+    env.relay_once(&[]);
+    assert_eq!(intent(&mut c, "big")["outcome"], json!("marked_error"));
+    let gets: Vec<Value> = env
+        .api
+        .calls()
+        .into_iter()
+        .filter(|c| c["method"] == "GET")
+        .collect();
+    assert!(!gets.is_empty());
+    for get in gets {
+        assert_eq!(get["query"], json!("file_execution=false"), "{get}");
+    }
+    // What the parameter saves: the same read without it is over the relay's 1 MiB limit.
+    let (code, body) = env.api.request(
+        "GET",
+        "/internal/v1/workflow-execution/big/",
+        None,
+        common::KEY,
+    );
+    assert_eq!(code, 200);
+    assert!(body.to_string().len() > 1 << 20);
+}
+
 /// An operator recovers executions that are not stranded (barrier_recover): the relay reads
 /// the status first (terminal and gone ones are only cleaned up), marks ERROR or re-fires the
 /// callback as asked, and removes the barrier; a second request returns the live intent.

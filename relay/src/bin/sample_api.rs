@@ -40,12 +40,18 @@ struct Execution {
     error_marks: u32,
     #[serde(default)]
     error_message: Option<String>,
+    /// How many file executions the run has: a status read lists them all (as the platform's
+    /// API does) unless it asks `?file_execution=false`.
+    #[serde(default)]
+    file_executions: usize,
 }
 
 #[derive(Clone, Serialize)]
 struct Call {
     method: String,
     path: String,
+    /// The query string, if any.
+    query: Option<String>,
     authorization: Option<String>,
     organization: Option<String>,
     content_type: Option<String>,
@@ -112,6 +118,11 @@ const TERMINAL: [&str; 3] = ["COMPLETED", "STOPPED", "ERROR"];
 async fn handle(req: Request<Incoming>, state: Shared, key: Arc<String>) -> Response<Full<Bytes>> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let query = req.uri().query().map(str::to_string);
+    let with_files = !query.as_deref().is_some_and(|q| {
+        q.split('&')
+            .any(|kv| kv.eq_ignore_ascii_case("file_execution=false"))
+    });
     let authorization = header(&req, "authorization");
     let organization = header(&req, "x-organization-id");
     let content_type = header(&req, "content-type");
@@ -149,6 +160,7 @@ async fn handle(req: Request<Incoming>, state: Shared, key: Arc<String>) -> Resp
             at_ms,
             method: method.to_string(),
             path: path.clone(),
+            query,
             authorization,
             organization: organization.clone(),
             content_type,
@@ -189,7 +201,7 @@ async fn handle(req: Request<Incoming>, state: Shared, key: Arc<String>) -> Resp
         return reply(code, json!({"error": "injected fault"}));
     }
     match (&method, action.as_str()) {
-        (&Method::GET, "") => read_status(&state, &id, organization.as_deref()),
+        (&Method::GET, "") => read_status(&state, &id, organization.as_deref(), with_files),
         (&Method::POST, "update_status") => {
             let (code, body) = update_status(&state, &id, organization.as_deref(), &body);
             reply(code, body)
@@ -198,7 +210,12 @@ async fn handle(req: Request<Incoming>, state: Shared, key: Arc<String>) -> Resp
     }
 }
 
-fn read_status(state: &Shared, id: &str, organization: Option<&str>) -> Response<Full<Bytes>> {
+fn read_status(
+    state: &Shared,
+    id: &str,
+    organization: Option<&str>,
+    with_files: bool,
+) -> Response<Full<Bytes>> {
     let Ok(s) = state.lock() else {
         return reply(500, json!({"error": "state poisoned"}));
     };
@@ -215,10 +232,22 @@ fn read_status(state: &Shared, id: &str, organization: Option<&str>) -> Response
         return reply(200, json!({"execution": {"id": id}}));
     }
     let pad = "x".repeat(s.faults.pad_bytes);
-    reply(
-        200,
-        json!({"execution": {"id": id, "status": execution.status}, "pad": pad}),
-    )
+    let mut body = json!({"execution": {"id": id, "status": execution.status}, "pad": pad});
+    if with_files {
+        body["file_executions"] = (0..execution.file_executions)
+            .map(|i| {
+                json!({
+                    "id": format!("{id}-file-{i:06}"),
+                    "file_name": format!("document-{i:06}.pdf"),
+                    "file_path": format!("/data/input/{id}/document-{i:06}.pdf"),
+                    "status": "COMPLETED",
+                    "execution_time": 1.5,
+                    "error_message": null,
+                })
+            })
+            .collect();
+    }
+    reply(200, body)
 }
 
 /// Applies a status update; the answer's code and body.
