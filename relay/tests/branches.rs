@@ -268,7 +268,10 @@ fn a_wrong_key_is_a_retried_failure_reported_as_configuration() {
     );
     assert_eq!(
         i["last_error"],
-        json!("status read: HTTP 401: {\"error\":\"missing or wrong bearer key\"}")
+        json!(
+            "status read: HTTP 401: {\"debug_info\":{},\"detail\":\"API key does not match \
+             configured value\",\"error\":\"Invalid internal service API key\"}"
+        )
     );
 }
 

@@ -1,7 +1,11 @@
 //! pg-reaper-sample-api: a development stand-in for the platform's internal status API, for
 //! tests and `make run`. It implements the two endpoints the relay calls over an in-memory set
-//! of executions (bearer key, X-Organization-ID scoping, 404 `WorkflowExecution not found`,
-//! the `already_final` guard), records every call, and can inject faults. Production points the
+//! of executions, answering as the platform's API does on everything the relay can observe
+//! (docs/compatibility.md lists it): the `/internal/` mount, the bearer key and its 401
+//! bodies, routes whose id may not hold a `.`, X-Organization-ID scoping, 404 `WorkflowExecution
+//! not found`, 500 for a status update of an unknown execution, the `already_final` guard for
+//! executions that carry a queue message, and file executions listed unless
+//! `?file_execution=false`. It records every call and can inject faults. Production points the
 //! relay at the platform's real API instead.
 //!
 //! `--tls-cert FILE --tls-key FILE` serves HTTPS instead (PEM chain, PKCS#8 key).
@@ -40,10 +44,18 @@ struct Execution {
     error_marks: u32,
     #[serde(default)]
     error_message: Option<String>,
+    /// Whether it runs on the Postgres queue transport (a queue message): only those get the
+    /// `already_final` guard, as on the platform.
+    #[serde(default = "yes")]
+    queue_message: bool,
     /// How many file executions the run has: a status read lists them all (as the platform's
     /// API does) unless it asks `?file_execution=false`.
     #[serde(default)]
     file_executions: usize,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Clone, Serialize)]
@@ -113,8 +125,6 @@ fn header(req: &Request<Incoming>, name: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-const TERMINAL: [&str; 3] = ["COMPLETED", "STOPPED", "ERROR"];
-
 async fn handle(req: Request<Incoming>, state: Shared, key: Arc<String>) -> Response<Full<Bytes>> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -134,20 +144,33 @@ async fn handle(req: Request<Incoming>, state: Shared, key: Arc<String>) -> Resp
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    if authorization.as_deref() != Some(&format!("Bearer {key}")) {
-        return reply(401, json!({"error": "missing or wrong bearer key"}));
-    }
     if let Some(rest) = path.strip_prefix("/_admin/") {
+        if authorization.as_deref() != Some(&format!("Bearer {key}")) {
+            return reply(
+                401,
+                json!({"error": "the admin endpoints take the same bearer key"}),
+            );
+        }
         return admin(&method, rest, body, &state);
     }
-    let Some(at) = path.find("/v1/workflow-execution/") else {
-        return reply(404, json!({"error": "no such endpoint"}));
+    // The platform's API is mounted at /internal/, behind its service-key middleware.
+    if !path.starts_with("/internal/") {
+        return not_found_page();
+    }
+    if let Some(refused) = unauthorized(authorization.as_deref(), &key) {
+        return refused;
+    }
+    // The router's id pattern is [^/.]+: an id with a dot matches no route.
+    let Some(tail) = path.strip_prefix("/internal/v1/workflow-execution/") else {
+        return not_found_page();
     };
-    let tail = &path[at + "/v1/workflow-execution/".len()..];
     let (id, action) = match tail.split_once('/') {
         Some((id, action)) => (id.to_string(), action.trim_end_matches('/').to_string()),
         None => (tail.to_string(), String::new()),
     };
+    if id.is_empty() || id.contains('.') || !matches!(action.as_str(), "" | "update_status") {
+        return not_found_page();
+    }
     let (delay, fail, apply_delay) = {
         let Ok(mut s) = state.lock() else {
             return reply(500, json!({"error": "state poisoned"}));
@@ -210,6 +233,49 @@ async fn handle(req: Request<Incoming>, state: Shared, key: Arc<String>) -> Resp
     }
 }
 
+/// Django's production 404 page for a path that matches no route.
+fn not_found_page() -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(
+        b"<!doctype html>\n<html lang=\"en\">\n<head>\n  <title>Not Found</title>\n</head>\n\
+          <body>\n  <h1>Not Found</h1><p>The requested resource was not found on this server.</p>\n\
+          </body>\n</html>\n",
+    )));
+    *r.status_mut() = hyper::StatusCode::NOT_FOUND;
+    r.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    r
+}
+
+/// The platform's internal-API middleware: its 401 answers, or None when the key is right.
+fn unauthorized(authorization: Option<&str>, key: &str) -> Option<Response<Full<Bytes>>> {
+    let refuse = |error: &str, detail: String| {
+        Some(reply(
+            401,
+            json!({"error": error, "detail": detail, "debug_info": {}}),
+        ))
+    };
+    match authorization {
+        None | Some("") => refuse(
+            "Authorization header required for internal APIs",
+            "Missing Authorization header".to_string(),
+        ),
+        Some(h) if !h.starts_with("Bearer ") => refuse(
+            "Bearer token required for internal APIs",
+            format!(
+                "Invalid authorization format: {}...",
+                h.chars().take(20).collect::<String>()
+            ),
+        ),
+        Some(h) if h["Bearer ".len()..] != *key => refuse(
+            "Invalid internal service API key",
+            "API key does not match configured value".to_string(),
+        ),
+        Some(_) => None,
+    }
+}
+
 fn read_status(
     state: &Shared,
     id: &str,
@@ -223,9 +289,10 @@ fn read_status(
         return reply(404, json!({"error": "WorkflowExecution not found"}));
     };
     if organization != Some(execution.organization_id.as_str()) {
+        // Scoped out: the platform answers 500, not 404.
         return reply(
             500,
-            json!({"error": "execution is not visible to this organization"}),
+            json!({"error": "Failed to retrieve workflow execution"}),
         );
     }
     if s.faults.missing_status {
@@ -260,21 +327,34 @@ fn update_status(
     let Ok(mut s) = state.lock() else {
         return (500, json!({"error": "state poisoned"}));
     };
+    // An unknown or scoped-out execution ends in the platform's generic 500 here.
+    let failed = || {
+        (
+            500,
+            json!({"error": "Failed to update workflow execution status",
+                   "detail": "WorkflowExecution matching query does not exist."}),
+        )
+    };
     let Some(execution) = s.executions.get_mut(id) else {
-        return (404, json!({"error": "WorkflowExecution not found"}));
+        return failed();
     };
     if organization != Some(execution.organization_id.as_str()) {
-        return (
-            500,
-            json!({"error": "execution is not visible to this organization"}),
-        );
+        return failed();
     }
     let Some(status) = body.get("status").and_then(Value::as_str) else {
         return (400, json!({"error": "status is required"}));
     };
-    // The one-way guard: a finished execution is never turned into an ERROR.
-    if status == "ERROR" && ["COMPLETED", "STOPPED"].contains(&execution.status.as_str()) {
-        return (200, json!({"status": "skipped", "reason": "already_final"}));
+    // The one-way guard, for executions on the queue transport only: a COMPLETED or STOPPED
+    // one is never changed to another status.
+    if execution.queue_message
+        && ["COMPLETED", "STOPPED"].contains(&execution.status.as_str())
+        && status != execution.status
+    {
+        return (
+            200,
+            json!({"status": "skipped", "reason": "already_final", "execution_id": id,
+                   "new_status": execution.status}),
+        );
     }
     if status == "ERROR" {
         execution.error_marks += 1;
@@ -286,7 +366,7 @@ fn update_status(
     execution.status = status.to_string();
     (
         200,
-        json!({"status": "updated", "terminal": TERMINAL.contains(&status)}),
+        json!({"status": "updated", "execution_id": id, "new_status": status}),
     )
 }
 
