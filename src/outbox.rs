@@ -50,11 +50,14 @@ const CLAIM: Statement = Statement {
     writes: true,
 };
 
-/// A failure about this execution: counted, and the last allowed one makes the intent dead.
-const FAIL: Statement = Statement {
+/// A claimed intent given back after a failed attempt, due again after `$4`. A failure about
+/// the execution (`$6`) is counted, and the last one allowed (`$5`) makes the intent dead; one
+/// that says nothing about the execution (the API unreachable, a mark whose answer never came)
+/// is never counted and never kills.
+const GIVE_BACK: Statement = Statement {
     sql: "UPDATE @extschema@.pg_reaper_outbox
-             SET state = CASE WHEN failures + 1 >= $5 THEN 'dead' ELSE 'pending' END,
-                 failures = failures + 1,
+             SET state = CASE WHEN $6 AND failures + 1 >= $5 THEN 'dead' ELSE 'pending' END,
+                 failures = failures + CASE WHEN $6 THEN 1 ELSE 0 END,
                  lease_expires_at = NULL, next_attempt_at = now() + $4, last_error = $3,
                  updated_at = now()
            WHERE id = $1 AND state = 'in_flight' AND attempts = $2
@@ -65,23 +68,7 @@ const FAIL: Statement = Statement {
         pg_sys::TEXTOID,
         pg_sys::INTERVALOID,
         pg_sys::INT4OID,
-    ],
-    writes: true,
-};
-
-/// A failure that says nothing about this execution (the API unreachable, a mark whose answer
-/// never came): back to pending after `backoff`, never counted, never dead.
-const DEFER: Statement = Statement {
-    sql: "UPDATE @extschema@.pg_reaper_outbox
-             SET state = 'pending', lease_expires_at = NULL, next_attempt_at = now() + $4,
-                 last_error = $3, updated_at = now()
-           WHERE id = $1 AND state = 'in_flight' AND attempts = $2
-       RETURNING state",
-    args: &[
-        pg_sys::INT8OID,
-        pg_sys::INT4OID,
-        pg_sys::TEXTOID,
-        pg_sys::INTERVALOID,
+        pg_sys::BOOLOID,
     ],
     writes: true,
 };
@@ -257,16 +244,28 @@ fn outbox_fail(
         error.into(),
         backoff.into(),
         max.into(),
+        true.into(),
     ];
+    fenced_state(F, schema, &GIVE_BACK, &args)
+}
+
+/// Runs a fenced transition that returns the intent's new state: `lost` when it matched no
+/// row (the claim is no longer the caller's).
+fn fenced_state(
+    func: &'static str,
+    schema: pg_sys::Oid,
+    stmt: &'static Statement,
+    args: &[pgrx::datum::DatumWithOid<'_>],
+) -> String {
     Spi::connect_mut(|client| {
-        let t = plan::run(client, schema, &FAIL, &args)?;
+        let t = plan::run(client, schema, stmt, args)?;
         if t.is_empty() {
             Ok(None)
         } else {
             t.first().get_one::<String>()
         }
     })
-    .unwrap_or_else(|e| error!("{F}: {e}"))
+    .unwrap_or_else(|e| error!("{func}: {e}"))
     .unwrap_or_else(|| "lost".to_string())
 }
 
@@ -289,17 +288,15 @@ fn outbox_defer(
     let backoff = validate::non_negative_interval(F, "backoff", backoff);
     let error = error.unwrap_or("");
     let schema = plan::schema_of_call(fcinfo);
-    let args = [id.into(), attempt.into(), error.into(), backoff.into()];
-    Spi::connect_mut(|client| {
-        let t = plan::run(client, schema, &DEFER, &args)?;
-        if t.is_empty() {
-            Ok(None)
-        } else {
-            t.first().get_one::<String>()
-        }
-    })
-    .unwrap_or_else(|e| error!("{F}: {e}"))
-    .unwrap_or_else(|| "lost".to_string())
+    let args = [
+        id.into(),
+        attempt.into(),
+        error.into(),
+        backoff.into(),
+        i32::MAX.into(),
+        false.into(),
+    ];
+    fenced_state(F, schema, &GIVE_BACK, &args)
 }
 
 /// Records, and commits before the request leaves, that an ERROR mark may be sent for the

@@ -4,12 +4,8 @@ use crate::plan::{self, Statement};
 use crate::{guc, worker};
 use pgrx::prelude::*;
 
-/// The holder of the leader lock comes from the lock table, the source of truth: a pg_reaper
-/// worker (`leader_pid`), or any other session (`lock_holder_*`, which delays reaping by
-/// `pg_reaper.leader_grace`).
 const GAUGES: Statement = Statement {
-    sql: "SELECT h.pid, h.is_worker, h.role, h.application,
-                 o.pending, o.in_flight, o.dead, o.done, o.oldest_pending_age, b.live, b.stranded
+    sql: "SELECT o.pending, o.in_flight, o.dead, o.done, o.oldest_pending_age, b.live, b.stranded
             FROM (SELECT count(*) FILTER (WHERE state = 'pending') AS pending,
                          count(*) FILTER (WHERE state = 'in_flight') AS in_flight,
                          count(*) FILTER (WHERE state = 'dead') AS dead,
@@ -19,17 +15,8 @@ const GAUGES: Statement = Statement {
                  (SELECT count(*) FILTER (WHERE NOT s) AS live, count(*) FILTER (WHERE s) AS stranded
                     FROM (SELECT @extschema@.barrier_is_stranded(
                                      expires_at, last_progress_at, created_at, $1) AS s
-                            FROM @extschema@.pg_barrier_state) x) b
-            LEFT JOIN (SELECT l.pid, a.backend_type = 'pg_reaper' AS is_worker,
-                              a.usename::text AS role, a.application_name AS application
-                         FROM pg_catalog.pg_locks l
-                         JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
-                        WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
-                          AND l.database = (SELECT oid FROM pg_catalog.pg_database
-                                             WHERE datname = pg_catalog.current_database())
-                          AND l.classid::int8 * 4294967296 + l.objid::int8 = $2
-                        LIMIT 1) h ON true",
-    args: &[pg_sys::INTERVALOID, pg_sys::INT8OID],
+                            FROM @extschema@.pg_barrier_state) x) b",
+    args: &[pg_sys::INTERVALOID],
     writes: false,
 };
 
@@ -60,25 +47,26 @@ fn reaper_status(
     ),
 > {
     let schema = plan::schema_of_call(fcinfo);
-    let args = [guc::stuck_timeout().into(), worker::LEADER_LOCK_KEY.into()];
+    let args = [guc::stuck_timeout().into()];
     let g = Spi::connect_mut(|client| {
         let row = plan::run(client, schema, &GAUGES, &args)?.first();
         let n = |i| row.get::<i64>(i).map(Option::unwrap_or_default);
-        let holder = (
-            row.get::<i32>(1)?,
-            row.get::<bool>(2)?.unwrap_or(false),
-            row.get::<String>(3)?,
-            row.get::<String>(4)?,
-        );
         Ok::<_, pgrx::spi::SpiError>((
-            holder,
-            [n(5)?, n(6)?, n(7)?, n(8)?],
-            row.get::<Interval>(9)?,
-            [n(10)?, n(11)?],
+            [n(1)?, n(2)?, n(3)?, n(4)?],
+            row.get::<Interval>(5)?,
+            [n(6)?, n(7)?],
         ))
     })
     .unwrap_or_else(|e| error!("reaper_status: {e}"));
-    let (holder_pid, holder_is_worker, holder_role, holder_application) = g.0;
+    // The holder of the leader lock, from the lock table (the source of truth): a pg_reaper
+    // worker (`leader_pid`), or any other session (`lock_holder_*`, which delays reaping by
+    // `pg_reaper.leader_grace`).
+    let holder = worker::lock_holder();
+    let holder_pid = holder.as_ref().map(|h| h.pid);
+    let holder_is_worker = holder.as_ref().is_some_and(|h| h.is_worker);
+    let (holder_role, holder_application) = holder
+        .map(|h| (Some(h.role), Some(h.application)))
+        .unwrap_or((None, None));
     // The worker's shared state describes the one database it serves; elsewhere it says so.
     // SAFETY: a plain read of this backend's database.
     let here = unsafe { pg_sys::MyDatabaseId };
@@ -105,13 +93,13 @@ fn reaper_status(
         last_tick_at,
         w.map(|w| w.ticks),
         w.map(|w| w.last_tick_queued),
-        g.1[0],
-        g.1[1],
-        g.1[2],
-        g.1[3],
-        g.2,
-        g.3[0],
-        g.3[1],
+        g.0[0],
+        g.0[1],
+        g.0[2],
+        g.0[3],
+        g.1,
+        g.2[0],
+        g.2[1],
         worker_state,
         w.map(|w| w.failed_ticks),
         holder_pid.filter(|_| other),

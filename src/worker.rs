@@ -336,12 +336,12 @@ fn extension_schema() -> Option<pg_sys::Oid> {
 
 /// A session holding the leader lock.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Holder {
-    pid: i32,
-    role: String,
-    application: String,
+pub struct Holder {
+    pub pid: i32,
+    pub role: String,
+    pub application: String,
     /// Another pg_reaper worker: waited for as long as it holds the lock.
-    is_worker: bool,
+    pub is_worker: bool,
 }
 
 impl std::fmt::Display for Holder {
@@ -354,7 +354,8 @@ impl std::fmt::Display for Holder {
     }
 }
 
-fn lock_holder() -> Option<Holder> {
+/// Who holds the leader lock in this database (the worker and the status view ask).
+pub fn lock_holder() -> Option<Holder> {
     Spi::connect(|client| {
         let t = client.select(LOCK_HOLDER, Some(1), &[LEADER_LOCK_KEY.into()])?;
         if t.is_empty() {
