@@ -280,7 +280,8 @@ fn nothing_is_granted_to_public_and_documented_grants_suffice() {
                  barrier_claim(text, int), barrier_decrement(text, jsonb),
                  barrier_finish(text), barrier_abort(text, boolean) TO app;
              CREATE ROLE ops LOGIN;
-             GRANT EXECUTE ON FUNCTION reap_expired(int, boolean), reaper_status() TO ops;
+             GRANT EXECUTE ON FUNCTION reap_expired(int, boolean), reaper_status(),
+                 barrier_explain(text), barrier_recover(text, text) TO ops;
              GRANT SELECT ON pg_reaper_status TO ops;",
         )
         .expect("roles");
@@ -298,6 +299,8 @@ fn nothing_is_granted_to_public_and_documented_grants_suffice() {
         "SELECT * FROM pg_batch_dedup",
         "SELECT * FROM pg_reaper_outbox",
         "SELECT barrier_is_stranded(now(), now(), now(), '1 hour')",
+        "SELECT barrier_explain('e')",
+        "SELECT barrier_recover('e')",
     ] {
         let err = nobody.batch_execute(sql).expect_err(sql);
         assert_eq!(err.code().map(|c| c.code()), Some("42501"), "{sql}: {err}");
@@ -419,8 +422,11 @@ fn nothing_is_granted_to_public_and_documented_grants_suffice() {
         assert_eq!(err.code().map(|c| c.code()), Some("42501"), "{sql}: {err}");
     }
     let mut ops = cluster.client_as("q", "ops");
-    ops.batch_execute("SELECT * FROM reap_expired(); SELECT * FROM pg_reaper_status")
-        .expect("the operator role reaps and reads the status");
+    ops.batch_execute(
+        "SELECT * FROM reap_expired(); SELECT * FROM pg_reaper_status;
+         SELECT barrier_explain('e');",
+    )
+    .expect("the operator role reaps, reads the status and explains an execution");
 }
 
 #[test]
