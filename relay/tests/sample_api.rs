@@ -6,8 +6,9 @@ mod common;
 use common::{KEY, SampleApi};
 use serde_json::json;
 
-fn api() -> (SampleApi, std::path::PathBuf) {
-    let dir = std::env::temp_dir().join(format!("pgr-sample-{}", std::process::id()));
+/// A sample API with a key file in a directory of its own (tests run in parallel).
+fn api(name: &str) -> (SampleApi, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("pgr-sample-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let key = dir.join("api.key");
     std::fs::write(&key, format!("{KEY}\n")).expect("key");
@@ -16,7 +17,7 @@ fn api() -> (SampleApi, std::path::PathBuf) {
 
 #[test]
 fn routes_keys_scoping_and_bodies_are_the_platforms() {
-    let (api, dir) = api();
+    let (api, dir) = api("routes");
     api.execution("e1", "org", "EXECUTING");
     let read = "/internal/v1/workflow-execution/e1/";
     let mark = "/internal/v1/workflow-execution/e1/update_status/";
@@ -97,7 +98,7 @@ fn routes_keys_scoping_and_bodies_are_the_platforms() {
 
 #[test]
 fn the_already_final_guard_holds_for_queue_executions_only() {
-    let (api, dir) = api();
+    let (api, dir) = api("guard");
     let error = json!({"status": "ERROR", "error_message": "x", "cascade_terminal_files": true});
     api.admin(
         "POST",
@@ -138,7 +139,7 @@ fn the_already_final_guard_holds_for_queue_executions_only() {
 
 #[test]
 fn status_reads_list_file_executions_unless_asked_not_to() {
-    let (api, dir) = api();
+    let (api, dir) = api("files");
     api.admin(
         "PUT",
         "executions/run",

@@ -59,11 +59,23 @@ fn check(what: &str, out: Output) -> Output {
     out
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
+/// A loopback port nothing listens on, never the same twice in this test process. Tests run
+/// in parallel threads, and the kernel readily gives a just-released port to the next
+/// `bind(:0)`: without the register, two tests could pick one port, and one of them would talk
+/// to the other's server.
+pub fn free_port() -> u16 {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 impl Cluster {

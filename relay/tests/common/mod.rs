@@ -32,7 +32,7 @@ impl SampleApi {
             .stderr(Stdio::null())
             .spawn()
             .expect("start the sample API");
-        wait_for(20, "the sample API", || {
+        wait_for(60, "the sample API", || {
             TcpStream::connect(("127.0.0.1", port)).ok()
         });
         SampleApi { port, child }
@@ -102,12 +102,7 @@ impl Drop for SampleApi {
     }
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port()
-}
+pub use pg_reaper_tests::free_port;
 
 /// A cluster (optionally with the worker preloaded), database `q` with the extension, the
 /// sample API, and a key file.
