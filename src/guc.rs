@@ -1,5 +1,6 @@
 //! Settings. All of them are read by the background worker, which never sees a session `SET`,
-//! so they are `sighup` (postgresql.conf, ALTER SYSTEM) except where the contract says otherwise.
+//! so they are `sighup` (postgresql.conf, ALTER SYSTEM), except the worker's database (postmaster)
+//! and the re-fire hook (superuser only).
 
 use pgrx::prelude::*;
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};

@@ -1,4 +1,4 @@
-//! Flags and their environment twins (contract §6). The API key is read from a file or the
+//! Flags and their environment twins. The API key is read from a file or the
 //! environment only, never from the command line, and never printed.
 
 use clap::Parser;
