@@ -71,14 +71,14 @@ fn start(args: config::Args) -> Result<i32, String> {
             metrics::serve(addr, metrics.clone(), window).await?;
         }
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        // The handlers are installed here, before any work starts: a SIGTERM that arrives while
+        // the relay is still connecting must stop it cleanly, not kill it.
+        use tokio::signal::unix::{SignalKind, signal};
+        let (mut term, mut int) = (
+            signal(SignalKind::terminate()).map_err(|e| format!("installing SIGTERM: {e}"))?,
+            signal(SignalKind::interrupt()).map_err(|e| format!("installing SIGINT: {e}"))?,
+        );
         tokio::spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
-                return;
-            };
             tokio::select! {
                 _ = term.recv() => {}
                 _ = int.recv() => {}
