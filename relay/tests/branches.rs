@@ -1,4 +1,5 @@
-//! Every recovery branch of contract §5, asserting both sides: the calls the status API
+//! Every recovery branch of the relay (gone, already terminal, rearmed, refired, marked ERROR,
+//! failures, operator recoveries), asserting both sides: the calls the status API
 //! received (method, path, headers, body, exact message) and the rows left in Postgres.
 
 mod common;

@@ -1,5 +1,5 @@
 //! Fault injection: relays SIGKILLed at random points, two relays at once, Postgres restarted
-//! mid-drain, the API down and back. After each, the invariants of contract §5 are checked:
+//! mid-drain, the API down and back. After each, the recovery invariants are checked:
 //! at most one ERROR mark per execution, no terminal execution overwritten, no barrier deleted
 //! before its recovery was confirmed, and every intent eventually done.
 
