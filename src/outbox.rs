@@ -225,12 +225,7 @@ fn outbox_fail(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> String {
     const F: &str = "outbox_fail";
-    let Some(id) = id else {
-        invalid(F, "id", "must not be NULL")
-    };
-    let Some(attempt) = attempt else {
-        invalid(F, "attempt", "must not be NULL")
-    };
+    let (id, attempt) = validate::claim(F, id, attempt);
     let backoff = validate::non_negative_interval(F, "backoff", backoff);
     let max = match max_attempts {
         Some(m) if m >= 1 => m,
@@ -283,8 +278,7 @@ fn outbox_defer(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> String {
     const F: &str = "outbox_defer";
-    let id = validate::required(F, "id", id);
-    let attempt = validate::required(F, "attempt", attempt);
+    let (id, attempt) = validate::claim(F, id, attempt);
     let backoff = validate::non_negative_interval(F, "backoff", backoff);
     let error = error.unwrap_or("");
     let schema = plan::schema_of_call(fcinfo);
@@ -311,8 +305,7 @@ fn outbox_mark_sending(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> bool {
     const F: &str = "outbox_mark_sending";
-    let id = validate::required(F, "id", id);
-    let attempt = validate::required(F, "attempt", attempt);
+    let (id, attempt) = validate::claim(F, id, attempt);
     let hold = validate::positive_interval(F, "hold", hold);
     let schema = plan::schema_of_call(fcinfo);
     Spi::connect_mut(|client| {
@@ -332,12 +325,7 @@ fn outbox_mark_sending(
 #[search_path(pg_catalog, pg_temp)]
 fn outbox_release(id: Option<i64>, attempt: Option<i32>, fcinfo: pg_sys::FunctionCallInfo) -> bool {
     const F: &str = "outbox_release";
-    let Some(id) = id else {
-        invalid(F, "id", "must not be NULL")
-    };
-    let Some(attempt) = attempt else {
-        invalid(F, "attempt", "must not be NULL")
-    };
+    let (id, attempt) = validate::claim(F, id, attempt);
     let schema = plan::schema_of_call(fcinfo);
     Spi::connect_mut(|client| {
         plan::run(client, schema, &RELEASE, &[id.into(), attempt.into()]).map(|t| t.len() == 1)

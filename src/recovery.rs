@@ -223,12 +223,7 @@ fn recovery_lock(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> TableIterator<'static, (name!(verdict, &'static str), name!(remaining, Option<i32>))> {
     const F: &str = "recovery_lock";
-    let Some(id) = id else {
-        invalid(F, "id", "must not be NULL")
-    };
-    let Some(attempt) = attempt else {
-        invalid(F, "attempt", "must not be NULL")
-    };
+    let (id, attempt) = validate::claim(F, id, attempt);
     let lease = validate::positive_interval(F, "lease", lease);
     let schema = plan::schema_of_call(fcinfo);
     let row = Spi::connect_mut(|client| {
@@ -304,12 +299,7 @@ fn outbox_resolve_claimed(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> bool {
     const F: &str = "outbox_resolve";
-    let Some(id) = id else {
-        invalid(F, "id", "must not be NULL")
-    };
-    let Some(attempt) = attempt else {
-        invalid(F, "attempt", "must not be NULL")
-    };
+    let (id, attempt) = validate::claim(F, id, attempt);
     let outcome = match outcome {
         Some(o) if OUTCOMES.contains(&o) => o,
         _ => invalid(

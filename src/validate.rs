@@ -42,6 +42,11 @@ pub fn required<T>(func: &'static str, arg: &str, value: Option<T>) -> T {
     value.unwrap_or_else(|| invalid(func, arg, "must not be NULL"))
 }
 
+/// The claim a relay-facing function acts on: the intent's id and the claim's attempt token.
+pub fn claim(func: &'static str, id: Option<i64>, attempt: Option<i32>) -> (i64, i32) {
+    (required(func, "id", id), required(func, "attempt", attempt))
+}
+
 /// An interval that moves the clock forward: `now() + value > now()`. Checked on the clock,
 /// because an interval mixes months, days and microseconds (`-1 mon 30 days 1 hour` is
 /// negative in a 31-day month and positive in a 30-day one), exactly as the table's
