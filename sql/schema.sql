@@ -1,8 +1,14 @@
 -- pg_reaper state. Every name is qualified with @extschema@ so the extension works in any
 -- schema and never depends on the caller's search_path.
 
--- One row per fan-in barrier. `remaining` has no >= 0 check on purpose: a negative value is
--- the "already torn down" signal that barrier_decrement turns into a delete.
+-- The two barrier tables are created here, or adopted when the schema already has them: the
+-- reference platform's own migration creates pg_barrier_state and pg_batch_dedup (without
+-- defaults, callback column or created_at index, and with a surrogate id on the dedup table)
+-- and its workers keep using them with their own SQL. An adopted table keeps its rows and its
+-- definition; pg_reaper adds only what its functions and its hot path need (the callback
+-- column, the two indexes reaping and the marker sweep use, fillfactor 70) and does not make it
+-- a member of the extension, so DROP EXTENSION leaves it and its rows alone. A same-named
+-- table that cannot be adopted fails CREATE EXTENSION before anything was changed.
 --
 -- Index design (HOT versus reap cost): barrier_decrement rewrites remaining, results and
 -- last_progress_at, so none of them is indexed and every decrement can be a HOT update
@@ -10,36 +16,147 @@
 -- reaches its rows through indexes: expires_at is never moved by a decrement, and a barrier
 -- whose last progress is older than the stuck timeout was necessarily created before that
 -- too, so created_at (also never moved by a decrement) bounds the stale-progress strands.
-CREATE TABLE @extschema@.pg_barrier_state (
-    execution_id     text        NOT NULL PRIMARY KEY,
-    organization_id  text        NOT NULL DEFAULT '',
-    remaining        integer     NOT NULL,
-    results          jsonb       NOT NULL DEFAULT '[]'::jsonb,
-    callback         jsonb,
-    created_at       timestamptz NOT NULL DEFAULT now(),
-    expires_at       timestamptz NOT NULL,
-    last_progress_at timestamptz NOT NULL DEFAULT now(),
-    CONSTRAINT pg_barrier_execution_id_not_empty CHECK (execution_id <> ''),
-    CONSTRAINT pg_barrier_expires_after_created CHECK (expires_at > created_at),
-    CONSTRAINT pg_barrier_results_is_array CHECK (jsonb_typeof(results) = 'array')
-) WITH (fillfactor = 70);
-CREATE INDEX pg_barrier_expires_idx ON @extschema@.pg_barrier_state (expires_at);
-CREATE INDEX pg_barrier_created_idx ON @extschema@.pg_barrier_state (created_at);
+DO $adopt$
+DECLARE
+    -- Columns the functions read and write: table, column, type. Anything else in an adopted
+    -- table must be fillable without them (nullable, a default, an identity).
+    needed CONSTANT text[][] := ARRAY[
+        ['pg_barrier_state', 'execution_id', 'text'],
+        ['pg_barrier_state', 'organization_id', 'text'],
+        ['pg_barrier_state', 'remaining', 'integer'],
+        ['pg_barrier_state', 'results', 'jsonb'],
+        ['pg_barrier_state', 'created_at', 'timestamp with time zone'],
+        ['pg_barrier_state', 'expires_at', 'timestamp with time zone'],
+        ['pg_barrier_state', 'last_progress_at', 'timestamp with time zone'],
+        ['pg_barrier_state', 'callback', 'jsonb'],
+        ['pg_batch_dedup', 'execution_id', 'text'],
+        ['pg_batch_dedup', 'batch_index', 'integer'],
+        ['pg_batch_dedup', 'created_at', 'timestamp with time zone']];
+    -- The unique key each table's ON CONFLICT relies on.
+    keys CONSTANT text[][] := ARRAY[
+        ['pg_barrier_state', 'execution_id'],
+        ['pg_batch_dedup', 'execution_id,batch_index']];
+    tbl text;
+    rel regclass;
+    kind "char";
+    i int;
+    col record;
+    found_type text;
+    barrier_adopted boolean;
+    dedup_adopted boolean;
+BEGIN
+    -- Check both tables before changing either: an ERROR here leaves the database as it was.
+    FOREACH tbl IN ARRAY ARRAY['pg_barrier_state', 'pg_batch_dedup'] LOOP
+        rel := pg_catalog.to_regclass('@extschema@.' OPERATOR(pg_catalog.||) tbl);
+        CONTINUE WHEN rel IS NULL;
+        SELECT c.relkind INTO kind FROM pg_catalog.pg_class c WHERE c.oid = rel;
+        IF kind <> 'r' THEN
+            RAISE EXCEPTION 'pg_reaper cannot adopt %: it is not an ordinary table (relkind %)', rel, kind
+                USING ERRCODE = 'wrong_object_type';
+        END IF;
+        FOR i IN 1 .. pg_catalog.array_length(needed, 1) LOOP
+            CONTINUE WHEN needed[i][1] <> tbl;
+            SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) INTO found_type
+              FROM pg_catalog.pg_attribute a
+             WHERE a.attrelid = rel AND a.attname = needed[i][2] AND NOT a.attisdropped;
+            IF found_type IS NULL AND needed[i][2] <> 'callback' THEN
+                RAISE EXCEPTION 'pg_reaper cannot adopt %: it has no column "%" (%)', rel, needed[i][2], needed[i][3]
+                    USING ERRCODE = 'undefined_column';
+            ELSIF found_type IS DISTINCT FROM needed[i][3] AND found_type IS NOT NULL THEN
+                RAISE EXCEPTION 'pg_reaper cannot adopt %: column "%" is %, expected %', rel, needed[i][2], found_type, needed[i][3]
+                    USING ERRCODE = 'datatype_mismatch';
+            END IF;
+        END LOOP;
+        FOR col IN
+            SELECT a.attname FROM pg_catalog.pg_attribute a
+             WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
+               AND a.attnotnull AND NOT a.atthasdef AND a.attidentity = '' AND a.attgenerated = ''
+               AND NOT a.attname::text = ANY (SELECT needed[j][2] FROM pg_catalog.generate_subscripts(needed, 1) j
+                                               WHERE needed[j][1] = tbl)
+        LOOP
+            RAISE EXCEPTION 'pg_reaper cannot adopt %: column "%" is NOT NULL without a default, and pg_reaper''s functions do not fill it', rel, col.attname
+                USING ERRCODE = 'not_null_violation';
+        END LOOP;
+        FOR i IN 1 .. pg_catalog.array_length(keys, 1) LOOP
+            CONTINUE WHEN keys[i][1] <> tbl;
+            PERFORM FROM pg_catalog.pg_index x
+              WHERE x.indrelid = rel AND x.indisunique AND x.indisvalid AND x.indpred IS NULL
+                AND x.indexprs IS NULL
+                AND (SELECT pg_catalog.string_agg(a.attname, ',' ORDER BY a.attname)
+                       FROM pg_catalog.pg_attribute a
+                      WHERE a.attrelid = rel AND a.attnum = ANY (x.indkey::int2[]))
+                    = (SELECT pg_catalog.string_agg(k, ',' ORDER BY k)
+                         FROM pg_catalog.unnest(pg_catalog.string_to_array(keys[i][2], ',')) k);
+            IF NOT FOUND THEN
+                RAISE EXCEPTION 'pg_reaper cannot adopt %: it has no unique index or constraint on exactly (%)', rel, keys[i][2]
+                    USING ERRCODE = 'invalid_table_definition';
+            END IF;
+        END LOOP;
+    END LOOP;
+
+    barrier_adopted := pg_catalog.to_regclass('@extschema@.pg_barrier_state') IS NOT NULL;
+    dedup_adopted := pg_catalog.to_regclass('@extschema@.pg_batch_dedup') IS NOT NULL;
+
+    -- One row per fan-in barrier. `remaining` has no >= 0 check on purpose: a negative value
+    -- is the "already torn down" signal that barrier_decrement turns into a delete.
+    IF barrier_adopted THEN
+        ALTER TABLE @extschema@.pg_barrier_state ADD COLUMN IF NOT EXISTS callback jsonb;
+        -- Pages written from now on keep room for HOT updates; existing pages fill as they are.
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_class c, pg_catalog.unnest(c.reloptions) o
+                        WHERE c.oid = '@extschema@.pg_barrier_state'::regclass AND o LIKE 'fillfactor=%') THEN
+            ALTER TABLE @extschema@.pg_barrier_state SET (fillfactor = 70);
+        END IF;
+    ELSE
+        CREATE TABLE @extschema@.pg_barrier_state (
+            execution_id     text        NOT NULL PRIMARY KEY,
+            organization_id  text        NOT NULL DEFAULT '',
+            remaining        integer     NOT NULL,
+            results          jsonb       NOT NULL DEFAULT '[]'::jsonb,
+            callback         jsonb,
+            created_at       timestamptz NOT NULL DEFAULT now(),
+            expires_at       timestamptz NOT NULL,
+            last_progress_at timestamptz NOT NULL DEFAULT now(),
+            CONSTRAINT pg_barrier_execution_id_not_empty CHECK (execution_id <> ''),
+            CONSTRAINT pg_barrier_expires_after_created CHECK (expires_at > created_at),
+            CONSTRAINT pg_barrier_results_is_array CHECK (jsonb_typeof(results) = 'array')
+        ) WITH (fillfactor = 70);
+        -- Keep the rows through pg_dump / pg_restore.
+        PERFORM pg_catalog.pg_extension_config_dump('@extschema@.pg_barrier_state', '');
+    END IF;
+
+    -- One marker per claimed batch. No foreign key to the barrier on purpose: a marker may
+    -- outlive its barrier (barrier_abort with preserve_dedup) so that a redelivery is skipped.
+    IF NOT dedup_adopted THEN
+        CREATE TABLE @extschema@.pg_batch_dedup (
+            execution_id text        NOT NULL,
+            batch_index  integer     NOT NULL,
+            created_at   timestamptz NOT NULL DEFAULT now(),
+            CONSTRAINT pg_batch_dedup_pkey PRIMARY KEY (execution_id, batch_index),
+            CONSTRAINT pg_batch_dedup_batch_index_non_negative CHECK (batch_index >= 0)
+        );
+        PERFORM pg_catalog.pg_extension_config_dump('@extschema@.pg_batch_dedup', '');
+    END IF;
+
+    -- The indexes reaping and the marker sweep scan, unless a plain index already leads with
+    -- the column (the platform's migration has pg_barrier_expires_idx).
+    FOR i IN 1 .. 3 LOOP
+        tbl := (ARRAY['pg_barrier_state', 'pg_barrier_state', 'pg_batch_dedup'])[i];
+        CONTINUE WHEN EXISTS (
+            SELECT FROM pg_catalog.pg_index x JOIN pg_catalog.pg_attribute a
+                ON a.attrelid = x.indrelid AND a.attnum = x.indkey[0]
+             WHERE x.indrelid = ('@extschema@.' OPERATOR(pg_catalog.||) tbl)::regclass
+               AND a.attname = (ARRAY['expires_at', 'created_at', 'created_at'])[i]
+               AND x.indpred IS NULL AND x.indexprs IS NULL);
+        EXECUTE pg_catalog.format('CREATE INDEX %I ON @extschema@.%I (%I)',
+            (ARRAY['pg_barrier_expires_idx', 'pg_barrier_created_idx', 'pg_batch_dedup_created_idx'])[i],
+            tbl, (ARRAY['expires_at', 'created_at', 'created_at'])[i]);
+    END LOOP;
+END
+$adopt$;
 
 -- What barrier_decrement returns: a single row, so the function is entered once per call
 -- (a set-returning function is entered again to say "no more rows").
 CREATE TYPE @extschema@.barrier_decrement_result AS (status text, remaining integer, results jsonb);
-
--- One marker per claimed batch. No foreign key to the barrier on purpose: a marker may
--- outlive its barrier (barrier_abort with preserve_dedup) so that a redelivery is skipped.
-CREATE TABLE @extschema@.pg_batch_dedup (
-    execution_id text        NOT NULL,
-    batch_index  integer     NOT NULL,
-    created_at   timestamptz NOT NULL DEFAULT now(),
-    CONSTRAINT pg_batch_dedup_pkey PRIMARY KEY (execution_id, batch_index),
-    CONSTRAINT pg_batch_dedup_batch_index_non_negative CHECK (batch_index >= 0)
-);
-CREATE INDEX pg_batch_dedup_created_idx ON @extschema@.pg_batch_dedup (created_at);
 
 -- Recovery intents: one live (pending, in_flight or dead) intent per execution, enforced by
 -- a partial unique index so that concurrent reapers cannot queue the same strand twice.
@@ -47,7 +164,9 @@ CREATE INDEX pg_batch_dedup_created_idx ON @extschema@.pg_batch_dedup (created_a
 -- that were about this execution (compared with the relay's --max-attempts), never those of an
 -- unreachable API; `mark_sent_at` is when an ERROR mark last may have left for the API;
 -- `action` is set on intents an operator queued with barrier_recover() ('error' or 'refire':
--- carried out without the stranded re-check), NULL on those reaping queued.
+-- carried out without the stranded re-check), NULL on those reaping queued. The last three came
+-- in 0.2.0 and sit last, where the upgrade from 0.1.0 adds them, so that a fresh install and an
+-- upgraded one have the same table.
 CREATE TABLE @extschema@.pg_reaper_outbox (
     id               bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     execution_id     text        NOT NULL,
@@ -56,14 +175,14 @@ CREATE TABLE @extschema@.pg_reaper_outbox (
     state            text        NOT NULL DEFAULT 'pending',
     outcome          text,
     attempts         integer     NOT NULL DEFAULT 0,
-    failures         integer     NOT NULL DEFAULT 0,
     next_attempt_at  timestamptz NOT NULL DEFAULT now(),
     lease_expires_at timestamptz,
-    mark_sent_at     timestamptz,
-    action           text,
     last_error       text,
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now(),
+    failures         integer     NOT NULL DEFAULT 0,
+    mark_sent_at     timestamptz,
+    action           text,
     CONSTRAINT pg_reaper_outbox_state_valid
         CHECK (state IN ('pending', 'in_flight', 'done', 'dead')),
     CONSTRAINT pg_reaper_outbox_outcome_valid
@@ -101,8 +220,6 @@ AS $$
             AND $3 OPERATOR(pg_catalog.<) (pg_catalog.now() OPERATOR(pg_catalog.-) $4))
 $$;
 
--- Keep the rows through pg_dump / pg_restore.
-SELECT pg_catalog.pg_extension_config_dump('@extschema@.pg_barrier_state', '');
-SELECT pg_catalog.pg_extension_config_dump('@extschema@.pg_batch_dedup', '');
+-- Keep the outbox through pg_dump / pg_restore (the barrier tables: above, when created here).
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.pg_reaper_outbox', '');
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.pg_reaper_outbox_id_seq', '');

@@ -5,7 +5,8 @@ use crate::validate::{self, invalid};
 use pgrx::prelude::*;
 
 const CLAIM: Statement = Statement {
-    sql: "INSERT INTO @extschema@.pg_batch_dedup (execution_id, batch_index) VALUES ($1, $2)
+    sql: "INSERT INTO @extschema@.pg_batch_dedup (execution_id, batch_index, created_at)
+          VALUES ($1, $2, pg_catalog.now())
           ON CONFLICT DO NOTHING
           RETURNING true",
     args: &[pg_sys::TEXTOID, pg_sys::INT4OID],
@@ -13,7 +14,8 @@ const CLAIM: Statement = Statement {
 };
 
 /// True for the first delivery of a batch, false for every redelivery. On the hot path: no
-/// per-call `SET search_path` (see `barrier::DECREMENT`); CLAIM names no operator or function.
+/// per-call `SET search_path` (see `barrier::DECREMENT`); CLAIM qualifies its one function. It
+/// names created_at because an adopted dedup table has no column defaults.
 #[pg_extern(security_definer, parallel_unsafe)]
 fn barrier_claim(
     execution_id: Option<&str>,

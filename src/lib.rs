@@ -4,7 +4,8 @@
 //! Modules follow the domain: `barrier` (enqueue, decrement, finish, abort), `claim` (per-batch
 //! dedup), `reap` (stranded barriers into outbox intents), `status` (the status view),
 //! `outbox` (recovery intents), `worker` (the background worker), `guc` (settings), `plan`
-//! (prepared statements bound to the extension's schema).
+//! (prepared statements bound to the extension's schema), `version` (library versus SQL objects
+//! between a package upgrade and ALTER EXTENSION UPDATE).
 
 // pgrx reads the column names of a set-returning function from `name!` in its signature,
 // so those signatures cannot be factored into type aliases.
@@ -23,6 +24,7 @@ mod reap;
 mod recovery;
 mod status;
 mod validate;
+mod version;
 mod worker;
 
 ::pgrx::pg_module_magic!();

@@ -225,6 +225,7 @@ fn outbox_fail(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> String {
     const F: &str = "outbox_fail";
+    crate::version::require_current(F);
     let (id, attempt) = validate::claim(F, id, attempt);
     let backoff = validate::non_negative_interval(F, "backoff", backoff);
     let max = match max_attempts {
@@ -325,6 +326,7 @@ fn outbox_mark_sending(
 #[search_path(pg_catalog, pg_temp)]
 fn outbox_release(id: Option<i64>, attempt: Option<i32>, fcinfo: pg_sys::FunctionCallInfo) -> bool {
     const F: &str = "outbox_release";
+    crate::version::require_current(F);
     let (id, attempt) = validate::claim(F, id, attempt);
     let schema = plan::schema_of_call(fcinfo);
     Spi::connect_mut(|client| {
@@ -337,6 +339,7 @@ fn outbox_release(id: Option<i64>, attempt: Option<i32>, fcinfo: pg_sys::Functio
 #[pg_extern(security_definer, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn outbox_replay(id: default!(Option<i64>, "NULL"), fcinfo: pg_sys::FunctionCallInfo) -> i64 {
+    crate::version::require_current("outbox_replay");
     let schema = plan::schema_of_call(fcinfo);
     Spi::connect_mut(|client| {
         let n = plan::run(client, schema, &REPLAY, &[id.into()])?.len();

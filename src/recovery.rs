@@ -223,6 +223,7 @@ fn recovery_lock(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> TableIterator<'static, (name!(verdict, &'static str), name!(remaining, Option<i32>))> {
     const F: &str = "recovery_lock";
+    crate::version::require_current(F);
     let (id, attempt) = validate::claim(F, id, attempt);
     let lease = validate::positive_interval(F, "lease", lease);
     let schema = plan::schema_of_call(fcinfo);

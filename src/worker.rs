@@ -43,6 +43,9 @@ pub enum State {
     /// Reaping without the leader lock: a session that is not a pg_reaper worker has held it
     /// for longer than `pg_reaper.leader_grace`.
     Contested,
+    /// The database's SQL objects are an earlier version than the library (a package upgrade
+    /// before `ALTER EXTENSION pg_reaper UPDATE`): reaping waits for the update.
+    Outdated,
 }
 
 impl State {
@@ -56,6 +59,7 @@ impl State {
             State::Standby => "standby",
             State::Leader => "leader",
             State::Contested => "contested",
+            State::Outdated => "outdated",
         }
     }
 }
@@ -304,7 +308,7 @@ fn in_transaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
 }
 
 const FIND_EXTENSION: &str =
-    "SELECT extnamespace FROM pg_catalog.pg_extension WHERE extname = 'pg_reaper'";
+    "SELECT extnamespace, extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_reaper'";
 const TRY_LEAD: &str = "SELECT pg_catalog.pg_try_advisory_lock($1)";
 /// Who holds the leader lock in this database, when the worker could not take it.
 const LOCK_HOLDER: &str = "SELECT a.pid, a.usename::text, a.application_name,
@@ -322,14 +326,15 @@ const CHORE_TIMEOUTS: &str = "SELECT pg_catalog.set_config('lock_timeout', '5s',
                                     pg_catalog.set_config('statement_timeout', '60s', true)";
 
 /// The extension's schema, or None while it is not created in this database.
-fn extension_schema() -> Option<pg_sys::Oid> {
+/// The extension's schema and the version of its SQL objects in this database.
+fn extension() -> Option<(pg_sys::Oid, String)> {
     Spi::connect(|client| {
         let table = client.select(FIND_EXTENSION, Some(1), &[])?;
         if table.is_empty() {
-            Ok(None)
-        } else {
-            table.first().get_one::<pg_sys::Oid>()
+            return Ok(None);
         }
+        let (schema, version) = table.first().get_two::<pg_sys::Oid, String>()?;
+        Ok::<_, pgrx::spi::SpiError>(schema.zip(version))
     })
     .unwrap_or_else(|e| error!("{e}"))
 }
@@ -379,6 +384,8 @@ struct Worker {
     /// Since when the lock was held by somebody else, and by whom (for the log).
     standby_since: Option<std::time::Instant>,
     holder: Option<Holder>,
+    /// The SQL objects' version when it is not the library's (for the log).
+    installed_version: String,
     consecutive_failures: u64,
     last_no_org: i32,
 }
@@ -482,10 +489,15 @@ impl Worker {
         if unsafe { pg_sys::RecoveryInProgress() } {
             return (State::Recovery, None);
         }
-        let Some(schema) = extension_schema() else {
+        let Some((schema, version)) = extension() else {
             self.stop_leading();
             return (State::WaitingForExtension, None);
         };
+        if version != crate::version::LIBRARY {
+            self.stop_leading();
+            self.installed_version = version;
+            return (State::Outdated, None);
+        }
         if !guc::ENABLED.get() {
             self.stop_leading();
             return (State::Disabled, None);
@@ -571,6 +583,12 @@ impl Worker {
                 )
             }
             State::Disabled => log!("pg_reaper: disabled (pg_reaper.enabled = off)"),
+            State::Outdated => warning!(
+                "pg_reaper: the extension's SQL objects in this database are version {}, the \
+                 library is version {}; reaping waits for ALTER EXTENSION pg_reaper UPDATE",
+                self.installed_version,
+                crate::version::LIBRARY
+            ),
             State::Recovery => log!("pg_reaper: server is a standby; idle until promoted"),
             State::Starting | State::WaitingForDatabase => {}
         }

@@ -1,7 +1,8 @@
 //! Throwaway PostgreSQL 15 clusters for the integration tests: each test starts its own on a
 //! free loopback port in a fresh directory (as the `postgres` OS user when run as root, since
 //! Postgres refuses root) and the cluster is stopped and removed when the value is dropped.
-//! The extension must be installed (`cargo pgrx install`) before these tests run.
+//! The extension must be installed (`cargo pgrx install`) before these tests run; a test that
+//! needs other versions of its files runs its cluster from an [`Installation`] of its own.
 
 use postgres::{Client, NoTls};
 use std::net::TcpListener;
@@ -9,20 +10,146 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+/// The reference platform's queue schema (schema `unstract`), as its own migration creates it.
+pub const UNSTRACT_SCHEMA: &str = include_str!("../fixtures/unstract_queue_schema.sql");
+
 pub struct Cluster {
     pub dir: PathBuf,
     pub port: u16,
     bindir: PathBuf,
 }
 
-fn bindir() -> PathBuf {
-    let pg_config = std::env::var("PG_CONFIG")
-        .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".to_string());
-    let out = Command::new(&pg_config)
-        .arg("--bindir")
+fn pg_config_path() -> PathBuf {
+    PathBuf::from(
+        std::env::var("PG_CONFIG")
+            .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".to_string()),
+    )
+}
+
+/// One `pg_config` answer (`--bindir`, `--pkglibdir`, …) of the given installation.
+fn pg_config(program: &Path, what: &str) -> PathBuf {
+    let out = Command::new(program)
+        .arg(what)
         .output()
-        .expect("run pg_config");
+        .unwrap_or_else(|e| panic!("run {}: {e}", program.display()));
     PathBuf::from(String::from_utf8(out.stdout).expect("utf-8").trim())
+}
+
+fn bindir() -> PathBuf {
+    pg_config(&pg_config_path(), "--bindir")
+}
+
+/// A private copy of the PostgreSQL installation (binaries, libraries, share directory), laid
+/// out like the original so that its binaries find their own files. A test puts the extension
+/// files of any version in it without touching the installation other tests use. Removed
+/// when dropped.
+pub struct Installation {
+    root: PathBuf,
+    pg_config: PathBuf,
+}
+
+impl Installation {
+    /// A copy of the installation `PG_CONFIG` names, without any pg_reaper file in it.
+    pub fn copy(name: &str) -> Installation {
+        let root = std::env::temp_dir().join(format!("pgr-install-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let system = pg_config_path();
+        // bindir's parent holds bin/ and lib/ (Debian: /usr/lib/postgresql/15); the share
+        // directory is elsewhere. Both are copied to the same paths under `root`.
+        let home = pg_config(&system, "--bindir")
+            .parent()
+            .expect("bindir has a parent")
+            .to_path_buf();
+        for dir in [home.clone(), pg_config(&system, "--sharedir")] {
+            let target = root.join(dir.strip_prefix("/").expect("absolute path"));
+            std::fs::create_dir_all(target.parent().expect("parent")).expect("mkdir");
+            let out = Command::new("cp")
+                .arg("-a")
+                .arg(&dir)
+                .arg(&target)
+                .output()
+                .expect("run cp");
+            check("copy the installation", out);
+        }
+        let pg_config = root
+            .join(home.strip_prefix("/").expect("absolute"))
+            .join("bin/pg_config");
+        let install = Installation { root, pg_config };
+        for dir in [install.pkglibdir(), install.extension_dir()] {
+            for entry in std::fs::read_dir(&dir).expect("read dir").flatten() {
+                if entry.file_name().to_string_lossy().starts_with("pg_reaper") {
+                    std::fs::remove_file(entry.path()).expect("remove a pg_reaper file");
+                }
+            }
+        }
+        // The postgres OS user reads it (the temporary directory may be private to root).
+        let _ = Command::new("chmod")
+            .arg("-R")
+            .arg("a+rX")
+            .arg(&install.root)
+            .output();
+        install
+    }
+
+    pub fn bindir(&self) -> PathBuf {
+        pg_config(&self.pg_config, "--bindir")
+    }
+
+    pub fn pkglibdir(&self) -> PathBuf {
+        pg_config(&self.pg_config, "--pkglibdir")
+    }
+
+    pub fn extension_dir(&self) -> PathBuf {
+        pg_config(&self.pg_config, "--sharedir").join("extension")
+    }
+
+    /// Puts a version's library and SQL files in place, as a package upgrade does: each file
+    /// is written beside its target and renamed over it, so a running server that has the
+    /// old library mapped keeps its copy intact.
+    pub fn put(&self, library: &Path, extension_files: &[PathBuf]) {
+        let mut files = vec![(library.to_path_buf(), self.pkglibdir().join("pg_reaper.so"))];
+        for f in extension_files {
+            let name = f.file_name().expect("a file name");
+            files.push((f.clone(), self.extension_dir().join(name)));
+        }
+        for (from, to) in files {
+            let tmp = to.with_extension("new");
+            std::fs::copy(&from, &tmp)
+                .unwrap_or_else(|e| panic!("copy {} to {}: {e}", from.display(), tmp.display()));
+            std::fs::rename(&tmp, &to).expect("rename into place");
+        }
+    }
+
+    /// The library and SQL files `cargo pgrx install` put into the system installation.
+    pub fn current_files() -> (PathBuf, Vec<PathBuf>) {
+        let system = pg_config_path();
+        let library = pg_config(&system, "--pkglibdir").join("pg_reaper.so");
+        let dir = pg_config(&system, "--sharedir").join("extension");
+        let version = env!("CARGO_PKG_VERSION");
+        let files = std::fs::read_dir(&dir)
+            .expect("read the extension directory")
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                let name = p
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .to_string();
+                name == "pg_reaper.control"
+                    || name == format!("pg_reaper--{version}.sql")
+                    || (name.starts_with("pg_reaper--")
+                        && name.ends_with(&format!("--{version}.sql")))
+            })
+            .collect();
+        (library, files)
+    }
+}
+
+impl Drop for Installation {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
 }
 
 fn is_root() -> bool {
@@ -81,6 +208,15 @@ pub fn free_port() -> u16 {
 impl Cluster {
     /// initdb + start, with `conf` lines appended to postgresql.conf.
     pub fn start(name: &str, conf: &[&str]) -> Cluster {
+        Cluster::start_with(bindir(), name, conf)
+    }
+
+    /// Like [`Cluster::start`], running the binaries of a private installation.
+    pub fn start_in(install: &Installation, name: &str, conf: &[&str]) -> Cluster {
+        Cluster::start_with(install.bindir(), name, conf)
+    }
+
+    fn start_with(bindir: PathBuf, name: &str, conf: &[&str]) -> Cluster {
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let n = SEQ.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("pgr-{name}-{}-{n}", std::process::id()));
@@ -88,7 +224,7 @@ impl Cluster {
         let cluster = Cluster {
             dir,
             port: free_port(),
-            bindir: bindir(),
+            bindir,
         };
         let d = cluster.dir.to_str().expect("utf-8 path");
         check(
