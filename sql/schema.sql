@@ -38,6 +38,7 @@ DECLARE
         ['pg_batch_dedup', 'execution_id,batch_index']];
     tbl text;
     rel regclass;
+    qualified text;
     kind "char";
     i int;
     col record;
@@ -49,9 +50,10 @@ BEGIN
     FOREACH tbl IN ARRAY ARRAY['pg_barrier_state', 'pg_batch_dedup'] LOOP
         rel := pg_catalog.to_regclass('@extschema@.' OPERATOR(pg_catalog.||) tbl);
         CONTINUE WHEN rel IS NULL;
+        qualified := '@extschema@.' OPERATOR(pg_catalog.||) tbl;
         SELECT c.relkind INTO kind FROM pg_catalog.pg_class c WHERE c.oid = rel;
         IF kind <> 'r' THEN
-            RAISE EXCEPTION 'pg_reaper cannot adopt %: it is not an ordinary table (relkind %)', rel, kind
+            RAISE EXCEPTION 'pg_reaper cannot adopt %: it is not an ordinary table (relkind %)', qualified, kind
                 USING ERRCODE = 'wrong_object_type';
         END IF;
         FOR i IN 1 .. pg_catalog.array_length(needed, 1) LOOP
@@ -60,10 +62,10 @@ BEGIN
               FROM pg_catalog.pg_attribute a
              WHERE a.attrelid = rel AND a.attname = needed[i][2] AND NOT a.attisdropped;
             IF found_type IS NULL AND needed[i][2] <> 'callback' THEN
-                RAISE EXCEPTION 'pg_reaper cannot adopt %: it has no column "%" (%)', rel, needed[i][2], needed[i][3]
+                RAISE EXCEPTION 'pg_reaper cannot adopt %: it has no column "%" (%)', qualified, needed[i][2], needed[i][3]
                     USING ERRCODE = 'undefined_column';
             ELSIF found_type IS DISTINCT FROM needed[i][3] AND found_type IS NOT NULL THEN
-                RAISE EXCEPTION 'pg_reaper cannot adopt %: column "%" is %, expected %', rel, needed[i][2], found_type, needed[i][3]
+                RAISE EXCEPTION 'pg_reaper cannot adopt %: column "%" is %, expected %', qualified, needed[i][2], found_type, needed[i][3]
                     USING ERRCODE = 'datatype_mismatch';
             END IF;
         END LOOP;
@@ -74,7 +76,7 @@ BEGIN
                AND NOT a.attname::text = ANY (SELECT needed[j][2] FROM pg_catalog.generate_subscripts(needed, 1) j
                                                WHERE needed[j][1] = tbl)
         LOOP
-            RAISE EXCEPTION 'pg_reaper cannot adopt %: column "%" is NOT NULL without a default, and pg_reaper''s functions do not fill it', rel, col.attname
+            RAISE EXCEPTION 'pg_reaper cannot adopt %: column "%" is NOT NULL without a default, and pg_reaper''s functions do not fill it', qualified, col.attname
                 USING ERRCODE = 'not_null_violation';
         END LOOP;
         FOR i IN 1 .. pg_catalog.array_length(keys, 1) LOOP
@@ -88,7 +90,7 @@ BEGIN
                     = (SELECT pg_catalog.string_agg(k, ',' ORDER BY k)
                          FROM pg_catalog.unnest(pg_catalog.string_to_array(keys[i][2], ',')) k);
             IF NOT FOUND THEN
-                RAISE EXCEPTION 'pg_reaper cannot adopt %: it has no unique index or constraint on exactly (%)', rel, keys[i][2]
+                RAISE EXCEPTION 'pg_reaper cannot adopt %: it has no unique index or constraint on exactly (%)', qualified, keys[i][2]
                     USING ERRCODE = 'invalid_table_definition';
             END IF;
         END LOOP;

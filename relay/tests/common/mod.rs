@@ -114,6 +114,32 @@ pub struct Env {
 
 impl Env {
     pub fn new(name: &str, worker: bool) -> Env {
+        Env::with_database(name, worker, |cluster| {
+            cluster.create_db("q", None);
+        })
+    }
+
+    /// The worker preloaded, and `q` the reference platform's queue database: its own schema
+    /// `unstract` with the barrier tables, adopted by `CREATE EXTENSION pg_reaper SCHEMA
+    /// unstract`, and `unstract` first on the database's search_path.
+    pub fn adopting(name: &str) -> Env {
+        Env::with_database(name, true, |cluster| {
+            cluster
+                .client("postgres")
+                .batch_execute("CREATE DATABASE q")
+                .expect("create database");
+            cluster
+                .client("q")
+                .batch_execute(&format!(
+                    "{}; CREATE EXTENSION pg_reaper SCHEMA unstract;
+                     ALTER DATABASE q SET search_path = unstract, public;",
+                    pg_reaper_tests::UNSTRACT_SCHEMA
+                ))
+                .expect("the platform's schema, adopted");
+        })
+    }
+
+    fn with_database(name: &str, worker: bool, create: impl FnOnce(&Cluster)) -> Env {
         let conf: Vec<&str> = if worker {
             vec![
                 "shared_preload_libraries = 'pg_reaper'",
@@ -124,7 +150,7 @@ impl Env {
             vec![]
         };
         let cluster = Cluster::start(name, &conf);
-        cluster.create_db("q", None);
+        create(&cluster);
         let key_file = cluster.dir.join("api.key");
         std::fs::write(&key_file, format!("{KEY}\n")).expect("key file");
         let api = SampleApi::start(&key_file, free_port());

@@ -1,0 +1,401 @@
+//! Installing into the reference platform's queue database, whose own migration already created
+//! pg_barrier_state and pg_batch_dedup (and whose workers keep writing them with their own SQL):
+//! the tables are adopted with their rows, both dialects work on the same executions, the relay
+//! recovers what the platform's workers stranded, DROP EXTENSION leaves the tables, and a table
+//! that cannot be adopted fails CREATE EXTENSION without changing anything.
+
+mod common;
+
+use common::{Env, intent};
+use pg_reaper_tests::{Cluster, UNSTRACT_SCHEMA, json, wait_for};
+use postgres::Client;
+use serde_json::{Value, json};
+
+// The platform's own statements (workers/queue_backend/pg_barrier.py), verbatim but for the
+// parameter style.
+const PLATFORM_ENQUEUE: &str = "
+    INSERT INTO unstract.pg_barrier_state (execution_id, organization_id, remaining, results,
+                                           created_at, expires_at, last_progress_at)
+    VALUES ($1, $2, $3, '[]'::jsonb, now(), now() + make_interval(secs => $4), now())
+    ON CONFLICT (execution_id) DO UPDATE SET organization_id = EXCLUDED.organization_id,
+        remaining = EXCLUDED.remaining, results = '[]'::jsonb, created_at = now(),
+        expires_at = EXCLUDED.expires_at, last_progress_at = now()";
+const PLATFORM_CLEAR_MARKERS: &str = "DELETE FROM unstract.pg_batch_dedup WHERE execution_id = $1";
+const PLATFORM_CLAIM: &str = "
+    INSERT INTO unstract.pg_batch_dedup (execution_id, batch_index, created_at)
+    VALUES ($1, $2, now()) ON CONFLICT (execution_id, batch_index) DO NOTHING
+    RETURNING execution_id";
+const PLATFORM_DECREMENT: &str = "
+    UPDATE unstract.pg_barrier_state SET remaining = remaining - 1,
+        results = results || jsonb_build_array($1::jsonb), last_progress_at = now()
+    WHERE execution_id = $2 RETURNING remaining, results";
+const PLATFORM_FINISH: &str = "DELETE FROM unstract.pg_barrier_state WHERE execution_id = $1";
+const PLATFORM_ABORT: &str = "
+    WITH claimed AS (DELETE FROM unstract.pg_barrier_state WHERE execution_id = $1
+                     RETURNING execution_id) SELECT execution_id FROM claimed";
+
+fn platform_enqueue(c: &mut Client, id: &str, org: &str, total: i32) {
+    let mut tx = c.transaction().expect("begin");
+    tx.execute(PLATFORM_ENQUEUE, &[&id, &org, &total, &3600f64])
+        .expect("platform enqueue");
+    tx.execute(PLATFORM_CLEAR_MARKERS, &[&id])
+        .expect("platform clears markers");
+    tx.commit().expect("commit");
+}
+
+fn platform_claim(c: &mut Client, id: &str, batch: i32) -> bool {
+    !c.query(PLATFORM_CLAIM, &[&id, &batch])
+        .expect("platform claim")
+        .is_empty()
+}
+
+fn platform_decrement(c: &mut Client, id: &str, result: Value) -> (i32, Value) {
+    let row = c
+        .query_one(PLATFORM_DECREMENT, &[&result, &id])
+        .expect("platform decrement");
+    (row.get(0), row.get(1))
+}
+
+fn platform_finish(c: &mut Client, id: &str) {
+    let mut tx = c.transaction().expect("begin");
+    tx.execute(PLATFORM_FINISH, &[&id]).expect("finish barrier");
+    tx.execute(PLATFORM_CLEAR_MARKERS, &[&id])
+        .expect("finish markers");
+    tx.commit().expect("commit");
+}
+
+/// A database `q` holding the platform's schema, with the extension not yet created.
+fn platform_db(cluster: &Cluster) -> Client {
+    cluster
+        .client("postgres")
+        .batch_execute("CREATE DATABASE q")
+        .expect("create database");
+    let mut c = cluster.client("q");
+    c.batch_execute(UNSTRACT_SCHEMA)
+        .expect("the platform's schema");
+    c
+}
+
+fn adopt(c: &mut Client) {
+    c.batch_execute(
+        "CREATE EXTENSION pg_reaper SCHEMA unstract;
+         ALTER DATABASE q SET search_path = unstract, public; SET search_path = unstract, public",
+    )
+    .expect("CREATE EXTENSION pg_reaper SCHEMA unstract");
+}
+
+fn rows(c: &mut Client, table: &str) -> Value {
+    json(
+        c,
+        &format!(
+            "SELECT coalesce(jsonb_agg(to_jsonb(t) ORDER BY to_jsonb(t)::text), '[]') FROM unstract.{table} t"
+        ),
+    )
+}
+
+/// The tables of the extension (its members) in this database.
+fn member_tables(c: &mut Client) -> Vec<String> {
+    c.query(
+        "SELECT c.relnamespace::regnamespace::text || '.' || c.relname FROM pg_depend d
+           JOIN pg_class c ON c.oid = d.objid
+          WHERE d.refclassid = 'pg_extension'::regclass AND d.deptype = 'e'
+            AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'pg_reaper')
+            AND d.classid = 'pg_class'::regclass
+            AND c.relkind = 'r'
+          ORDER BY 1",
+        &[],
+    )
+    .expect("members")
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+#[test]
+fn adoption_keeps_the_platforms_rows_and_both_dialects_share_every_execution() {
+    let cluster = Cluster::start("adopt", &[]);
+    let mut c = platform_db(&cluster);
+    // Live rows written by the platform before pg_reaper exists.
+    platform_enqueue(&mut c, "p-live", "org-a", 3);
+    assert!(platform_claim(&mut c, "p-live", 0));
+    assert_eq!(
+        platform_decrement(&mut c, "p-live", json!({"file": 0})).0,
+        2
+    );
+    let barriers_before = rows(&mut c, "pg_barrier_state");
+    let markers_before = rows(&mut c, "pg_batch_dedup");
+
+    adopt(&mut c);
+
+    // Rows kept (the barrier gained a NULL callback), nothing the platform owns became the
+    // extension's, and the pieces the functions rely on are there.
+    let mut expected = barriers_before.clone();
+    for b in expected.as_array_mut().expect("rows") {
+        b["callback"] = Value::Null;
+    }
+    assert_eq!(rows(&mut c, "pg_barrier_state"), expected);
+    assert_eq!(rows(&mut c, "pg_batch_dedup"), markers_before);
+    assert_eq!(member_tables(&mut c), ["unstract.pg_reaper_outbox"]);
+    let shape = json(
+        &mut c,
+        "SELECT jsonb_build_object(
+             'options', (SELECT reloptions FROM pg_class WHERE oid = 'unstract.pg_barrier_state'::regclass),
+             'indexes', (SELECT jsonb_agg(c.relname ORDER BY c.relname) FROM pg_index x
+                           JOIN pg_class c ON c.oid = x.indexrelid WHERE x.indrelid IN ('unstract.pg_barrier_state'::regclass, 'unstract.pg_batch_dedup'::regclass)))",
+    );
+    assert_eq!(
+        shape,
+        json!({"options": ["fillfactor=70"], "indexes": [
+            "pg_barrier_created_idx", "pg_barrier_expires_idx",
+            "pg_barrier_state_execution_id_03fb89ea_like", "pg_barrier_state_pkey",
+            "pg_batch_dedup_created_idx", "pg_batch_dedup_exec_batch_uniq", "pg_batch_dedup_pkey"]})
+    );
+
+    // The live platform barrier finishes through the functions.
+    let claim = |c: &mut Client, id: &str, b: i32| -> bool {
+        c.query_one("SELECT barrier_claim($1, $2)", &[&id, &b])
+            .expect("barrier_claim")
+            .get(0)
+    };
+    let decrement = |c: &mut Client, id: &str, r: Value| -> Value {
+        json(
+            c,
+            &format!(
+                "SELECT to_jsonb(barrier_decrement('{id}', '{}'::jsonb))",
+                r.to_string().replace('\'', "''")
+            ),
+        )
+    };
+    assert!(!claim(&mut c, "p-live", 0), "the platform's marker is seen");
+    assert!(claim(&mut c, "p-live", 1));
+    assert_eq!(
+        decrement(&mut c, "p-live", json!({"file": 1})),
+        json!({"status": "pending", "remaining": 1, "results": null})
+    );
+    assert!(platform_claim(&mut c, "p-live", 2));
+    let (left, results) = platform_decrement(&mut c, "p-live", json!({"file": 2}));
+    assert_eq!(
+        (left, results),
+        (0, json!([{"file": 0}, {"file": 1}, {"file": 2}]))
+    );
+    let finished: bool = c
+        .query_one("SELECT barrier_finish('p-live')", &[])
+        .expect("finish")
+        .get(0);
+    assert!(finished);
+    assert_eq!(
+        json(
+            &mut c,
+            "SELECT to_jsonb(count(*)) FROM pg_batch_dedup WHERE execution_id = 'p-live'"
+        ),
+        json!(0)
+    );
+
+    // Armed by the function (with a callback), counted down by both, torn down by the platform.
+    c.batch_execute(
+        "SELECT barrier_enqueue('f-armed', 'org-a', 2, '1 hour', '{\"task\": \"aggregate\"}')",
+    )
+    .expect("barrier_enqueue");
+    assert!(platform_claim(&mut c, "f-armed", 0));
+    assert!(!claim(&mut c, "f-armed", 0), "the platform's claim is seen");
+    assert_eq!(platform_decrement(&mut c, "f-armed", json!("a")).0, 1);
+    assert_eq!(
+        decrement(&mut c, "f-armed", json!("b")),
+        json!({"status": "complete", "remaining": 0, "results": ["a", "b"]})
+    );
+    platform_finish(&mut c, "f-armed");
+    let finished: bool = c
+        .query_one("SELECT barrier_finish('f-armed')", &[])
+        .expect("finish")
+        .get(0);
+    assert!(!finished, "the platform tore it down first");
+
+    // Aborts across dialects: exactly one winner each time.
+    platform_enqueue(&mut c, "p-abort", "org-a", 2);
+    assert_eq!(
+        json(&mut c, "SELECT to_jsonb(barrier_abort('p-abort'))"),
+        json!("aborted")
+    );
+    assert!(
+        c.query(PLATFORM_ABORT, &[&"p-abort"])
+            .expect("abort")
+            .is_empty()
+    );
+    c.batch_execute("SELECT barrier_enqueue('f-abort', 'org-a', 2)")
+        .expect("enqueue");
+    assert_eq!(
+        c.query(PLATFORM_ABORT, &[&"f-abort"]).expect("abort").len(),
+        1
+    );
+    assert_eq!(
+        json(&mut c, "SELECT to_jsonb(barrier_abort('f-abort'))"),
+        json!("already_aborted")
+    );
+
+    // A platform re-arm of a function-armed barrier resets it (its callback stays: the
+    // platform's statement does not know the column).
+    c.batch_execute("SELECT barrier_enqueue('rearm', 'org-a', 5, '1 hour', '{\"task\": \"t\"}')")
+        .expect("enqueue");
+    platform_enqueue(&mut c, "rearm", "org-b", 2);
+    assert_eq!(
+        json(
+            &mut c,
+            "SELECT jsonb_build_object('org', organization_id, 'remaining', remaining, 'callback', callback)
+               FROM pg_barrier_state WHERE execution_id = 'rearm'"
+        ),
+        json!({"org": "org-b", "remaining": 2, "callback": {"task": "t"}})
+    );
+
+    // DROP EXTENSION leaves the platform's tables and rows; its SQL keeps working; a second
+    // CREATE EXTENSION adopts them again.
+    let barriers = rows(&mut c, "pg_barrier_state");
+    c.batch_execute("DROP EXTENSION pg_reaper").expect("drop");
+    assert_eq!(rows(&mut c, "pg_barrier_state"), barriers);
+    platform_enqueue(&mut c, "after-drop", "org-a", 1);
+    assert!(platform_claim(&mut c, "after-drop", 0));
+    assert_eq!(platform_decrement(&mut c, "after-drop", json!(1)).0, 0);
+    platform_finish(&mut c, "after-drop");
+    c.batch_execute("CREATE EXTENSION pg_reaper SCHEMA unstract")
+        .expect("adopt again");
+    assert_eq!(rows(&mut c, "pg_barrier_state"), barriers);
+    assert_eq!(member_tables(&mut c), ["unstract.pg_reaper_outbox"]);
+}
+
+#[test]
+fn the_worker_and_relay_recover_what_the_platforms_workers_stranded() {
+    let env = Env::adopting("adoptrelay");
+    let mut c = env.db();
+    // A crash mid-batch, and a crash after the last decrement (the callback never enqueued),
+    // both in the platform's own SQL.
+    for id in ["crashed-mid-batch", "lost-callback"] {
+        env.api.execution(id, "org-a", "EXECUTING");
+        platform_enqueue(&mut c, id, "org-a", 2);
+    }
+    assert!(platform_claim(&mut c, "crashed-mid-batch", 0));
+    platform_decrement(&mut c, "crashed-mid-batch", json!(0));
+    for b in 0..2 {
+        assert!(platform_claim(&mut c, "lost-callback", b));
+        platform_decrement(&mut c, "lost-callback", json!(b));
+    }
+    // And a barrier that is still making progress.
+    platform_enqueue(&mut c, "healthy", "org-a", 2);
+    c.batch_execute(
+        "UPDATE unstract.pg_barrier_state SET created_at = now() - interval '2 hours',
+                expires_at = now() - interval '1 second'
+          WHERE execution_id IN ('crashed-mid-batch', 'lost-callback')",
+    )
+    .expect("strand them");
+
+    let mut relay = env.spawn_relay(&[]);
+    for id in ["crashed-mid-batch", "lost-callback"] {
+        wait_for(90, &format!("{id} recovered"), || {
+            c.query_opt(
+                "SELECT 1 FROM pg_reaper_outbox WHERE execution_id = $1 AND state = 'done'",
+                &[&id],
+            )
+            .expect("intent")
+        });
+        assert_eq!(intent(&mut c, id)["outcome"], json!("marked_error"));
+        assert_eq!(intent(&mut c, id)["barrier"], json!(false));
+        assert_eq!(intent(&mut c, id)["markers"], json!(0));
+    }
+    let executions = env.api.executions();
+    for id in ["crashed-mid-batch", "lost-callback"] {
+        assert_eq!(executions[id]["status"], json!("ERROR"), "{executions}");
+    }
+    let marks = env
+        .api
+        .calls()
+        .iter()
+        .filter(|c| c["method"] == json!("POST"))
+        .count();
+    assert_eq!(marks, 2, "one mark each");
+    assert_eq!(
+        json(
+            &mut c,
+            "SELECT jsonb_agg(execution_id) FROM unstract.pg_barrier_state"
+        ),
+        json!(["healthy"])
+    );
+    relay.terminate();
+}
+
+/// Tables the platform could have but pg_reaper cannot work with, and the error each gets.
+#[test]
+fn a_table_that_cannot_be_adopted_fails_create_extension_and_changes_nothing() {
+    let cluster = Cluster::start("adoptbad", &[]);
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "ALTER TABLE unstract.pg_barrier_state ALTER COLUMN remaining TYPE bigint",
+            "pg_reaper cannot adopt unstract.pg_barrier_state: column \"remaining\" is bigint, expected integer",
+            "42804",
+        ),
+        (
+            "ALTER TABLE unstract.pg_barrier_state DROP COLUMN last_progress_at",
+            "pg_reaper cannot adopt unstract.pg_barrier_state: it has no column \"last_progress_at\" (timestamp with time zone)",
+            "42703",
+        ),
+        (
+            "ALTER TABLE unstract.pg_barrier_state ADD COLUMN callback text",
+            "pg_reaper cannot adopt unstract.pg_barrier_state: column \"callback\" is text, expected jsonb",
+            "42804",
+        ),
+        (
+            "ALTER TABLE unstract.pg_barrier_state ADD COLUMN tenant text NOT NULL",
+            "pg_reaper cannot adopt unstract.pg_barrier_state: column \"tenant\" is NOT NULL without a default, and pg_reaper's functions do not fill it",
+            "23502",
+        ),
+        (
+            "ALTER TABLE unstract.pg_batch_dedup DROP CONSTRAINT pg_batch_dedup_exec_batch_uniq",
+            "pg_reaper cannot adopt unstract.pg_batch_dedup: it has no unique index or constraint on exactly (execution_id,batch_index)",
+            "42P16",
+        ),
+        (
+            "ALTER TABLE unstract.pg_barrier_state DROP CONSTRAINT pg_barrier_state_pkey",
+            "pg_reaper cannot adopt unstract.pg_barrier_state: it has no unique index or constraint on exactly (execution_id)",
+            "42P16",
+        ),
+        (
+            "DROP TABLE unstract.pg_barrier_state;
+             CREATE VIEW unstract.pg_barrier_state AS SELECT 'x'::text AS execution_id",
+            "pg_reaper cannot adopt unstract.pg_barrier_state: it is not an ordinary table (relkind v)",
+            "42809",
+        ),
+    ];
+    // Everything a failed CREATE EXTENSION could have changed.
+    const FOOTPRINT: &str = "
+        SELECT jsonb_build_object(
+            'extension', (SELECT count(*) FROM pg_extension WHERE extname = 'pg_reaper'),
+            'relations', (SELECT jsonb_agg(c.relname || ':' || coalesce(c.reloptions::text, '') ORDER BY c.relname)
+                            FROM pg_class c WHERE c.relnamespace = 'unstract'::regnamespace),
+            'columns', (SELECT jsonb_agg(a.attrelid::regclass::text || '.' || a.attname ORDER BY 1)
+                          FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+                         WHERE c.relnamespace = 'unstract'::regnamespace AND a.attnum > 0 AND NOT a.attisdropped),
+            'rows', (SELECT count(*) FROM unstract.pg_batch_dedup))";
+    for (n, (change, message, code)) in cases.iter().enumerate() {
+        let db = format!("bad{n}");
+        cluster
+            .client("postgres")
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .expect("create database");
+        let mut c = cluster.client(&db);
+        c.batch_execute(UNSTRACT_SCHEMA).expect("schema");
+        c.batch_execute(
+            "INSERT INTO unstract.pg_batch_dedup (execution_id, batch_index, created_at)
+             VALUES ('e', 0, now())",
+        )
+        .expect("a row");
+        c.batch_execute(change).expect(change);
+        let before = json(&mut c, FOOTPRINT);
+        let err = c
+            .batch_execute("CREATE EXTENSION pg_reaper SCHEMA unstract")
+            .expect_err(change);
+        let db_err = err.as_db_error().expect("a database error");
+        assert_eq!(
+            (db_err.message(), db_err.code().code()),
+            (*message, *code),
+            "{change}"
+        );
+        assert_eq!(json(&mut c, FOOTPRINT), before, "{change}: nothing changed");
+    }
+}
