@@ -7,7 +7,7 @@
 mod common;
 
 use common::{Env, intent};
-use pg_reaper_tests::{Cluster, UNSTRACT_SCHEMA, json, wait_for};
+use pg_reaper_tests::{Cluster, PgBouncer, UNSTRACT_SCHEMA, json, wait_for};
 use postgres::Client;
 use serde_json::{Value, json};
 
@@ -368,7 +368,7 @@ fn a_table_that_cannot_be_adopted_fails_create_extension_and_changes_nothing() {
             'extension', (SELECT count(*) FROM pg_extension WHERE extname = 'pg_reaper'),
             'relations', (SELECT jsonb_agg(c.relname || ':' || coalesce(c.reloptions::text, '') ORDER BY c.relname)
                             FROM pg_class c WHERE c.relnamespace = 'unstract'::regnamespace),
-            'columns', (SELECT jsonb_agg(a.attrelid::regclass::text || '.' || a.attname ORDER BY 1)
+            'columns', (SELECT jsonb_agg(a.attrelid::regclass::text || '.' || a.attname ORDER BY a.attrelid, a.attnum)
                           FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
                          WHERE c.relnamespace = 'unstract'::regnamespace AND a.attnum > 0 AND NOT a.attisdropped),
             'rows', (SELECT count(*) FROM unstract.pg_batch_dedup))";
@@ -398,4 +398,189 @@ fn a_table_that_cannot_be_adopted_fails_create_extension_and_changes_nothing() {
         );
         assert_eq!(json(&mut c, FOOTPRINT), before, "{change}: nothing changed");
     }
+}
+
+/// The platform's worker flow of docs/unstract.md, run by a real Python client (psycopg, as
+/// the platform's workers use it) through PgBouncer in transaction pooling mode, which is how
+/// those workers connect, against the adopted tables.
+#[test]
+fn the_platforms_worker_flow_runs_through_pgbouncer_with_psycopg() {
+    let cluster = Cluster::start("adoptpy", &[]);
+    let mut c = platform_db(&cluster);
+    adopt(&mut c);
+    let bouncer = PgBouncer::start(&cluster, "q", "transaction", 4);
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let python = std::env::var("PG_REAPER_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| root.join("target/python/bin/python"));
+    assert!(
+        python.exists(),
+        "{} is missing: scripts/setup.sh installs psycopg there",
+        python.display()
+    );
+    let out = std::process::Command::new(&python)
+        .arg(root.join("tests/python/platform_worker.py"))
+        .env("PLATFORM_DSN", bouncer.url("q"))
+        .output()
+        .expect("run the Python platform worker");
+    assert!(
+        out.status.success(),
+        "platform_worker.py failed:\n{}\nPgBouncer log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        bouncer.log()
+    );
+    let seen: Value = serde_json::from_slice(&out.stdout).expect("its JSON report");
+
+    assert_eq!(
+        seen["fanout"],
+        json!([
+            "pending",
+            "pending",
+            "pending",
+            "skipped_redelivery",
+            "complete"
+        ])
+    );
+    assert_eq!(seen["failing"], json!(["aborted", "skipped_redelivery"]));
+    let mut parallel = vec!["pending"; 7];
+    parallel.insert(0, "complete");
+    assert_eq!(seen["parallel"], json!(parallel));
+    assert_eq!(seen["crashed"], json!("complete"));
+    let callbacks = seen["callbacks"].as_array().expect("callbacks");
+    assert_eq!(
+        callbacks.len(),
+        2,
+        "one callback per completed execution: {callbacks:?}"
+    );
+    assert_eq!(
+        callbacks[0]["args"],
+        json!([[{"file": 0}, {"file": 1}, {"file": 2}, {"file": 3}]])
+    );
+    assert_eq!(callbacks[0]["kwargs"]["_pg_transport"], json!(true));
+    assert_eq!(
+        callbacks[1]["kwargs"]["execution_id"],
+        json!("exec-parallel")
+    );
+    assert_eq!(callbacks[1]["args"][0].as_array().map(Vec::len), Some(8));
+
+    // What is left is what the platform leaves: the failed batch's marker (so that its
+    // redelivery stays skipped) and the crashed worker's barrier with its callback, which
+    // pg_reaper queues once it is stranded.
+    assert_eq!(
+        rows(&mut c, "pg_barrier_state").as_array().map(|r| r
+            .iter()
+            .map(|b| (
+                b["execution_id"].clone(),
+                b["remaining"].clone(),
+                b["callback"]["task_name"].clone()
+            ))
+            .collect::<Vec<_>>()),
+        Some(vec![(
+            json!("exec-crashed"),
+            json!(0),
+            json!("process_batch_callback")
+        )])
+    );
+    assert_eq!(
+        json(
+            &mut c,
+            "SELECT jsonb_agg(execution_id || '/' || batch_index ORDER BY execution_id, batch_index) FROM unstract.pg_batch_dedup"
+        ),
+        json!(["exec-crashed/0", "exec-failing/0"])
+    );
+    c.batch_execute(
+        "UPDATE unstract.pg_barrier_state SET created_at = now() - interval '7 hours',
+                expires_at = now() - interval '1 hour'",
+    )
+    .expect("let it strand");
+    assert_eq!(
+        json(&mut c, "SELECT to_jsonb(queued) FROM reap_expired()"),
+        json!(1)
+    );
+}
+
+/// The two-step restore of docs/unstract.md (*Backups*), run as written there: a dump of a
+/// database with adopted tables comes back with every row, adopted again.
+#[test]
+fn a_dump_of_an_adopted_database_restores_with_the_documented_steps() {
+    let cluster = Cluster::start("adoptdump", &[]);
+    let mut c = cluster.client("postgres");
+    c.batch_execute("CREATE DATABASE queue")
+        .expect("create database");
+    let mut c = cluster.client("queue");
+    c.batch_execute(UNSTRACT_SCHEMA).expect("schema");
+    c.batch_execute(
+        "CREATE EXTENSION pg_reaper SCHEMA unstract; SET search_path = unstract;
+         CREATE ROLE unstract_worker;
+         GRANT EXECUTE ON FUNCTION barrier_claim(text, int) TO unstract_worker;
+         SELECT barrier_enqueue('live', 'org', 2, '1 hour', '{\"task_name\": \"cb\"}');
+         SELECT barrier_claim('live', 0);
+         SELECT barrier_enqueue('strand', 'org', 2);
+         UPDATE pg_barrier_state SET created_at = now() - interval '7 hours',
+                expires_at = now() - interval '1 hour' WHERE execution_id = 'strand';
+         SELECT * FROM reap_expired();",
+    )
+    .expect("rows of every kind");
+    let snapshot = |c: &mut Client| {
+        json(
+            c,
+            "SELECT jsonb_build_object(
+                 'barriers', (SELECT jsonb_agg(to_jsonb(b) ORDER BY execution_id) FROM unstract.pg_barrier_state b),
+                 'markers', (SELECT jsonb_agg(to_jsonb(d) ORDER BY id) FROM unstract.pg_batch_dedup d),
+                 'intents', (SELECT jsonb_agg(to_jsonb(o) - 'updated_at' ORDER BY id) FROM unstract.pg_reaper_outbox o),
+                 'grant', has_function_privilege('unstract_worker', 'unstract.barrier_claim(text, int)', 'EXECUTE'))",
+        )
+    };
+    let before = snapshot(&mut c);
+    drop(c);
+    let work = cluster.dir.join("restore");
+    std::fs::create_dir_all(&work).expect("mkdir");
+    let bindir = std::process::Command::new(
+        std::env::var("PG_CONFIG")
+            .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".into()),
+    )
+    .arg("--bindir")
+    .output()
+    .expect("pg_config");
+    let bindir = String::from_utf8(bindir.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_string();
+    let shell = |script: &str| {
+        let out = std::process::Command::new("bash")
+            .args(["-euo", "pipefail", "-c", script])
+            .current_dir(&work)
+            .env(
+                "PATH",
+                format!("{bindir}:{}", std::env::var("PATH").unwrap_or_default()),
+            )
+            .env("PGHOST", "127.0.0.1")
+            .env("PGPORT", cluster.port.to_string())
+            .env("PGUSER", "postgres")
+            .output()
+            .expect("bash");
+        assert!(
+            out.status.success(),
+            "{script}\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    shell("pg_dump -Fc -d queue -f queue.dump && dropdb queue && createdb queue");
+
+    let guide = std::fs::read_to_string(
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/unstract.md"),
+    )
+    .expect("docs/unstract.md");
+    let steps = guide
+        .split("**Backups**")
+        .nth(1)
+        .and_then(|rest| rest.split("```sh").nth(1))
+        .and_then(|block| block.split("```").next())
+        .expect("the restore steps in docs/unstract.md");
+    shell(steps);
+
+    let mut c = cluster.client("queue");
+    assert_eq!(snapshot(&mut c), before);
+    assert_eq!(member_tables(&mut c), ["unstract.pg_reaper_outbox"]);
 }

@@ -419,6 +419,83 @@ impl Drop for Cluster {
     }
 }
 
+/// PgBouncer (Debian's package) in front of one database of a cluster, on a free loopback
+/// port, in the given pool mode (`transaction`, `session`). Stopped when dropped.
+pub struct PgBouncer {
+    pub port: u16,
+    dir: PathBuf,
+    child: std::process::Child,
+}
+
+impl PgBouncer {
+    pub fn start(cluster: &Cluster, db: &str, pool_mode: &str, pool_size: u32) -> PgBouncer {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let dir = cluster.dir.join(format!("pgbouncer-{n}"));
+        std::fs::create_dir_all(&dir).expect("pgbouncer directory");
+        let port = free_port();
+        let d = dir.display();
+        std::fs::write(dir.join("userlist.txt"), "\"postgres\" \"\"\n").expect("userlist");
+        let ini = format!(
+            "[databases]\n{db} = host=127.0.0.1 port={} dbname={db}\n\
+             [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
+             auth_type = trust\nauth_file = {d}/userlist.txt\npool_mode = {pool_mode}\n\
+             default_pool_size = {pool_size}\nmax_client_conn = 200\n\
+             ignore_startup_parameters = extra_float_digits\n\
+             logfile = {d}/pgbouncer.log\npidfile = {d}/pgbouncer.pid\n",
+            cluster.port
+        );
+        std::fs::write(dir.join("pgbouncer.ini"), ini).expect("pgbouncer.ini");
+        // PgBouncer refuses to run as root.
+        let ini_path = dir.join("pgbouncer.ini");
+        let mut command = if is_root() {
+            let _ = Command::new("chown")
+                .arg("-R")
+                .arg("postgres")
+                .arg(&dir)
+                .output();
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--", "/usr/sbin/pgbouncer"]);
+            c
+        } else {
+            Command::new("/usr/sbin/pgbouncer")
+        };
+        let child = command
+            .arg(&ini_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start pgbouncer (apt-get install pgbouncer)");
+        let bouncer = PgBouncer { port, dir, child };
+        wait_for(60, "PgBouncer to accept connections", || {
+            Client::connect(&bouncer.url(db), NoTls).ok().map(|_| ())
+        });
+        bouncer
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={db}",
+            self.port
+        )
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("pgbouncer.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        // runuser does not pass a kill on to its child: signal PgBouncer itself.
+        if let Ok(pid) = std::fs::read_to_string(self.dir.join("pgbouncer.pid")) {
+            let _ = Command::new("kill").arg("-INT").arg(pid.trim()).output();
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Polls `probe` every 100 ms until it returns Some, for at most `seconds`.
 pub fn wait_for<T>(seconds: u64, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
