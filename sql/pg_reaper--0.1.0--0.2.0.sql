@@ -1,8 +1,9 @@
 -- pg_reaper 0.1.0 → 0.2.0: ALTER EXTENSION pg_reaper UPDATE runs this in one transaction.
 --
--- What changes: the outbox gains failures, mark_sent_at and action; outbox_claim gains due_by
--- and outbox_resolve the claim's attempt (fenced resolve); reaper_status() and the status view
--- gain the leader lock holder; barrier_explain, barrier_recover, outbox_defer and
+-- What changes: the outbox gains failures, mark_sent_at and action; the two reaping indexes of
+-- pg_barrier_state become (expires_at, execution_id) and (created_at, execution_id);
+-- outbox_claim gains due_by and outbox_resolve the claim's attempt (fenced resolve);
+-- reaper_status() and the status view gain the leader lock holder; barrier_explain, barrier_recover, outbox_defer and
 -- outbox_mark_sending are new. Every row is kept. Grants are carried over: a role that could
 -- call a replaced function can call its replacement, a role that could call outbox_fail (the
 -- relay) can call the two new relay functions, and a role that could read the status view still
@@ -21,6 +22,13 @@ ALTER TABLE @extschema@.pg_reaper_outbox
 UPDATE @extschema@.pg_reaper_outbox
    SET failures = CASE WHEN state = 'in_flight' THEN GREATEST(attempts - 1, 0) ELSE attempts END
  WHERE state <> 'done';
+
+-- The reaping indexes gain the execution id: the worker walks the strands in (deadline, id) and
+-- (creation, id) order and resumes after the last one it queued.
+DROP INDEX @extschema@.pg_barrier_expires_idx;
+DROP INDEX @extschema@.pg_barrier_created_idx;
+CREATE INDEX pg_barrier_expires_key_idx ON @extschema@.pg_barrier_state (expires_at, execution_id);
+CREATE INDEX pg_barrier_created_key_idx ON @extschema@.pg_barrier_state (created_at, execution_id);
 
 -- The replaced objects are renamed first, so that their grants can be copied to their
 -- replacements below, and dropped last.

@@ -37,6 +37,7 @@ DECLARE
         ['pg_barrier_state', 'execution_id'],
         ['pg_batch_dedup', 'execution_id,batch_index']];
     tbl text;
+    cols text;
     rel regclass;
     qualified text;
     kind "char";
@@ -139,19 +140,25 @@ BEGIN
         PERFORM pg_catalog.pg_extension_config_dump('@extschema@.pg_batch_dedup', '');
     END IF;
 
-    -- The indexes reaping and the marker sweep scan, unless a plain index already leads with
-    -- the column (the platform's migration has pg_barrier_expires_idx).
+    -- The indexes reaping and the marker sweep scan, unless a plain index already starts with
+    -- the same columns. The worker walks the strands in (deadline, id) and (creation, id)
+    -- order, resuming after the last one it queued, so a batch costs the same however many
+    -- strands are queued ahead of it (a mass strand shares one timestamp: the id breaks ties).
     FOR i IN 1 .. 3 LOOP
         tbl := (ARRAY['pg_barrier_state', 'pg_barrier_state', 'pg_batch_dedup'])[i];
+        cols := (ARRAY['expires_at,execution_id', 'created_at,execution_id', 'created_at'])[i];
         CONTINUE WHEN EXISTS (
-            SELECT FROM pg_catalog.pg_index x JOIN pg_catalog.pg_attribute a
-                ON a.attrelid = x.indrelid AND a.attnum = x.indkey[0]
+            SELECT FROM pg_catalog.pg_index x
              WHERE x.indrelid = ('@extschema@.' OPERATOR(pg_catalog.||) tbl)::regclass
-               AND a.attname = (ARRAY['expires_at', 'created_at', 'created_at'])[i]
-               AND x.indpred IS NULL AND x.indexprs IS NULL);
-        EXECUTE pg_catalog.format('CREATE INDEX %I ON @extschema@.%I (%I)',
-            (ARRAY['pg_barrier_expires_idx', 'pg_barrier_created_idx', 'pg_batch_dedup_created_idx'])[i],
-            tbl, (ARRAY['expires_at', 'created_at', 'created_at'])[i]);
+               AND x.indpred IS NULL AND x.indexprs IS NULL
+               AND (SELECT pg_catalog.string_agg(a.attname, ',' ORDER BY k.n)
+                      FROM pg_catalog.unnest(x.indkey::int2[]) WITH ORDINALITY k(attnum, n)
+                      JOIN pg_catalog.pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = k.attnum
+                     WHERE k.n <= pg_catalog.array_length(pg_catalog.string_to_array(cols, ','), 1))
+                   = cols);
+        EXECUTE pg_catalog.format('CREATE INDEX %I ON @extschema@.%I (%s)',
+            (ARRAY['pg_barrier_expires_key_idx', 'pg_barrier_created_key_idx', 'pg_batch_dedup_created_idx'])[i],
+            tbl, cols);
     END LOOP;
 END
 $adopt$;

@@ -487,6 +487,94 @@ mod tests {
         reap("NULL, NULL");
     }
 
+    // ---- the worker's walk over the strands --------------------------------------------
+
+    /// One step of the walk with `budget`: (queued, caught up), the walk moved on.
+    fn walk_step(walk: &mut crate::reap::Walk, budget: i64) -> (i32, bool) {
+        let schema =
+            one::<pg_sys::Oid>("SELECT extnamespace FROM pg_extension WHERE extname = 'pg_reaper'")
+                .expect("the extension's schema");
+        let (step, next) = crate::reap::walk_step(schema, walk, budget);
+        *walk = next;
+        (step.queued, step.caught_up)
+    }
+
+    #[pg_test]
+    fn the_walk_queues_a_mass_strand_batch_by_batch_then_catches_up() {
+        // 25 barriers stranded at one and the same moment (one statement, one now()), the
+        // first three without an organization; x10 already queued; two stale ones; one live.
+        run("INSERT INTO pg_barrier_state
+                 (execution_id, organization_id, remaining, created_at, expires_at, last_progress_at)
+             SELECT 'x' || lpad(i::text, 2, '0'), CASE WHEN i <= 3 THEN '' ELSE 'org' END, 2,
+                    now() - interval '7 hours', now() - interval '1 hour', now() - interval '1 hour'
+               FROM generate_series(1, 25) i");
+        run("INSERT INTO pg_barrier_state
+                 (execution_id, organization_id, remaining, created_at, expires_at, last_progress_at)
+             SELECT 'stale' || i, 'org', 2, now() - interval '5 hours', now() + interval '1 hour',
+                    now() - interval '3 hours'
+               FROM generate_series(1, 2) i");
+        run("SELECT barrier_enqueue('live', 'org', 2)");
+        run(
+            "INSERT INTO pg_reaper_outbox (execution_id, organization_id, remaining) VALUES ('x10', 'org', 2)",
+        );
+        let mut walk = crate::reap::Walk::default();
+        assert_eq!(walk_step(&mut walk, 10), (10, false));
+        assert_eq!(
+            count(
+                "SELECT count(*) FROM pg_reaper_outbox WHERE execution_id BETWEEN 'x04' AND 'x14'"
+            ),
+            11,
+            "the first ten in (deadline, id) order, x10 skipped"
+        );
+        assert_eq!(walk_step(&mut walk, 10), (10, false));
+        // x25, then both stale ones: fewer than asked, both kinds walked to their end.
+        assert_eq!(walk_step(&mut walk, 10), (3, true));
+        // Starting over finds nothing new.
+        assert_eq!(walk_step(&mut walk, 10), (0, true));
+        assert_eq!(
+            json("SELECT jsonb_agg(execution_id ORDER BY execution_id) FROM pg_barrier_state b
+                   WHERE NOT EXISTS (SELECT 1 FROM pg_reaper_outbox o WHERE o.execution_id = b.execution_id)"),
+            json!(["live", "x01", "x02", "x03"])
+        );
+        let schema =
+            one::<pg_sys::Oid>("SELECT extnamespace FROM pg_extension WHERE extname = 'pg_reaper'")
+                .expect("schema");
+        assert_eq!(
+            crate::reap::orgless(schema),
+            (3, vec!["x01".to_string(), "x02".into(), "x03".into()])
+        );
+    }
+
+    #[pg_test]
+    fn the_walk_finds_a_strand_behind_its_position_on_the_next_pass() {
+        run("INSERT INTO pg_barrier_state
+                 (execution_id, organization_id, remaining, created_at, expires_at, last_progress_at)
+             SELECT 'y' || i, 'org', 2, now() - interval '7 hours', now() - interval '1 hour' + i * interval '1 second',
+                    now() - interval '1 hour'
+               FROM generate_series(1, 4) i");
+        let mut walk = crate::reap::Walk::default();
+        assert_eq!(walk_step(&mut walk, 2), (2, false));
+        // A strand with an earlier deadline than the walk's position, and one queued intent
+        // done (its barrier stranded again): neither is lost.
+        run("INSERT INTO pg_barrier_state
+                 (execution_id, organization_id, remaining, created_at, expires_at, last_progress_at)
+             VALUES ('early', 'org', 2, now() - interval '7 hours', now() - interval '2 hours', now() - interval '2 hours')");
+        run(
+            "UPDATE pg_reaper_outbox SET state = 'done', outcome = 'rearmed' WHERE execution_id = 'y1'",
+        );
+        assert_eq!(walk_step(&mut walk, 2), (2, false));
+        assert_eq!(walk_step(&mut walk, 2), (0, true));
+        assert_eq!(
+            walk_step(&mut walk, 10),
+            (2, true),
+            "the next pass: early and y1 again"
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM pg_reaper_outbox WHERE state <> 'done'"),
+            5
+        );
+    }
+
     // ---- status view -------------------------------------------------------------------
 
     #[pg_test]

@@ -69,6 +69,176 @@ const REAP_DRY_RUN: Statement = Statement {
     writes: false,
 };
 
+// The worker's walk: the next strands of one kind after the last one it queued, in index
+// order, at most $1, those already queued (or without an organization) skipped. Resuming after
+// the last key makes a batch cost the same however many strands are already queued ahead of
+// it; the walk starts over once it reaches the end. Expired barriers go by (expires_at,
+// execution_id), the others that are stranded (no progress for the stuck timeout $4) by
+// (created_at, execution_id): each kind is one index range, and no barrier is in both.
+// Returns how many were picked and queued, and the key of the last one picked.
+const WALK_EXPIRED: Statement = Statement {
+    sql: "WITH todo AS (
+              SELECT b.execution_id, b.organization_id, b.remaining, b.expires_at AS key
+                FROM @extschema@.pg_barrier_state b
+               WHERE b.expires_at < now()
+                 AND (b.expires_at, b.execution_id) > ($2, $3)
+                 AND b.organization_id <> ''
+                 AND @extschema@.barrier_is_stranded(b.expires_at, b.last_progress_at, b.created_at, $4)
+                 AND NOT EXISTS (SELECT 1 FROM @extschema@.pg_reaper_outbox o
+                                  WHERE o.execution_id = b.execution_id AND o.state <> 'done')
+               ORDER BY b.expires_at, b.execution_id
+               LIMIT $1
+          ), queued AS (
+              INSERT INTO @extschema@.pg_reaper_outbox (execution_id, organization_id, remaining)
+              SELECT execution_id, organization_id, remaining FROM todo
+              ON CONFLICT (execution_id) WHERE state <> 'done' DO NOTHING
+              RETURNING 1
+          ), last AS (
+              SELECT key, execution_id FROM todo ORDER BY key DESC, execution_id DESC LIMIT 1
+          )
+          SELECT (SELECT count(*) FROM todo)::int4, (SELECT count(*) FROM queued)::int4,
+                 (SELECT key FROM last), (SELECT execution_id FROM last)",
+    args: &[
+        pg_sys::INT8OID,
+        pg_sys::TIMESTAMPTZOID,
+        pg_sys::TEXTOID,
+        pg_sys::INTERVALOID,
+    ],
+    writes: true,
+};
+
+const WALK_STALE: Statement = Statement {
+    sql: "WITH todo AS (
+              SELECT b.execution_id, b.organization_id, b.remaining, b.created_at AS key
+                FROM @extschema@.pg_barrier_state b
+               WHERE b.created_at < now() - $4
+                 AND (b.created_at, b.execution_id) > ($2, $3)
+                 AND b.expires_at >= now()
+                 AND b.organization_id <> ''
+                 AND @extschema@.barrier_is_stranded(b.expires_at, b.last_progress_at, b.created_at, $4)
+                 AND NOT EXISTS (SELECT 1 FROM @extschema@.pg_reaper_outbox o
+                                  WHERE o.execution_id = b.execution_id AND o.state <> 'done')
+               ORDER BY b.created_at, b.execution_id
+               LIMIT $1
+          ), queued AS (
+              INSERT INTO @extschema@.pg_reaper_outbox (execution_id, organization_id, remaining)
+              SELECT execution_id, organization_id, remaining FROM todo
+              ON CONFLICT (execution_id) WHERE state <> 'done' DO NOTHING
+              RETURNING 1
+          ), last AS (
+              SELECT key, execution_id FROM todo ORDER BY key DESC, execution_id DESC LIMIT 1
+          )
+          SELECT (SELECT count(*) FROM todo)::int4, (SELECT count(*) FROM queued)::int4,
+                 (SELECT key FROM last), (SELECT execution_id FROM last)",
+    args: &[
+        pg_sys::INT8OID,
+        pg_sys::TIMESTAMPTZOID,
+        pg_sys::TEXTOID,
+        pg_sys::INTERVALOID,
+    ],
+    writes: true,
+};
+
+/// The strands nobody can recover (no organization): how many, and up to ten ids.
+const ORGLESS: Statement = Statement {
+    sql: "WITH orgless AS (
+              SELECT b.execution_id FROM @extschema@.pg_barrier_state b
+               WHERE b.organization_id = ''
+                 AND @extschema@.barrier_is_stranded(b.expires_at, b.last_progress_at, b.created_at, $1)
+          )
+          SELECT (SELECT count(*) FROM orgless)::int4,
+                 (SELECT array_agg(execution_id ORDER BY execution_id)
+                    FROM (SELECT execution_id FROM orgless ORDER BY execution_id LIMIT 10) s)",
+    args: &[pg_sys::INTERVALOID],
+    writes: false,
+};
+
+/// A position in one of the walk's index orders: after this (timestamp, execution id).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Key(TimestampWithTimeZone, String);
+
+impl Default for Key {
+    /// Before every row.
+    fn default() -> Key {
+        Key(TimestampWithTimeZone::negative_infinity(), String::new())
+    }
+}
+
+/// Where the worker's walk over the strands stands, one position per kind.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Walk {
+    expired: Key,
+    stale: Key,
+}
+
+/// What one step of the walk did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Step {
+    pub queued: i32,
+    /// Both kinds were walked to their end: every strand there was is queued (or has no
+    /// organization); the next step starts over.
+    pub caught_up: bool,
+}
+
+/// Queues up to `budget` strands after `walk`'s positions, in the current transaction, and
+/// returns the walk's next positions (to keep once the transaction committed).
+pub fn walk_step(schema: pg_sys::Oid, walk: &Walk, budget: i64) -> (Step, Walk) {
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        error!("pg_reaper: the server is a standby (in recovery)");
+    }
+    Spi::connect_mut(|client| {
+        let stuck = guc::stuck_timeout();
+        let mut next = walk.clone();
+        let mut step = Step::default();
+        let mut left = budget;
+        let mut ended = 0;
+        for (stmt, key) in [
+            (&WALK_EXPIRED, &mut next.expired),
+            (&WALK_STALE, &mut next.stale),
+        ] {
+            if left == 0 {
+                break;
+            }
+            let asked = left;
+            let args = [
+                asked.into(),
+                key.0.into(),
+                key.1.as_str().into(),
+                stuck.into(),
+            ];
+            let row = plan::run(client, schema, stmt, &args)?.first();
+            let picked = i64::from(row.get::<i32>(1)?.unwrap_or_default());
+            step.queued += row.get::<i32>(2)?.unwrap_or_default();
+            left -= picked;
+            if picked < asked {
+                // Fewer than asked for: this kind is walked to its end; start over next time.
+                *key = Key::default();
+                ended += 1;
+            } else if let (Some(at), Some(id)) = (row.get(3)?, row.get::<String>(4)?) {
+                *key = Key(at, id);
+            }
+        }
+        step.caught_up = ended == 2;
+        if step.queued > 0 {
+            wake_relays(client, schema)?;
+        }
+        Ok::<_, pgrx::spi::SpiError>((step, next))
+    })
+    .unwrap_or_else(|e| error!("pg_reaper: reaping: {e}"))
+}
+
+/// The org-less strands, for the WARNING that names them.
+pub fn orgless(schema: pg_sys::Oid) -> (i32, Vec<String>) {
+    Spi::connect_mut(|client| {
+        let row = plan::run(client, schema, &ORGLESS, &[guc::stuck_timeout().into()])?.first();
+        Ok::<_, pgrx::spi::SpiError>((
+            row.get::<i32>(1)?.unwrap_or_default(),
+            row.get::<Vec<String>>(2)?.unwrap_or_default(),
+        ))
+    })
+    .unwrap_or_else(|e| error!("pg_reaper: counting org-less strands: {e}"))
+}
+
 /// Wakes the relays; delivered when the reaping transaction commits.
 const WAKE_RELAYS: Statement = Statement {
     sql: "SELECT pg_catalog.pg_notify('pg_reaper_outbox', '')",
@@ -125,12 +295,12 @@ pub fn reap(schema: pg_sys::Oid, max_rows: Option<i64>, dry_run: bool) -> (Count
     (counts, no_org_sample)
 }
 
-/// The WARNING that names the strands nobody can recover.
-pub fn warn_no_org(counts: &Counts, sample: &[String]) {
-    if counts.skipped_no_org == 0 {
+/// The WARNING that names the strands nobody can recover: `count` of them, `sample` their ids.
+pub fn warn_no_org(count: i32, sample: &[String]) {
+    if count <= 0 {
         return;
     }
-    let more = counts.skipped_no_org as usize - sample.len();
+    let more = count as usize - sample.len();
     let more = if more > 0 {
         format!(" and {more} more")
     } else {
@@ -139,7 +309,7 @@ pub fn warn_no_org(counts: &Counts, sample: &[String]) {
     warning!(
         "pg_reaper: {} stranded barrier(s) have no organization_id and are left untouched \
          (the org-scoped status API cannot recover them): {}{more}",
-        counts.skipped_no_org,
+        count,
         sample.join(", ")
     );
 }
@@ -172,6 +342,6 @@ fn reap_expired(
         max_rows.map(i64::from),
         dry_run,
     );
-    warn_no_org(&c, &no_org);
+    warn_no_org(c.skipped_no_org, &no_org);
     TableIterator::once((c.stranded, c.queued, c.already_queued, c.skipped_no_org))
 }

@@ -166,12 +166,18 @@ pub extern "C-unwind" fn pg_reaper_worker_main(_arg: pg_sys::Datum) {
                 guc::ENABLED.get()
             );
         }
-        worker.tick();
+        // Catching up on a backlog, the next tick starts at once; it still passes through the
+        // latch (postmaster death), the reload above and the interrupts of every statement.
+        let nap = if worker.tick() {
+            naptime()
+        } else {
+            Duration::ZERO
+        };
         report_activity(None);
         // Returns false only on postmaster death: SIGTERM exits through `die` (a FATAL with
         // exit code 1, so the postmaster starts the worker again after pg_terminate_backend();
         // during a server shutdown it starts nothing).
-        if !BackgroundWorker::wait_latch(Some(naptime())) {
+        if !BackgroundWorker::wait_latch(Some(nap)) {
             break;
         }
     }
@@ -388,20 +394,30 @@ struct Worker {
     installed_version: String,
     consecutive_failures: u64,
     last_no_org: i32,
+    /// Where the walk over the strands stands (see `reap::walk_step`).
+    walk: reap::Walk,
+    /// When the sweep and the prune last ran: once per naptime, also while catching up.
+    last_housekeeping: Option<std::time::Instant>,
+    /// What the ticks did since the last log line, and when that was.
+    unreported: Work,
+    last_report: Option<std::time::Instant>,
 }
 
-/// What one leader tick did.
+/// What leader ticks did.
 #[derive(Default)]
 struct Work {
-    reaped: reap::Counts,
-    no_org_sample: Vec<String>,
+    queued: i64,
     reoffered: usize,
     swept: usize,
     pruned: usize,
+    /// The org-less strands, counted when a walk reached its end.
+    no_org: Option<(i32, Vec<String>)>,
 }
 
 impl Worker {
-    fn tick(&mut self) {
+    /// One tick. Returns whether the worker may nap: false while it is catching up on a
+    /// backlog (the last step filled its batch), so that it goes on at once.
+    fn tick(&mut self) -> bool {
         report_activity(Some(c"pg_reaper: deciding"));
         let decided = in_transaction(AssertUnwindSafe(|| self.decide()));
         let (state, schema) = match decided {
@@ -414,11 +430,11 @@ impl Worker {
                     warning!("pg_reaper: releasing the leader lock: {e}");
                 }
                 self.leader = false;
-                return;
+                return true;
             }
         };
         let work = schema.map(|schema| self.chores(schema));
-        let ok = work.as_ref().is_none_or(|(_, failed)| !failed);
+        let ok = work.as_ref().is_none_or(|(_, _, failed)| !failed);
         if ok && self.consecutive_failures > 0 {
             log!(
                 "pg_reaper: ticks succeed again after {} failure(s)",
@@ -427,46 +443,80 @@ impl Worker {
             self.consecutive_failures = 0;
         }
         self.enter(state);
-        if let Some((work, _)) = work {
-            self.report(&work);
+        match work {
+            Some((work, caught_up, failed)) => {
+                self.report(work, caught_up);
+                caught_up || failed
+            }
+            None => true,
         }
     }
 
     /// The leader's chores, each in its own transaction: one failing (a lock timeout, a
-    /// dropped table) neither undoes nor stops the others. Returns what they did and whether
-    /// any failed.
-    fn chores(&mut self, schema: pg_sys::Oid) -> (Work, bool) {
+    /// dropped table) neither undoes nor stops the others. Returns what they did, whether the
+    /// walk over the strands caught up, and whether any chore failed.
+    fn chores(&mut self, schema: pg_sys::Oid) -> (Work, bool, bool) {
         let mut work = Work::default();
         let mut failed = false;
+        let housekeeping = self
+            .last_housekeeping
+            .is_none_or(|t| t.elapsed() >= naptime());
+        let current = self.walk.clone();
+        let mut step = reap::Step::default();
+        let mut walk = None;
         let seconds = |g: &pgrx::GucSetting<i32>| Interval::from_seconds(f64::from(g.get()));
         let batch = i64::from(guc::BATCH_SIZE.get());
-        let mut chore = |name: &'static std::ffi::CStr, run: &mut dyn FnMut()| {
+        let mut chore = |name: &'static std::ffi::CStr, run: &mut dyn FnMut()| -> bool {
             report_activity(Some(name));
             let result = in_transaction(AssertUnwindSafe(|| {
                 Spi::run(CHORE_TIMEOUTS).unwrap_or_else(|e| error!("{e}"));
                 run();
             }));
-            if let Err(message) = result {
-                failed = true;
-                let what = name.to_string_lossy();
-                self.failed(what.trim_start_matches("pg_reaper: "), &message);
-            }
             // SAFETY: flushes this backend's pending table statistics (rate-limited inside).
             unsafe { pg_sys::pgstat_report_stat(false) };
+            match result {
+                Ok(()) => true,
+                Err(message) => {
+                    failed = true;
+                    let what = name.to_string_lossy();
+                    self.failed(what.trim_start_matches("pg_reaper: "), &message);
+                    false
+                }
+            }
         };
-        chore(c"pg_reaper: reap", &mut || {
-            (work.reaped, work.no_org_sample) = reap::reap(schema, Some(batch), false);
+        // The walk moves on only once its step committed: a rolled-back step is walked again.
+        let reaped = chore(c"pg_reaper: reap", &mut || {
+            let (s, next) = reap::walk_step(schema, &current, batch);
+            (step, walk) = (s, Some(next));
         });
+        if !reaped {
+            (step, walk) = (reap::Step::default(), None);
+        }
+        if step.caught_up {
+            chore(c"pg_reaper: count org-less strands", &mut || {
+                work.no_org = Some(reap::orgless(schema));
+            });
+        }
         chore(c"pg_reaper: re-offer expired leases", &mut || {
             work.reoffered = outbox::reoffer_expired_leases(schema);
         });
-        chore(c"pg_reaper: sweep dedup markers", &mut || {
-            work.swept = claim::sweep_orphan_markers(schema, seconds(&guc::DEDUP_RETENTION));
-        });
-        chore(c"pg_reaper: prune done intents", &mut || {
-            work.pruned = outbox::prune_done(schema, seconds(&guc::OUTBOX_RETENTION));
-        });
-        (work, failed)
+        if housekeeping {
+            chore(c"pg_reaper: sweep dedup markers", &mut || {
+                work.swept = claim::sweep_orphan_markers(schema, seconds(&guc::DEDUP_RETENTION));
+            });
+            chore(c"pg_reaper: prune done intents", &mut || {
+                work.pruned = outbox::prune_done(schema, seconds(&guc::OUTBOX_RETENTION));
+            });
+        }
+        if housekeeping {
+            self.last_housekeeping = Some(std::time::Instant::now());
+        }
+        if let Some(next) = walk {
+            self.walk = next;
+        }
+        work.queued = i64::from(step.queued);
+        // A failed step naps like a caught-up one: a failing statement must not spin.
+        (work, step.caught_up || !reaped, failed)
     }
 
     /// Counts and logs a failure (the first, then ever rarer ones: a table dropped under the
@@ -594,26 +644,35 @@ impl Worker {
         }
     }
 
-    fn report(&mut self, work: &Work) {
-        STATS.exclusive().last_tick_queued = work.reaped.queued;
-        let r = &work.reaped;
-        if r.queued > 0 || work.reoffered > 0 || work.swept > 0 || work.pruned > 0 {
+    /// Logs what the ticks did: one line per naptime at most while catching up, and one when
+    /// caught up; names the org-less strands when their number changed.
+    fn report(&mut self, work: Work, caught_up: bool) {
+        STATS.exclusive().last_tick_queued = work.queued as i32;
+        let u = &mut self.unreported;
+        u.queued += work.queued;
+        u.reoffered += work.reoffered;
+        u.swept += work.swept;
+        u.pruned += work.pruned;
+        let due = caught_up || self.last_report.is_none_or(|t| t.elapsed() >= naptime());
+        if due && (u.queued > 0 || u.reoffered > 0 || u.swept > 0 || u.pruned > 0) {
             log!(
-                "pg_reaper: queued {} recovery intent(s) ({} stranded, {} already queued), \
-                 re-offered {} expired lease(s), swept {} orphaned dedup marker(s), \
-                 pruned {} done intent(s)",
-                r.queued,
-                r.stranded,
-                r.already_queued,
-                work.reoffered,
-                work.swept,
-                work.pruned
+                "pg_reaper: queued {} recovery intent(s){}, re-offered {} expired lease(s), \
+                 swept {} orphaned dedup marker(s), pruned {} done intent(s)",
+                u.queued,
+                if caught_up { "" } else { " (catching up)" },
+                u.reoffered,
+                u.swept,
+                u.pruned
             );
+            self.unreported = Work::default();
+            self.last_report = Some(std::time::Instant::now());
         }
-        // Name the strands nobody can recover when their number changes, not every tick.
-        if r.skipped_no_org != self.last_no_org {
-            self.last_no_org = r.skipped_no_org;
-            reap::warn_no_org(r, &work.no_org_sample);
+        // Name the strands nobody can recover when their number changes, not every time.
+        if let Some((count, sample)) = work.no_org
+            && count != self.last_no_org
+        {
+            self.last_no_org = count;
+            reap::warn_no_org(count, &sample);
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use crate::db::Target;
 use std::time::Duration;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Statement};
 
 const FIND_SCHEMA: &str = "SELECT pg_catalog.quote_ident(n.nspname)
                              FROM pg_catalog.pg_extension e
@@ -164,10 +164,13 @@ fn interval(d: Duration) -> String {
     format!("{} milliseconds", d.as_millis())
 }
 
-/// A connection with the statements bound to the extension's schema.
+/// A connection with the statements bound to the extension's schema, each prepared once on
+/// it (a recovery runs four or five of them: preparing each time would double the round trips
+/// and the server's parsing).
 pub struct Store {
     pub client: Client,
     schema: String,
+    prepared: std::sync::Mutex<std::collections::HashMap<&'static str, Statement>>,
 }
 
 impl Store {
@@ -226,11 +229,31 @@ impl Store {
             )
             .await
             .map_err(|e| format!("session setup: {}", StoreError::from(e)))?;
-        Ok(Store { client, schema })
+        Ok(Store {
+            client,
+            schema,
+            prepared: Default::default(),
+        })
     }
 
-    fn sql(&self, statement: &str) -> String {
-        statement.replace("@extschema@", &self.schema)
+    /// `statement` bound to the extension's schema, prepared on this connection once.
+    async fn sql(&self, statement: &'static str) -> Result<Statement, tokio_postgres::Error> {
+        let cached = self
+            .prepared
+            .lock()
+            .ok()
+            .and_then(|p| p.get(statement).cloned());
+        if let Some(s) = cached {
+            return Ok(s);
+        }
+        let s = self
+            .client
+            .prepare(&statement.replace("@extschema@", &self.schema))
+            .await?;
+        if let Ok(mut p) = self.prepared.lock() {
+            p.insert(statement, s.clone());
+        }
+        Ok(s)
     }
 
     pub async fn listen(&self) -> Result<(), tokio_postgres::Error> {
@@ -246,7 +269,7 @@ impl Store {
     ) -> Result<Vec<Intent>, StoreError> {
         let rows = self
             .client
-            .query(&self.sql(CLAIM), &[&n, &interval(lease), &due_by])
+            .query(&self.sql(CLAIM).await?, &[&n, &interval(lease), &due_by])
             .await?;
         Ok(rows
             .iter()
@@ -282,7 +305,7 @@ impl Store {
         let row = self
             .client
             .query_one(
-                &self.sql(LOCK),
+                &self.sql(LOCK).await?,
                 &[&intent.id, &intent.attempt, &interval(lease)],
             )
             .await?;
@@ -299,7 +322,7 @@ impl Store {
         let row = self
             .client
             .query_one(
-                &self.sql(RESOLVE),
+                &self.sql(RESOLVE).await?,
                 &[&intent.id, &intent.attempt, &outcome.as_str()],
             )
             .await?;
@@ -317,7 +340,7 @@ impl Store {
         let row = self
             .client
             .query_one(
-                &self.sql(FAIL),
+                &self.sql(FAIL).await?,
                 &[
                     &intent.id,
                     &intent.attempt,
@@ -341,7 +364,7 @@ impl Store {
         let row = self
             .client
             .query_one(
-                &self.sql(DEFER),
+                &self.sql(DEFER).await?,
                 &[&intent.id, &intent.attempt, &error, &interval(backoff)],
             )
             .await?;
@@ -358,7 +381,7 @@ impl Store {
         let row = self
             .client
             .query_one(
-                &self.sql(MARK_SENDING),
+                &self.sql(MARK_SENDING).await?,
                 &[&intent.id, &intent.attempt, &interval(hold)],
             )
             .await?;
@@ -367,7 +390,7 @@ impl Store {
 
     /// The gauges of `pg_reaper_status`.
     pub async fn status(&self) -> Result<crate::metrics::DbGauges, StoreError> {
-        let r = self.client.query_one(&self.sql(STATUS), &[]).await?;
+        let r = self.client.query_one(&self.sql(STATUS).await?, &[]).await?;
         Ok(crate::metrics::DbGauges {
             intents: [r.get(0), r.get(1), r.get(2), r.get(3)],
             oldest_pending_age_seconds: r.get(4),
@@ -382,7 +405,7 @@ impl Store {
     pub async fn release(&self, intent: &Intent) -> Result<bool, tokio_postgres::Error> {
         let row = self
             .client
-            .query_one(&self.sql(RELEASE), &[&intent.id, &intent.attempt])
+            .query_one(&self.sql(RELEASE).await?, &[&intent.id, &intent.attempt])
             .await?;
         Ok(row.get(0))
     }

@@ -146,7 +146,7 @@ fn adoption_keeps_the_platforms_rows_and_both_dialects_share_every_execution() {
     assert_eq!(
         shape,
         json!({"options": ["fillfactor=70"], "indexes": [
-            "pg_barrier_created_idx", "pg_barrier_expires_idx",
+            "pg_barrier_created_key_idx", "pg_barrier_expires_idx", "pg_barrier_expires_key_idx",
             "pg_barrier_state_execution_id_03fb89ea_like", "pg_barrier_state_pkey",
             "pg_batch_dedup_created_idx", "pg_batch_dedup_exec_batch_uniq", "pg_batch_dedup_pkey"]})
     );
