@@ -38,6 +38,13 @@ q() { psql -Atc "$1"; }
 command psql -X -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -c 'CREATE DATABASE bench'
 psql -c 'CREATE EXTENSION pg_reaper'
 setting() { psql -c "ALTER SYSTEM SET $1" -c 'SELECT pg_reload_conf()' >/dev/null; sleep 1.2; }
+# Before a TRUNCATE: the worker off (its reaping locks the outbox and the barriers) and no other
+# session left (a stopped relay's backends end a moment after it), so nothing holds a lock.
+quiesce() {
+  setting "pg_reaper.enabled = off"
+  until [ "$(q "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()")" = 0 ]; do sleep 0.1; done
+  until [ "$(q "SELECT worker_state FROM pg_reaper_status")" = disabled ]; do sleep 0.1; done
+}
 median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 pass() { awk -v v="$1" -v t="$2" -v op="$3" 'BEGIN { ok = (op == ">=") ? v >= t : v <= t; print ok ? "met" : "MISSED" }'; }
@@ -195,6 +202,7 @@ relay() { # always started in the background: exec, so that $! is the relay itse
     --api-base-url "http://127.0.0.1:$API_PORT/internal" "$@"
 }
 strand_fleet() { # N PREFIX: N stranded executions known to the API as EXECUTING, reaped into intents
+  quiesce
   psql >/dev/null <<SQL
 TRUNCATE pg_barrier_state, pg_reaper_outbox, pg_batch_dedup;
 INSERT INTO pg_barrier_state (execution_id, organization_id, remaining, created_at, expires_at, last_progress_at)
@@ -245,12 +253,13 @@ out
 
 echo "== 5. time to recover"
 api POST /_admin/faults '{}' >/dev/null
-setting "pg_reaper.enabled = on"
+quiesce
 psql >/dev/null <<SQL
 TRUNCATE pg_barrier_state, pg_reaper_outbox, pg_batch_dedup;
 CREATE TABLE IF NOT EXISTS bench_strand_at (execution_id text PRIMARY KEY, stranded_at timestamptz);
 TRUNCATE bench_strand_at;
 SQL
+setting "pg_reaper.enabled = on"
 api POST /_admin/executions "$(q "SELECT jsonb_object_agg('t-' || i, jsonb_build_object('organization_id', 'org', 'status', 'EXECUTING')) FROM generate_series(1, $TTR_N) i")" >/dev/null
 api POST /_admin/reset >/dev/null
 relay --concurrency 16 >/dev/null 2>&1 &
@@ -330,14 +339,16 @@ pg_ticks() { # CPU clock ticks of the postmaster and every process it started th
   echo "$t"
 }
 backlog() { # RELAYS: BACKLOG_N executions stranding at once, drained by RELAYS relays (concurrency 16)
-  local tag="bl$1-" i pids=() 
+  local tag="bl$1-" i pids=()
   api POST /_admin/reset >/dev/null
+  quiesce
   psql >/dev/null <<SQL
 TRUNCATE pg_barrier_state, pg_reaper_outbox, pg_batch_dedup;
 INSERT INTO pg_barrier_state (execution_id, organization_id, remaining, created_at, expires_at, last_progress_at)
 SELECT '$tag' || i, 'org', 2, now() - interval '1 hour', now() + interval '$BACKLOG_IN seconds', now()
   FROM generate_series(1, $BACKLOG_N) i;
 SQL
+  setting "pg_reaper.enabled = on"
   local stranded_at; stranded_at="$(q "SELECT extract(epoch FROM max(expires_at)) FROM pg_barrier_state")"
   api POST /_admin/executions "$(q "SELECT jsonb_object_agg('$tag' || i, jsonb_build_object('organization_id', 'org', 'status', 'EXECUTING')) FROM generate_series(1, $BACKLOG_N) i")" >/dev/null
   for i in $(seq "$1"); do relay --concurrency 16 >/dev/null 2>&1 & pids+=($!); PIDS+=($!); done

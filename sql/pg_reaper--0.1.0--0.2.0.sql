@@ -1,7 +1,8 @@
 -- pg_reaper 0.1.0 → 0.2.0: ALTER EXTENSION pg_reaper UPDATE runs this in one transaction.
 --
 -- What changes: the outbox gains failures, mark_sent_at and action; the two reaping indexes of
--- pg_barrier_state become (expires_at, execution_id) and (created_at, execution_id);
+-- pg_barrier_state become (expires_at, execution_id) and (created_at, execution_id), the
+-- outbox's due index (next_attempt_at, id);
 -- outbox_claim gains due_by and outbox_resolve the claim's attempt (fenced resolve);
 -- reaper_status() and the status view gain the leader lock holder; barrier_explain, barrier_recover, outbox_defer and
 -- outbox_mark_sending are new. Every row is kept. Grants are carried over: a role that could
@@ -29,6 +30,11 @@ DROP INDEX @extschema@.pg_barrier_expires_idx;
 DROP INDEX @extschema@.pg_barrier_created_idx;
 CREATE INDEX pg_barrier_expires_key_idx ON @extschema@.pg_barrier_state (expires_at, execution_id);
 CREATE INDEX pg_barrier_created_key_idx ON @extschema@.pg_barrier_state (created_at, execution_id);
+-- Claims read due intents in (next_attempt_at, id) order: the id breaks the ties of intents
+-- queued by one statement.
+DROP INDEX @extschema@.pg_reaper_outbox_due_idx;
+CREATE INDEX pg_reaper_outbox_due_idx
+    ON @extschema@.pg_reaper_outbox (next_attempt_at, id) WHERE state = 'pending';
 
 -- The replaced objects are renamed first, so that their grants can be copied to their
 -- replacements below, and dropped last.

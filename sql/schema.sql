@@ -205,8 +205,10 @@ CREATE TABLE @extschema@.pg_reaper_outbox (
 );
 CREATE UNIQUE INDEX pg_reaper_outbox_live_uniq
     ON @extschema@.pg_reaper_outbox (execution_id) WHERE state <> 'done';
+-- A claim reads due intents in (next_attempt_at, id) order with a limit: the id breaks the
+-- ties of intents queued by one statement, so a claim never sorts a whole backlog.
 CREATE INDEX pg_reaper_outbox_due_idx
-    ON @extschema@.pg_reaper_outbox (next_attempt_at) WHERE state = 'pending';
+    ON @extschema@.pg_reaper_outbox (next_attempt_at, id) WHERE state = 'pending';
 CREATE INDEX pg_reaper_outbox_lease_idx
     ON @extschema@.pg_reaper_outbox (lease_expires_at) WHERE state = 'in_flight';
 

@@ -129,6 +129,20 @@ const PRUNE_DONE: Statement = Statement {
     writes: true,
 };
 
+/// A backlog fills the outbox within seconds, long before autovacuum's next look at it: plans
+/// made from the statistics of a nearly empty outbox would read all of it on every claim.
+const ANALYZE: Statement = Statement {
+    sql: "ANALYZE @extschema@.pg_reaper_outbox",
+    args: &[],
+    writes: true,
+};
+
+/// Refreshes the outbox's statistics.
+pub fn analyze(schema: pg_sys::Oid) {
+    Spi::connect_mut(|client| plan::run(client, schema, &ANALYZE, &[]).map(|_| ()))
+        .unwrap_or_else(|e| error!("pg_reaper: analyzing the outbox: {e}"))
+}
+
 /// Deletes done intents older than `retention`; returns how many.
 pub fn prune_done(schema: pg_sys::Oid, retention: Interval) -> usize {
     Spi::connect_mut(|client| {

@@ -69,69 +69,64 @@ const REAP_DRY_RUN: Statement = Statement {
     writes: false,
 };
 
-// The worker's walk: the next strands of one kind after the last one it queued, in index
-// order, at most $1, those already queued (or without an organization) skipped. Resuming after
-// the last key makes a batch cost the same however many strands are already queued ahead of
-// it; the walk starts over once it reaches the end. Expired barriers go by (expires_at,
-// execution_id), the others that are stranded (no progress for the stuck timeout $4) by
-// (created_at, execution_id): each kind is one index range, and no barrier is in both.
-// Returns how many were picked and queued, and the key of the last one picked.
-const WALK_EXPIRED: Statement = Statement {
-    sql: "WITH todo AS (
+// The worker's walk: the next strands after the last ones it queued, in index order, at most
+// $1 in all, those already queued (or without an organization) skipped. Expired barriers go by
+// (expires_at, execution_id) from ($2, $3); the others that are stranded (no progress for the
+// stuck timeout $6) by (created_at, execution_id) from ($4, $5), with what the expired ones
+// left of the budget. Each kind is one index range with a limit, and no barrier is in both:
+// resuming after the last key makes a step cost the same however many strands are already
+// queued ahead of it. Whether a strand has a live intent is one probe of the outbox's unique
+// index per strand (a lateral subquery with a limit, which the planner cannot turn into a join
+// over the whole outbox). Returns how many of each kind were picked, how many were queued, and
+// the key of the last one picked of each kind.
+const WALK: Statement = Statement {
+    sql: "WITH expired AS (
               SELECT b.execution_id, b.organization_id, b.remaining, b.expires_at AS key
                 FROM @extschema@.pg_barrier_state b
+                LEFT JOIN LATERAL (SELECT o.id FROM @extschema@.pg_reaper_outbox o
+                                    WHERE o.execution_id = b.execution_id AND o.state <> 'done'
+                                    LIMIT 1) live ON true
                WHERE b.expires_at < now()
                  AND (b.expires_at, b.execution_id) > ($2, $3)
                  AND b.organization_id <> ''
-                 AND @extschema@.barrier_is_stranded(b.expires_at, b.last_progress_at, b.created_at, $4)
-                 AND NOT EXISTS (SELECT 1 FROM @extschema@.pg_reaper_outbox o
-                                  WHERE o.execution_id = b.execution_id AND o.state <> 'done')
+                 AND @extschema@.barrier_is_stranded(b.expires_at, b.last_progress_at, b.created_at, $6)
+                 AND live.id IS NULL
                ORDER BY b.expires_at, b.execution_id
                LIMIT $1
+          ), stale AS (
+              SELECT b.execution_id, b.organization_id, b.remaining, b.created_at AS key
+                FROM @extschema@.pg_barrier_state b
+                LEFT JOIN LATERAL (SELECT o.id FROM @extschema@.pg_reaper_outbox o
+                                    WHERE o.execution_id = b.execution_id AND o.state <> 'done'
+                                    LIMIT 1) live ON true
+               WHERE b.created_at < now() - $6
+                 AND (b.created_at, b.execution_id) > ($4, $5)
+                 AND b.expires_at >= now()
+                 AND b.organization_id <> ''
+                 AND @extschema@.barrier_is_stranded(b.expires_at, b.last_progress_at, b.created_at, $6)
+                 AND live.id IS NULL
+               ORDER BY b.created_at, b.execution_id
+               LIMIT $1 - (SELECT count(*) FROM expired)
           ), queued AS (
               INSERT INTO @extschema@.pg_reaper_outbox (execution_id, organization_id, remaining)
-              SELECT execution_id, organization_id, remaining FROM todo
+              SELECT execution_id, organization_id, remaining FROM expired
+              UNION ALL
+              SELECT execution_id, organization_id, remaining FROM stale
               ON CONFLICT (execution_id) WHERE state <> 'done' DO NOTHING
               RETURNING 1
-          ), last AS (
-              SELECT key, execution_id FROM todo ORDER BY key DESC, execution_id DESC LIMIT 1
+          ), last_expired AS (
+              SELECT key, execution_id FROM expired ORDER BY key DESC, execution_id DESC LIMIT 1
+          ), last_stale AS (
+              SELECT key, execution_id FROM stale ORDER BY key DESC, execution_id DESC LIMIT 1
           )
-          SELECT (SELECT count(*) FROM todo)::int4, (SELECT count(*) FROM queued)::int4,
-                 (SELECT key FROM last), (SELECT execution_id FROM last)",
+          SELECT (SELECT count(*) FROM expired)::int8, (SELECT count(*) FROM stale)::int8,
+                 (SELECT count(*) FROM queued)::int4,
+                 (SELECT key FROM last_expired), (SELECT execution_id FROM last_expired),
+                 (SELECT key FROM last_stale), (SELECT execution_id FROM last_stale)",
     args: &[
         pg_sys::INT8OID,
         pg_sys::TIMESTAMPTZOID,
         pg_sys::TEXTOID,
-        pg_sys::INTERVALOID,
-    ],
-    writes: true,
-};
-
-const WALK_STALE: Statement = Statement {
-    sql: "WITH todo AS (
-              SELECT b.execution_id, b.organization_id, b.remaining, b.created_at AS key
-                FROM @extschema@.pg_barrier_state b
-               WHERE b.created_at < now() - $4
-                 AND (b.created_at, b.execution_id) > ($2, $3)
-                 AND b.expires_at >= now()
-                 AND b.organization_id <> ''
-                 AND @extschema@.barrier_is_stranded(b.expires_at, b.last_progress_at, b.created_at, $4)
-                 AND NOT EXISTS (SELECT 1 FROM @extschema@.pg_reaper_outbox o
-                                  WHERE o.execution_id = b.execution_id AND o.state <> 'done')
-               ORDER BY b.created_at, b.execution_id
-               LIMIT $1
-          ), queued AS (
-              INSERT INTO @extschema@.pg_reaper_outbox (execution_id, organization_id, remaining)
-              SELECT execution_id, organization_id, remaining FROM todo
-              ON CONFLICT (execution_id) WHERE state <> 'done' DO NOTHING
-              RETURNING 1
-          ), last AS (
-              SELECT key, execution_id FROM todo ORDER BY key DESC, execution_id DESC LIMIT 1
-          )
-          SELECT (SELECT count(*) FROM todo)::int4, (SELECT count(*) FROM queued)::int4,
-                 (SELECT key FROM last), (SELECT execution_id FROM last)",
-    args: &[
-        pg_sys::INT8OID,
         pg_sys::TIMESTAMPTZOID,
         pg_sys::TEXTOID,
         pg_sys::INTERVALOID,
@@ -150,6 +145,13 @@ const ORGLESS: Statement = Statement {
                  (SELECT array_agg(execution_id ORDER BY execution_id)
                     FROM (SELECT execution_id FROM orgless ORDER BY execution_id LIMIT 10) s)",
     args: &[pg_sys::INTERVALOID],
+    writes: false,
+};
+
+const WALK_PLAN: Statement = Statement {
+    sql: "SELECT pg_catalog.set_config(name, 'off', true)
+            FROM pg_catalog.unnest(ARRAY['enable_sort', 'enable_seqscan']) name",
+    args: &[],
     writes: false,
 };
 
@@ -187,41 +189,49 @@ pub fn walk_step(schema: pg_sys::Oid, walk: &Walk, budget: i64) -> (Step, Walk) 
         error!("pg_reaper: the server is a standby (in recovery)");
     }
     Spi::connect_mut(|client| {
-        let stuck = guc::stuck_timeout();
+        // Each kind must be read in its index's order, stopping at the limit, and each
+        // candidate checked against the outbox by one index probe: that is what makes a step
+        // cost the same however large the backlog. Statistics taken before a mass strand (a few
+        // strands among many live barriers, an empty outbox) make the planner prefer sorting
+        // every strand, or scanning the outbox for each. With sorts and sequential scans ruled
+        // out, the intended plan is the only one left; the settings last until the end of this
+        // step's transaction.
+        plan::run(client, schema, &WALK_PLAN, &[])?;
+        let args = [
+            budget.into(),
+            walk.expired.0.into(),
+            walk.expired.1.as_str().into(),
+            walk.stale.0.into(),
+            walk.stale.1.as_str().into(),
+            guc::stuck_timeout().into(),
+        ];
+        let row = plan::run(client, schema, &WALK, &args)?.first();
+        let expired = row.get::<i64>(1)?.unwrap_or_default();
+        let stale = row.get::<i64>(2)?.unwrap_or_default();
+        let queued = row.get::<i32>(3)?.unwrap_or_default();
+        // A kind that gave fewer than it was asked for is walked to its end: it starts over
+        // next time. The stale kind is asked only for what the expired one left.
+        let left = budget - expired;
         let mut next = walk.clone();
-        let mut step = Step::default();
-        let mut left = budget;
-        let mut ended = 0;
-        for (stmt, key) in [
-            (&WALK_EXPIRED, &mut next.expired),
-            (&WALK_STALE, &mut next.stale),
-        ] {
-            if left == 0 {
-                break;
-            }
-            let asked = left;
-            let args = [
-                asked.into(),
-                key.0.into(),
-                key.1.as_str().into(),
-                stuck.into(),
-            ];
-            let row = plan::run(client, schema, stmt, &args)?.first();
-            let picked = i64::from(row.get::<i32>(1)?.unwrap_or_default());
-            step.queued += row.get::<i32>(2)?.unwrap_or_default();
-            left -= picked;
-            if picked < asked {
-                // Fewer than asked for: this kind is walked to its end; start over next time.
-                *key = Key::default();
-                ended += 1;
-            } else if let (Some(at), Some(id)) = (row.get(3)?, row.get::<String>(4)?) {
-                *key = Key(at, id);
-            }
-        }
-        step.caught_up = ended == 2;
-        if step.queued > 0 {
+        let expired_ended = expired < budget;
+        let stale_ended = left > 0 && stale < left;
+        next.expired = match (expired_ended, row.get(4)?, row.get::<String>(5)?) {
+            (false, Some(at), Some(id)) => Key(at, id),
+            (false, _, _) => walk.expired.clone(),
+            (true, _, _) => Key::default(),
+        };
+        next.stale = match (stale_ended, left > 0, row.get(6)?, row.get::<String>(7)?) {
+            (true, _, _, _) => Key::default(),
+            (false, true, Some(at), Some(id)) => Key(at, id),
+            _ => walk.stale.clone(),
+        };
+        if queued > 0 {
             wake_relays(client, schema)?;
         }
+        let step = Step {
+            queued,
+            caught_up: expired_ended && stale_ended,
+        };
         Ok::<_, pgrx::spi::SpiError>((step, next))
     })
     .unwrap_or_else(|e| error!("pg_reaper: reaping: {e}"))

@@ -140,14 +140,18 @@ pub extern "C-unwind" fn pg_reaper_worker_main(_arg: pg_sys::Datum) {
     }
     // The worker runs as a superuser: resolve every name of its statements in pg_catalog, never
     // through a search_path a database owner could have set (ALTER DATABASE … SET).
-    // SAFETY: both strings are static and NUL-terminated; the GUC exists in every backend.
-    unsafe {
-        pg_sys::SetConfigOption(
-            c"search_path".as_ptr(),
-            c"pg_catalog, pg_temp".as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_OVERRIDE,
-        );
+    // No JIT either: its statements are short, and compiling one costs more than running it
+    // (hundreds of milliseconds a step when stale statistics inflate a plan's cost).
+    for (name, value) in [(c"search_path", c"pg_catalog, pg_temp"), (c"jit", c"off")] {
+        // SAFETY: both strings are static and NUL-terminated; the GUCs exist in every backend.
+        unsafe {
+            pg_sys::SetConfigOption(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_SUSET,
+                pg_sys::GucSource::PGC_S_OVERRIDE,
+            );
+        }
     }
     log!("pg_reaper: worker started in database \"{database}\"");
 
@@ -398,6 +402,8 @@ struct Worker {
     walk: reap::Walk,
     /// When the sweep and the prune last ran: once per naptime, also while catching up.
     last_housekeeping: Option<std::time::Instant>,
+    /// When the outbox was last analyzed (once per naptime at most, while catching up).
+    last_analyze: Option<std::time::Instant>,
     /// What the ticks did since the last log line, and when that was.
     unreported: Work,
     last_report: Option<std::time::Instant>,
@@ -461,6 +467,8 @@ impl Worker {
         let housekeeping = self
             .last_housekeeping
             .is_none_or(|t| t.elapsed() >= naptime());
+        let analyze_due = self.last_analyze.is_none_or(|t| t.elapsed() >= naptime());
+        let mut analyzed = false;
         let current = self.walk.clone();
         let mut step = reap::Step::default();
         let mut walk = None;
@@ -492,6 +500,13 @@ impl Worker {
         if !reaped {
             (step, walk) = (reap::Step::default(), None);
         }
+        // Catching up on a backlog, the relays' claims need statistics that know the outbox
+        // is full: autovacuum would take up to a minute to notice.
+        if step.queued > 0 && !step.caught_up && analyze_due {
+            analyzed = chore(c"pg_reaper: analyze the outbox", &mut || {
+                outbox::analyze(schema)
+            });
+        }
         if step.caught_up {
             chore(c"pg_reaper: count org-less strands", &mut || {
                 work.no_org = Some(reap::orgless(schema));
@@ -510,6 +525,9 @@ impl Worker {
         }
         if housekeeping {
             self.last_housekeeping = Some(std::time::Instant::now());
+        }
+        if analyzed {
+            self.last_analyze = Some(std::time::Instant::now());
         }
         if let Some(next) = walk {
             self.walk = next;

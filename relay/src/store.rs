@@ -15,7 +15,7 @@ const FIND_SCHEMA: &str = "SELECT pg_catalog.quote_ident(n.nspname)
 /// above the HTTP timeout) makes the server end the recovery transaction of a relay that was
 /// paused or cut off while it held a barrier's row lock, so nothing waits on it for longer.
 const SESSION_SETUP: &str = "SET lock_timeout = '10s'; SET statement_timeout = '30s';
-                             SET application_name = 'pg-reaper-relay'";
+                             SET jit = off; SET application_name = 'pg-reaper-relay'";
 const IDLE_IN_TRANSACTION: &str =
     "SELECT pg_catalog.set_config('idle_in_transaction_session_timeout', $1, false)";
 const CLAIM: &str = "SELECT id, execution_id, organization_id, remaining, attempt
