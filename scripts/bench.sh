@@ -63,7 +63,7 @@ pass() { awk -v v="$1" -v t="$2" -v op="$3" 'BEGIN { ok = (op == ">=") ? v >= t 
   echo "- cluster: shared_buffers 512MB, synchronous_commit off (so the CPU cost of the statements, not"
   echo "  fsync, is what is compared), everything else default; pgbench $T s per run, 4 clients, 2"
   echo "  threads, \`-M prepared\`, $ROUNDS alternating rounds per side, median taken"
-  echo "- reproduce: \`make bench\` (about 7 minutes once built; \`BENCH_SECONDS=30 make bench\` for longer runs)"
+  echo "- reproduce: \`make bench\` (about 13 minutes once built; \`BENCH_SECONDS=30 make bench\` for longer runs)"
   echo
 } > "$REPORT.tmp"
 out() { echo "$@" | tee -a "$REPORT.tmp"; }
