@@ -26,9 +26,11 @@ src="$root/target/releases/src-$1"
 rm -rf "$src" "$out"
 mkdir -p "$src"
 git archive "$commit" | tar -x -C "$src"
-# The released tree's own lock file pins what it was built with. Sharing the target directory
-# reuses the compiled dependencies (pgrx, its bindings) instead of building them again.
-(cd "$src" && CARGO_TARGET_DIR="$root/target" cargo pgrx package --debug \
+# The released tree's own lock file pins what it was built with. It builds in a target
+# directory of its own: in the tree's, its library would overwrite this version's build
+# artifacts, and the next `cargo pgrx install` (which does not relink an unchanged crate) would
+# install the old library under the new version's name.
+(cd "$src" && CARGO_TARGET_DIR="$root/target/releases/build" cargo pgrx package --debug \
    --pg-config "$PG_CONFIG" --out-dir "$out/pkg") >&2
 mkdir -p "$out/lib" "$out/extension"
 find "$out/pkg" -name 'pg_reaper.so' -exec cp {} "$out/lib/" \;

@@ -175,12 +175,13 @@ fn upgrade_from_0_1_0_keeps_every_row_grant_and_call() {
     wait_for(60, "the worker to see the outdated SQL objects", || {
         (worker_state(&mut c) == json!("outdated")).then_some(())
     });
-    assert!(
+    // The state is shared before the line is written: wait for the line too.
+    wait_for(60, "the worker to name the fix in the log", || {
         cluster
             .log()
-            .contains("version 0.1.0, the library is version 0.2.0; reaping waits for ALTER EXTENSION pg_reaper UPDATE"),
-        "the worker names the fix in the log"
-    );
+            .contains("version 0.1.0, the library is version 0.2.0; reaping waits for ALTER EXTENSION pg_reaper UPDATE")
+            .then_some(())
+    });
     assert_eq!(
         rows(&mut c),
         before,
