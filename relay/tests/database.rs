@@ -1,11 +1,12 @@
 //! The relay's connection to Postgres as production has it: a server that accepts only TLS
-//! (with certificates made by the test), client certificates, and a primary/standby pair named
-//! together in one URL with `target_session_attrs=read-write` across a failover.
+//! (with certificates made by the test), client certificates, a primary/standby pair named
+//! together in one URL with `target_session_attrs=read-write` across a failover, and PgBouncer
+//! in session pooling mode in between.
 
 mod common;
 
 use common::{Env, intent};
-use pg_reaper_tests::wait_for;
+use pg_reaper_tests::{PgBouncer, wait_for};
 use postgres::{Client, NoTls};
 use serde_json::json;
 use std::path::Path;
@@ -260,6 +261,49 @@ fn a_relay_naming_primary_and_standby_follows_a_failover_by_itself() {
     for id in ["before", "after"] {
         assert_eq!(api[id]["error_marks"], json!(1), "{id}");
     }
+}
+
+/// PgBouncer (Debian's package) in session pooling mode between the relay and Postgres: the
+/// LISTEN connection, the recovery transactions held across the status update and the
+/// statements the relay prepares once per connection all keep their server session.
+#[test]
+fn the_relay_works_through_pgbouncer_in_session_pooling_mode() {
+    let env = Env::new("dbbouncer", false);
+    // One server connection per relay connection: 16 workers, the claimer and the listener.
+    let bouncer = PgBouncer::start(&env.cluster, "q", "session", 20);
+    let mut c = env.db();
+    for i in 0..40 {
+        env.stranded_executing(&mut c, &format!("pooled-{i}"));
+    }
+    let mut cmd = env.relay_command(&[]);
+    cmd.env("PG_REAPER_DATABASE_URL", bouncer.url("q"));
+    let mut relay = common::Relay::spawn(cmd, env.cluster.dir.join("relay-bouncer.log"));
+    wait_for(120, "every intent recovered through PgBouncer", || {
+        (0..40)
+            .all(|i| intent(&mut c, &format!("pooled-{i}"))["state"] == json!("done"))
+            .then_some(())
+    });
+    // And one stranded after the relay drained everything, while it waits on its listener.
+    env.stranded_executing(&mut c, "pooled-late");
+    wait_for(60, "the late intent recovered", || {
+        (intent(&mut c, "pooled-late")["state"] == json!("done")).then_some(())
+    });
+    let (status, log) = relay.terminate();
+    assert!(status.success(), "{log}");
+    let api = env.api.executions();
+    for i in (0..40)
+        .map(|i| format!("pooled-{i}"))
+        .chain(["pooled-late".to_string()])
+    {
+        assert_eq!(api[&i]["error_marks"], json!(1), "{i}");
+    }
+    // The relay's connections went through PgBouncer (the test's own are direct, but for
+    // the harness's readiness probe).
+    assert!(
+        bouncer.log().matches("login attempt: db=q").count() >= 4,
+        "listener, claimer and workers log in through PgBouncer:\n{}",
+        bouncer.log()
+    );
 }
 
 /// A server that accepts connections and never answers (a hung primary, a black-holed
