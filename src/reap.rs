@@ -211,19 +211,22 @@ pub fn walk_step(schema: pg_sys::Oid, walk: &Walk, budget: i64) -> (Step, Walk) 
         let queued = row.get::<i32>(3)?.unwrap_or_default();
         // A kind that gave fewer than it was asked for is walked to its end: it starts over
         // next time. The stale kind is asked only for what the expired one left.
+        // A kind not asked for (no budget left) picked nothing and keeps its position.
         let left = budget - expired;
-        let mut next = walk.clone();
         let expired_ended = expired < budget;
         let stale_ended = left > 0 && stale < left;
-        next.expired = match (expired_ended, row.get(4)?, row.get::<String>(5)?) {
-            (false, Some(at), Some(id)) => Key(at, id),
-            (false, _, _) => walk.expired.clone(),
-            (true, _, _) => Key::default(),
-        };
-        next.stale = match (stale_ended, left > 0, row.get(6)?, row.get::<String>(7)?) {
-            (true, _, _, _) => Key::default(),
-            (false, true, Some(at), Some(id)) => Key(at, id),
-            _ => walk.stale.clone(),
+        let next_key =
+            |ended: bool, at: Option<TimestampWithTimeZone>, id: Option<String>, now: &Key| match (
+                ended,
+                at.zip(id),
+            ) {
+                (true, _) => Key::default(),
+                (false, Some((at, id))) => Key(at, id),
+                (false, None) => now.clone(),
+            };
+        let next = Walk {
+            expired: next_key(expired_ended, row.get(4)?, row.get(5)?, &walk.expired),
+            stale: next_key(stale_ended, row.get(6)?, row.get(7)?, &walk.stale),
         };
         if queued > 0 {
             wake_relays(client, schema)?;

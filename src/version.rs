@@ -21,13 +21,14 @@ pub fn installed() -> Option<String> {
 
 /// Refuses the call when the database's SQL objects are not this library's version.
 pub fn require_current(func: &'static str) {
-    match installed() {
-        Some(v) if v == LIBRARY => {}
-        v => refuse(func, v.as_deref().unwrap_or("unknown")),
+    if installed().as_deref() != Some(LIBRARY) {
+        refuse(func);
     }
 }
 
-fn refuse(func: &'static str, installed: &str) -> ! {
+/// The ERROR that names the versions and the fix.
+fn refuse(func: &'static str) -> ! {
+    let installed = installed().unwrap_or_else(|| "unknown".into());
     pgrx::pg_sys::panic::ErrorReport::new(
         PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
         format!(
@@ -48,17 +49,11 @@ fn refuse(func: &'static str, installed: &str) -> ! {
 /// 0.1.0's `outbox_claim(max_intents, lease)`.
 #[pg_extern(sql = false)]
 fn outbox_claim() -> bool {
-    refuse(
-        "outbox_claim",
-        &installed().unwrap_or_else(|| "unknown".into()),
-    )
+    refuse("outbox_claim")
 }
 
 /// 0.1.0's `outbox_resolve(id, outcome)`.
 #[pg_extern(sql = false)]
 fn outbox_resolve() -> bool {
-    refuse(
-        "outbox_resolve",
-        &installed().unwrap_or_else(|| "unknown".into()),
-    )
+    refuse("outbox_resolve")
 }

@@ -335,7 +335,6 @@ const STOP_LEADING: &str = "SELECT pg_catalog.pg_advisory_unlock_all()";
 const CHORE_TIMEOUTS: &str = "SELECT pg_catalog.set_config('lock_timeout', '5s', true),
                                     pg_catalog.set_config('statement_timeout', '60s', true)";
 
-/// The extension's schema, or None while it is not created in this database.
 /// The extension's schema and the version of its SQL objects in this database.
 fn extension() -> Option<(pg_sys::Oid, String)> {
     Spi::connect(|client| {
@@ -452,6 +451,7 @@ impl Worker {
         match work {
             Some((work, caught_up, failed)) => {
                 self.report(work, caught_up);
+                // A failed chore naps like a caught-up walk: a failing statement must not spin.
                 caught_up || failed
             }
             None => true,
@@ -522,8 +522,6 @@ impl Worker {
             chore(c"pg_reaper: prune done intents", &mut || {
                 work.pruned = outbox::prune_done(schema, seconds(&guc::OUTBOX_RETENTION));
             });
-        }
-        if housekeeping {
             self.last_housekeeping = Some(std::time::Instant::now());
         }
         if analyzed {
@@ -533,8 +531,7 @@ impl Worker {
             self.walk = next;
         }
         work.queued = i64::from(step.queued);
-        // A failed step naps like a caught-up one: a failing statement must not spin.
-        (work, step.caught_up || !reaped, failed)
+        (work, step.caught_up, failed)
     }
 
     /// Counts and logs a failure (the first, then ever rarer ones: a table dropped under the
