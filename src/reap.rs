@@ -182,6 +182,16 @@ pub struct Step {
     pub caught_up: bool,
 }
 
+/// Where a kind's walk goes on from: the start when it ended, else after the last strand it
+/// picked, or where it was when it picked none (it was not asked for any).
+fn next_key(ended: bool, last: Option<(TimestampWithTimeZone, String)>, now: &Key) -> Key {
+    match (ended, last) {
+        (true, _) => Key::default(),
+        (false, Some((at, id))) => Key(at, id),
+        (false, None) => now.clone(),
+    }
+}
+
 /// Queues up to `budget` strands after `walk`'s positions, in the current transaction, and
 /// returns the walk's next positions (to keep once the transaction committed).
 pub fn walk_step(schema: pg_sys::Oid, walk: &Walk, budget: i64) -> (Step, Walk) {
@@ -211,22 +221,12 @@ pub fn walk_step(schema: pg_sys::Oid, walk: &Walk, budget: i64) -> (Step, Walk) 
         let queued = row.get::<i32>(3)?.unwrap_or_default();
         // A kind that gave fewer than it was asked for is walked to its end: it starts over
         // next time. The stale kind is asked only for what the expired one left.
-        // A kind not asked for (no budget left) picked nothing and keeps its position.
         let left = budget - expired;
         let expired_ended = expired < budget;
         let stale_ended = left > 0 && stale < left;
-        let next_key =
-            |ended: bool, at: Option<TimestampWithTimeZone>, id: Option<String>, now: &Key| match (
-                ended,
-                at.zip(id),
-            ) {
-                (true, _) => Key::default(),
-                (false, Some((at, id))) => Key(at, id),
-                (false, None) => now.clone(),
-            };
         let next = Walk {
-            expired: next_key(expired_ended, row.get(4)?, row.get(5)?, &walk.expired),
-            stale: next_key(stale_ended, row.get(6)?, row.get(7)?, &walk.stale),
+            expired: next_key(expired_ended, row.get(4)?.zip(row.get(5)?), &walk.expired),
+            stale: next_key(stale_ended, row.get(6)?.zip(row.get(7)?), &walk.stale),
         };
         if queued > 0 {
             wake_relays(client, schema)?;
