@@ -487,9 +487,15 @@ impl PgBouncer {
 
 impl Drop for PgBouncer {
     fn drop(&mut self) {
-        // runuser does not pass a kill on to its child: signal PgBouncer itself.
+        // runuser does not pass a kill on to its child: signal PgBouncer itself, with SIGTERM
+        // (immediate shutdown; SIGINT would wait for its clients), and wait until it is gone so
+        // that its port is free when the next test picks one.
         if let Ok(pid) = std::fs::read_to_string(self.dir.join("pgbouncer.pid")) {
-            let _ = Command::new("kill").arg("-INT").arg(pid.trim()).output();
+            let pid = pid.trim().to_string();
+            let _ = Command::new("kill").arg("-TERM").arg(&pid).output();
+            wait_for(30, "PgBouncer to exit", || {
+                (!Path::new(&format!("/proc/{pid}")).exists()).then_some(())
+            });
         }
         let _ = self.child.kill();
         let _ = self.child.wait();

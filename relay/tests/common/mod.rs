@@ -32,10 +32,16 @@ impl SampleApi {
             .stderr(Stdio::null())
             .spawn()
             .expect("start the sample API");
+        let mut api = SampleApi { port, child };
+        // Listening, and it is this process that listens (one that could not bind has exited).
         wait_for(60, "the sample API", || {
             TcpStream::connect(("127.0.0.1", port)).ok()
         });
-        SampleApi { port, child }
+        assert!(
+            matches!(api.child.try_wait(), Ok(None)),
+            "the sample API exited at start (port {port} taken?)"
+        );
+        api
     }
 
     pub fn stop(&mut self) {
