@@ -2,6 +2,7 @@
 //! status, mark it ERROR. Every answer is classified here; nothing else looks at HTTP.
 
 use crate::config::ApiKey;
+use crate::protocol::Cause;
 use std::time::{Duration, Instant};
 
 /// Bodies larger than this are a failure, never read whole.
@@ -27,16 +28,16 @@ pub enum Failure {
 }
 
 impl Failure {
-    pub fn cause(&self) -> &'static str {
+    pub fn cause(&self) -> Cause {
         match self {
-            Failure::Status(401 | 403, _) => "unauthorized",
-            Failure::Status(_, _) => "http_status",
-            Failure::Timeout => "timeout",
-            Failure::Connect(_) => "connect",
-            Failure::Transport(_) => "transport",
-            Failure::Request(_) => "bad_request",
-            Failure::Body(_) => "bad_body",
-            Failure::UnknownStatus(_) => "unknown_status",
+            Failure::Status(401 | 403, _) => Cause::Unauthorized,
+            Failure::Status(_, _) => Cause::HttpStatus,
+            Failure::Timeout => Cause::Timeout,
+            Failure::Connect(_) => Cause::Connect,
+            Failure::Transport(_) => Cause::Transport,
+            Failure::Request(_) => Cause::BadRequest,
+            Failure::Body(_) => Cause::BadBody,
+            Failure::UnknownStatus(_) => Cause::UnknownStatus,
         }
     }
 
@@ -93,7 +94,7 @@ pub enum Mark {
 
 pub struct Api {
     client: reqwest::Client,
-    base: String,
+    base: reqwest::Url,
     key: ApiKey,
 }
 
@@ -172,15 +173,33 @@ impl Api {
         let client = builder
             .build()
             .map_err(|e| format!("--api-base-url: cannot build the HTTP client: {e}"))?;
-        let base = base.trim_end_matches('/').to_string();
-        reqwest::Url::parse(&base)
+        let base = reqwest::Url::parse(base)
             .map_err(|e| format!("--api-base-url: '{base}' is not a URL: {e}"))?;
+        if !matches!(base.scheme(), "http" | "https") {
+            return Err(format!(
+                "--api-base-url: '{base}' is not an http:// or https:// URL"
+            ));
+        }
         Ok(Api { client, base, key })
     }
 
-    fn url(&self, execution_id: &str, suffix: &str) -> String {
-        let id = path_segment(execution_id);
-        format!("{}/v1/workflow-execution/{id}/{suffix}", self.base)
+    /// `{base}/v1/workflow-execution/{id}/{action}/`, the id one percent-encoded path segment.
+    /// `.` and `..` cannot be one: every URL parser resolves them (encoded or not), and the
+    /// request would reach another endpoint, so such an id gets no request at all.
+    fn url(&self, execution_id: &str, action: Option<&str>) -> Result<reqwest::Url, Failure> {
+        if matches!(execution_id, "." | "..") {
+            return Err(Failure::Request(format!(
+                "execution id {execution_id:?} cannot be a URL path segment"
+            )));
+        }
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .map_err(|()| Failure::Request("the API base URL cannot take a path".into()))?
+            .pop_if_empty()
+            .extend(["v1", "workflow-execution", execution_id])
+            .extend(action)
+            .push("");
+        Ok(url)
     }
 
     async fn send(
@@ -208,9 +227,13 @@ impl Api {
         execution_id: &str,
         org: &str,
     ) -> (Result<Execution, Failure>, Duration) {
+        let url = match self.url(execution_id, None) {
+            Ok(url) => url,
+            Err(f) => return (Err(f), Duration::ZERO),
+        };
         let request = self
             .client
-            .get(self.url(execution_id, ""))
+            .get(url)
             .query(&[("file_execution", "false")]);
         match self.send(request, org).await {
             Ok((code, body, took)) => {
@@ -241,9 +264,13 @@ impl Api {
             "error_message": message,
             "cascade_terminal_files": true,
         });
+        let url = match self.url(execution_id, Some("update_status")) {
+            Ok(url) => url,
+            Err(f) => return (Err(f), Duration::ZERO),
+        };
         let request = self
             .client
-            .post(self.url(execution_id, "update_status/"))
+            .post(url)
             .header("Idempotency-Key", idempotency_key)
             .json(&body);
         match self.send(request, org).await {
@@ -272,25 +299,18 @@ impl Api {
     }
 }
 
-/// One path segment (or header token) holding `id`: unreserved bytes as they are, the rest
-/// percent-encoded.
-fn path_segment(id: &str) -> String {
-    let mut out = String::new();
-    for b in id.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
+/// Bytes a header token carries as they are (RFC 3986's unreserved); the rest is encoded.
+const TOKEN: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 
 /// The `Idempotency-Key` of an intent's ERROR mark: the same on every attempt of that intent,
 /// different for another intent (or another database's intent of the same execution).
 pub fn idempotency_key(intent_id: i64, execution_id: &str) -> String {
     const SHOWN: usize = 128;
-    let id = path_segment(execution_id);
+    let id = percent_encoding::utf8_percent_encode(execution_id, TOKEN).to_string();
     if id.len() <= SHOWN {
         format!("pg-reaper-{intent_id}-{id}")
     } else {
@@ -392,6 +412,41 @@ mod tests {
             stranded_message(Some(-1)),
             "[reaper-recovery] Execution stranded: the barrier was already torn down (remaining < 0) yet the execution was left non-terminal — inconsistent state."
         );
+    }
+
+    fn api(base: &str) -> Api {
+        Api::new(
+            base,
+            ApiKey("k".into()),
+            Duration::from_secs(1),
+            None,
+        )
+        .expect("api")
+    }
+
+    #[test]
+    fn urls_hold_the_id_as_one_segment() {
+        for base in ["http://h:8000/internal", "http://h:8000/internal/"] {
+            let api = api(base);
+            assert_eq!(
+                api.url("a/b?c#d %", None).map(String::from),
+                Ok("http://h:8000/internal/v1/workflow-execution/a%2Fb%3Fc%23d%20%25/".into())
+            );
+            assert_eq!(
+                api.url("e1", Some("update_status")).map(String::from),
+                Ok("http://h:8000/internal/v1/workflow-execution/e1/update_status/".into())
+            );
+        }
+        for dots in [".", ".."] {
+            assert!(matches!(api("http://h/").url(dots, None), Err(Failure::Request(_))));
+        }
+        assert!(Api::new("ftp://h/", ApiKey("k".into()), Duration::from_secs(1), None).is_err());
+    }
+
+    #[test]
+    fn idempotency_keys_are_header_safe() {
+        assert_eq!(idempotency_key(7, "e-1"), "pg-reaper-7-e-1");
+        assert_eq!(idempotency_key(7, "a b/é"), "pg-reaper-7-a%20b%2F%C3%A9");
     }
 
     /// Random bodies never panic the classifier: each is a status or a failure.

@@ -10,6 +10,7 @@
 
 use crate::api::Failure;
 use crate::metrics::Metrics;
+use crate::protocol::Cause;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{error, info};
@@ -64,13 +65,13 @@ impl Circuit {
         match episode.as_mut() {
             None => {
                 let step = self.step(0);
-                let hint = if failure.cause() == "unauthorized" {
+                let hint = if failure.cause() == Cause::Unauthorized {
                     " (the API refused the key: a configuration problem, check the API key)"
                 } else {
                     ""
                 };
                 error!(
-                    cause = failure.cause(), error = %failure,
+                    cause = failure.cause().as_str(), error = %failure,
                     "status API unreachable{hint}: likely systemic, not one execution; intents wait \
                      uncounted, one probe per backoff step until it answers"
                 );

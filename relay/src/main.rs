@@ -7,6 +7,7 @@ mod circuit;
 mod config;
 mod db;
 mod metrics;
+mod protocol;
 mod relay;
 mod store;
 

@@ -1,30 +1,30 @@
-//! Prometheus text metrics (`pg_reaper_relay_*`) and the `/metrics` + `/healthz` endpoint.
+//! The relay's metrics (`pg_reaper_relay_*`) and the database's gauges (`pg_reaper_*`), in the
+//! Prometheus text format, and the `/metrics` + `/healthz` endpoint.
 
-use crate::store::Outcome;
+use crate::protocol::{Cause, HandedBack, Outcome};
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response};
-use std::fmt::Write;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeGaugeValue, EncodeMetric, prometheus_text,
+};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const CAUSES: [&str; 11] = [
-    "http_status",
-    "bad_request",
-    "unauthorized",
-    "timeout",
-    "connect",
-    "transport",
-    "bad_body",
-    "unknown_status",
-    "indeterminate",
-    "refire_hook",
-    "database",
-];
-const BUCKETS: [f64; 12] = [
+const LATENCY_BUCKETS: [f64; 12] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
+
+/// One label and its value.
+type Label = [(&'static str, &'static str); 1];
 
 /// The database side, read from `pg_reaper_status` (at most once per poll interval), so that
 /// one scrape target covers the whole system.
@@ -41,62 +41,121 @@ pub struct DbGauges {
     pub worker_failed_ticks: Option<i64>,
 }
 
-#[derive(Default)]
 pub struct Metrics {
-    claimed: AtomicU64,
-    outcomes: [AtomicU64; 5],
-    failures: [AtomicU64; CAUSES.len()],
-    retries: AtomicU64,
-    dead: AtomicU64,
-    lost: AtomicU64,
-    in_flight: AtomicI64,
+    registry: Registry,
+    claimed: Counter,
+    outcomes: Family<Label, Counter>,
+    failures: Family<Label, Counter>,
+    retries: Counter,
+    dead: Counter,
+    lost: Counter,
+    in_flight: Gauge,
     /// 1 while the status API answers, 0 during a systemic episode.
-    api_reachable: AtomicI64,
-    latency_buckets: [AtomicU64; BUCKETS.len()],
-    latency_count: AtomicU64,
-    latency_sum_micros: AtomicU64,
-    db: std::sync::Mutex<Option<DbGauges>>,
+    api_reachable: Gauge,
+    latency: Histogram,
+    db: Arc<Mutex<Option<DbGauges>>>,
     /// Milliseconds since `started` of the last successful outbox claim.
     last_claim_ok_ms: AtomicU64,
-    started: std::sync::OnceLock<Instant>,
+    started: Instant,
 }
 
 impl Metrics {
     pub fn new() -> Arc<Metrics> {
-        let m = Metrics::default();
-        let _ = m.started.set(Instant::now());
+        let m = Metrics {
+            registry: Registry::default(),
+            claimed: Counter::default(),
+            outcomes: Family::default(),
+            failures: Family::default(),
+            retries: Counter::default(),
+            dead: Counter::default(),
+            lost: Counter::default(),
+            in_flight: Gauge::default(),
+            api_reachable: Gauge::default(),
+            latency: Histogram::new(LATENCY_BUCKETS),
+            db: Arc::default(),
+            last_claim_ok_ms: AtomicU64::new(0),
+            started: Instant::now(),
+        };
+        // Every label value is shown from the start, at 0, so that rate() sees the first one.
+        for o in Outcome::ALL {
+            drop(m.outcomes.get_or_create(&[("outcome", o.as_str())]));
+        }
+        for c in Cause::ALL {
+            drop(m.failures.get_or_create(&[("cause", c.as_str())]));
+        }
+        let mut m = m;
+        let r = &mut m.registry;
+        r.register(
+            "pg_reaper_relay_intents_claimed",
+            "Intents claimed from the outbox",
+            m.claimed.clone(),
+        );
+        r.register(
+            "pg_reaper_relay_outcomes",
+            "Intents resolved, by outcome",
+            m.outcomes.clone(),
+        );
+        r.register(
+            "pg_reaper_relay_failures",
+            "Failed attempts, by cause",
+            m.failures.clone(),
+        );
+        r.register(
+            "pg_reaper_relay_retries",
+            "Failed attempts scheduled again with backoff",
+            m.retries.clone(),
+        );
+        r.register(
+            "pg_reaper_relay_dead",
+            "Intents that went dead after the last attempt",
+            m.dead.clone(),
+        );
+        r.register(
+            "pg_reaper_relay_lost_claims",
+            "Claims found taken by another relay (lease expired)",
+            m.lost.clone(),
+        );
+        r.register(
+            "pg_reaper_relay_in_flight",
+            "Intents being worked on",
+            m.in_flight.clone(),
+        );
+        r.register(
+            "pg_reaper_relay_api_reachable",
+            "Whether the status API answers (0 during a systemic outage)",
+            m.api_reachable.clone(),
+        );
+        r.register(
+            "pg_reaper_relay_http_request_duration_seconds",
+            "Status API request latency",
+            m.latency.clone(),
+        );
+        r.register_collector(Box::new(Database(m.db.clone())));
         Arc::new(m)
     }
 
-    fn since_start(&self) -> Duration {
-        self.started.get().map(|s| s.elapsed()).unwrap_or_default()
-    }
-
     pub fn claimed(&self, n: usize) {
-        self.claimed.fetch_add(n as u64, Relaxed);
+        self.claimed.inc_by(n as u64);
         self.last_claim_ok_ms
-            .store(self.since_start().as_millis() as u64, Relaxed);
+            .store(self.started.elapsed().as_millis() as u64, Relaxed);
     }
 
     pub fn outcome(&self, o: Outcome) {
-        let i = Outcome::ALL.iter().position(|x| *x == o).unwrap_or(0);
-        self.outcomes[i].fetch_add(1, Relaxed);
+        self.outcomes.get_or_create(&[("outcome", o.as_str())]).inc();
     }
 
-    /// A failed attempt, by cause; `state` is what the outbox made of it.
-    pub fn failure(&self, cause: &str, state: &str) {
-        if let Some(i) = CAUSES.iter().position(|c| *c == cause) {
-            self.failures[i].fetch_add(1, Relaxed);
-        }
-        match state {
-            "dead" => self.dead.fetch_add(1, Relaxed),
-            "pending" => self.retries.fetch_add(1, Relaxed),
-            _ => self.lost.fetch_add(1, Relaxed),
+    /// A failed attempt, by cause, and what the outbox made of it.
+    pub fn failure(&self, cause: Cause, handed_back: HandedBack) {
+        self.failures.get_or_create(&[("cause", cause.as_str())]).inc();
+        match handed_back {
+            HandedBack::Dead => self.dead.inc(),
+            HandedBack::Pending => self.retries.inc(),
+            HandedBack::Lost => self.lost.inc(),
         };
     }
 
     pub fn lost(&self) {
-        self.lost.fetch_add(1, Relaxed);
+        self.lost.inc();
     }
 
     pub fn database(&self, gauges: Option<DbGauges>) {
@@ -106,183 +165,121 @@ impl Metrics {
     }
 
     pub fn api_reachable(&self, up: bool) {
-        self.api_reachable.store(i64::from(up), Relaxed);
+        self.api_reachable.set(i64::from(up));
     }
 
     pub fn in_flight(&self, delta: i64) {
-        self.in_flight.fetch_add(delta, Relaxed);
+        self.in_flight.inc_by(delta);
     }
 
     /// The duration of a request that got an answer (zero: none).
     pub fn http(&self, took: Duration) {
-        if took.is_zero() {
-            return;
+        if !took.is_zero() {
+            self.latency.observe(took.as_secs_f64());
         }
-        let secs = took.as_secs_f64();
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            if secs <= *bound {
-                self.latency_buckets[i].fetch_add(1, Relaxed);
-            }
-        }
-        self.latency_count.fetch_add(1, Relaxed);
-        self.latency_sum_micros
-            .fetch_add(took.as_micros() as u64, Relaxed);
     }
 
     /// Healthy while a claim succeeded within `window` (or the relay is younger than it).
     pub fn healthy(&self, window: Duration) -> bool {
-        let now = self.since_start().as_millis() as u64;
+        let now = self.started.elapsed().as_millis() as u64;
         let last = self.last_claim_ok_ms.load(Relaxed);
         now < window.as_millis() as u64 || now - last <= window.as_millis() as u64
     }
 
     pub fn render(&self) -> String {
         let mut s = String::new();
-        let mut counter = |name: &str, help: &str, lines: Vec<(String, u64)>| {
-            let _ = writeln!(
-                s,
-                "# HELP pg_reaper_relay_{name} {help}\n# TYPE pg_reaper_relay_{name} counter"
-            );
-            for (labels, v) in lines {
-                let _ = writeln!(s, "pg_reaper_relay_{name}{labels} {v}");
-            }
-        };
-        counter(
-            "intents_claimed_total",
-            "Intents claimed from the outbox.",
-            vec![(String::new(), self.claimed.load(Relaxed))],
-        );
-        counter(
-            "outcomes_total",
-            "Intents resolved, by outcome.",
-            Outcome::ALL
-                .iter()
-                .zip(&self.outcomes)
-                .map(|(o, v)| (format!("{{outcome=\"{}\"}}", o.as_str()), v.load(Relaxed)))
-                .collect(),
-        );
-        counter(
-            "failures_total",
-            "Failed attempts, by cause.",
-            CAUSES
-                .iter()
-                .zip(&self.failures)
-                .map(|(c, v)| (format!("{{cause=\"{c}\"}}"), v.load(Relaxed)))
-                .collect(),
-        );
-        counter(
-            "retries_total",
-            "Failed attempts scheduled again with backoff.",
-            vec![(String::new(), self.retries.load(Relaxed))],
-        );
-        counter(
-            "dead_total",
-            "Intents that went dead after the last attempt.",
-            vec![(String::new(), self.dead.load(Relaxed))],
-        );
-        counter(
-            "lost_claims_total",
-            "Claims found taken by another relay (lease expired).",
-            vec![(String::new(), self.lost.load(Relaxed))],
-        );
-        let _ = writeln!(
-            s,
-            "# HELP pg_reaper_relay_in_flight Intents being worked on.\n# TYPE pg_reaper_relay_in_flight gauge\npg_reaper_relay_in_flight {}",
-            self.in_flight.load(Relaxed)
-        );
-        let _ = writeln!(
-            s,
-            "# HELP pg_reaper_relay_api_reachable Whether the status API answers (0 during a systemic outage).\n# TYPE pg_reaper_relay_api_reachable gauge\npg_reaper_relay_api_reachable {}",
-            self.api_reachable.load(Relaxed)
-        );
-        let _ = writeln!(
-            s,
-            "# HELP pg_reaper_relay_http_request_duration_seconds Status API request latency.\n# TYPE pg_reaper_relay_http_request_duration_seconds histogram"
-        );
-        for (bound, v) in BUCKETS.iter().zip(&self.latency_buckets) {
-            let _ = writeln!(
-                s,
-                "pg_reaper_relay_http_request_duration_seconds_bucket{{le=\"{bound}\"}} {}",
-                v.load(Relaxed)
-            );
-        }
-        let count = self.latency_count.load(Relaxed);
-        let _ = writeln!(
-            s,
-            "pg_reaper_relay_http_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
-        );
-        let _ = writeln!(
-            s,
-            "pg_reaper_relay_http_request_duration_seconds_sum {}",
-            self.latency_sum_micros.load(Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(
-            s,
-            "pg_reaper_relay_http_request_duration_seconds_count {count}"
-        );
-        if let Some(db) = self.db.lock().ok().and_then(|g| g.clone()) {
-            render_database(&mut s, &db);
+        // Writing to a String cannot fail; a collector's error would leave the text cut short.
+        if let Err(e) = prometheus_text::encode(&mut s, &self.registry) {
+            tracing::warn!(error = %e, "encoding the metrics");
         }
         s
     }
 }
 
-fn render_database(s: &mut String, db: &DbGauges) {
-    let mut metric = |name: &str, kind: &str, help: &str, lines: &[(&str, f64)]| {
-        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, v) in lines {
-            let _ = writeln!(s, "{name}{labels} {v}");
+/// The database's gauges, encoded at scrape time from the last `pg_reaper_status` read.
+#[derive(Debug)]
+struct Database(Arc<Mutex<Option<DbGauges>>>);
+
+impl Collector for Database {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(db) = self.0.lock().ok().and_then(|g| g.clone()) else {
+            return Ok(());
+        };
+        let state = |s: &'static str| [("state", s)];
+        let [pending, in_flight, dead, done] = db.intents;
+        by_state(
+            &mut encoder,
+            "pg_reaper_outbox_intents",
+            "Recovery intents in the outbox, by state.",
+            &[
+                (state("pending"), pending),
+                (state("in_flight"), in_flight),
+                (state("dead"), dead),
+                (state("done"), done),
+            ],
+        )?;
+        gauge(
+            &mut encoder,
+            "pg_reaper_outbox_oldest_pending_age_seconds",
+            "Age of the oldest pending intent (0 when none is pending).",
+            db.oldest_pending_age_seconds.unwrap_or(0.0),
+        )?;
+        by_state(
+            &mut encoder,
+            "pg_reaper_barriers",
+            "Barriers by the stranded predicate.",
+            &[
+                (state("live"), db.barriers_live),
+                (state("stranded"), db.barriers_stranded),
+            ],
+        )?;
+        gauge(
+            &mut encoder,
+            "pg_reaper_worker_leader",
+            "Whether a pg_reaper worker leads in the relay's database.",
+            i64::from(db.worker_leader),
+        )?;
+        if let Some(age) = db.worker_last_tick_age_seconds {
+            gauge(
+                &mut encoder,
+                "pg_reaper_worker_last_tick_age_seconds",
+                "Seconds since the worker's last tick.",
+                age,
+            )?;
         }
-    };
-    let [pending, in_flight, dead, done] = db.intents.map(|n| n as f64);
-    metric(
-        "pg_reaper_outbox_intents",
-        "gauge",
-        "Recovery intents in the outbox, by state.",
-        &[
-            ("{state=\"pending\"}", pending),
-            ("{state=\"in_flight\"}", in_flight),
-            ("{state=\"dead\"}", dead),
-            ("{state=\"done\"}", done),
-        ],
-    );
-    metric(
-        "pg_reaper_outbox_oldest_pending_age_seconds",
-        "gauge",
-        "Age of the oldest pending intent (0 when none is pending).",
-        &[("", db.oldest_pending_age_seconds.unwrap_or(0.0))],
-    );
-    metric(
-        "pg_reaper_barriers",
-        "gauge",
-        "Barriers by the stranded predicate.",
-        &[
-            ("{state=\"live\"}", db.barriers_live as f64),
-            ("{state=\"stranded\"}", db.barriers_stranded as f64),
-        ],
-    );
-    metric(
-        "pg_reaper_worker_leader",
-        "gauge",
-        "Whether a pg_reaper worker leads in the relay's database.",
-        &[("", f64::from(u8::from(db.worker_leader)))],
-    );
-    if let Some(age) = db.worker_last_tick_age_seconds {
-        metric(
-            "pg_reaper_worker_last_tick_age_seconds",
-            "gauge",
-            "Seconds since the worker's last tick.",
-            &[("", age)],
-        );
+        if let Some(n) = db.worker_failed_ticks {
+            let metric = encoder.encode_descriptor(
+                "pg_reaper_worker_failed_ticks",
+                "Worker ticks that failed since the server started.",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(n.max(0) as u64).encode(metric)?;
+        }
+        Ok(())
     }
-    if let Some(n) = db.worker_failed_ticks {
-        metric(
-            "pg_reaper_worker_failed_ticks_total",
-            "counter",
-            "Worker ticks that failed since the server started.",
-            &[("", n as f64)],
-        );
+}
+
+fn gauge<N: EncodeGaugeValue>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    v: N,
+) -> std::fmt::Result {
+    ConstGauge::new(v).encode(e.encode_descriptor(name, help, None, MetricType::Gauge)?)
+}
+
+fn by_state(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    values: &[(Label, i64)],
+) -> std::fmt::Result {
+    let mut metric = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (label, v) in values {
+        ConstGauge::new(*v).encode(metric.encode_family(label)?)?;
     }
+    Ok(())
 }
 
 /// Serves `/metrics` and `/healthz` on `addr` until the process ends.
@@ -317,7 +314,7 @@ pub async fn serve(
                             };
                             Response::builder()
                                 .status(code)
-                                .header("content-type", "text/plain; version=0.0.4")
+                                .header("content-type", prometheus_text::CONTENT_TYPE)
                                 .body(Full::new(Bytes::from(body)))
                         }
                     });
@@ -329,4 +326,43 @@ pub async fn serve(
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_label_value_is_shown_and_counted_under_its_own_name() {
+        let m = Metrics::new();
+        m.outcome(Outcome::Refired);
+        m.failure(Cause::Timeout, HandedBack::Pending);
+        m.failure(Cause::Indeterminate, HandedBack::Dead);
+        m.http(Duration::from_millis(30));
+        m.database(Some(DbGauges {
+            intents: [3, 1, 0, 7],
+            worker_failed_ticks: Some(2),
+            ..DbGauges::default()
+        }));
+        let text = m.render();
+        for line in [
+            "pg_reaper_relay_outcomes_total{outcome=\"refired\"} 1",
+            "pg_reaper_relay_outcomes_total{outcome=\"marked_error\"} 0",
+            "pg_reaper_relay_failures_total{cause=\"timeout\"} 1",
+            "pg_reaper_relay_failures_total{cause=\"indeterminate\"} 1",
+            "pg_reaper_relay_failures_total{cause=\"database\"} 0",
+            "pg_reaper_relay_retries_total 1",
+            "pg_reaper_relay_dead_total 1",
+            "pg_reaper_relay_http_request_duration_seconds_bucket{le=\"0.05\"} 1",
+            "pg_reaper_relay_http_request_duration_seconds_bucket{le=\"0.025\"} 0",
+            "pg_reaper_relay_http_request_duration_seconds_count 1",
+            "pg_reaper_outbox_intents{state=\"pending\"} 3",
+            "pg_reaper_outbox_intents{state=\"done\"} 7",
+            "pg_reaper_worker_failed_ticks_total 2",
+            "# TYPE pg_reaper_relay_in_flight gauge",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} in:\n{text}");
+        }
+        assert!(!text.contains("last_tick_age"), "no worker, no tick age:\n{text}");
+    }
 }

@@ -19,7 +19,8 @@
 use crate::api::{Api, Execution, Failure, Mark, idempotency_key, stranded_message};
 use crate::circuit::{Circuit, Gate};
 use crate::metrics::Metrics;
-use crate::store::{Intent, Outcome, Store, StoreError, Verdict};
+use crate::protocol::{Cause, HandedBack, Outcome, Verdict};
+use crate::store::{Intent, Store, StoreError};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -75,10 +76,10 @@ enum End {
     /// The claim is no longer ours: another relay took it over, or it is done.
     Lost,
     /// A failure about this execution: counted toward --max-attempts.
-    Failed { cause: &'static str, error: String },
+    Failed { cause: Cause, error: String },
     /// A failure that says nothing about this execution: not counted, retried after `after`.
     Deferred {
-        cause: &'static str,
+        cause: Cause,
         error: String,
         after: Duration,
     },
@@ -129,7 +130,7 @@ impl Context {
                         self.resolve(store, intent, Outcome::AlreadyTerminal).await
                     }
                     Execution::Indeterminate => Ok(End::Failed {
-                        cause: "indeterminate",
+                        cause: Cause::Indeterminate,
                         error: "status read returned no status (indeterminate); not marking"
                             .to_string(),
                     }),
@@ -163,7 +164,7 @@ impl Context {
         store.begin().await?;
         let end = match store.lock(intent, self.settings.lease).await {
             Err(e) => End::Failed {
-                cause: "database",
+                cause: Cause::Database,
                 error: format!("re-check: {e}"),
             },
             Ok(Verdict::Lost) => End::Lost,
@@ -172,7 +173,7 @@ impl Context {
                 Ok(true) => End::Resolved(Outcome::Refired),
                 Ok(false) => End::Lost,
                 Err(e) => End::Failed {
-                    cause: "refire_hook",
+                    cause: Cause::RefireHook,
                     error: format!("re-fire hook: {}", StoreError::from(e)),
                 },
             },
@@ -254,7 +255,7 @@ impl Context {
                 after,
             } => {
                 let state = store.defer(intent, &error, after).await?;
-                self.metrics.failure(cause, &state);
+                self.metrics.failure(cause, state);
                 // The episode's start and end are logged once (see `circuit`); not every intent.
                 debug!(intent = intent.id, execution_id = %id, %error, retry_in_ms = after.as_millis() as u64,
                        "systemic failure; the intent waits, uncounted");
@@ -263,17 +264,17 @@ impl Context {
                 let s = &self.settings;
                 let wait = backoff(s.backoff_base, s.backoff_max, intent.attempt);
                 let state = store.fail(intent, &error, wait, s.max_attempts).await?;
-                self.metrics.failure(cause, &state);
-                match state.as_str() {
-                    "dead" => error!(
+                self.metrics.failure(cause, state);
+                match state {
+                    HandedBack::Dead => error!(
                         intent = intent.id, execution_id = %id, %error,
                         "recovery failed for the last time; the intent is dead (kept: replay it with outbox_replay())"
                     ),
-                    "pending" => warn!(
+                    HandedBack::Pending => warn!(
                         intent = intent.id, execution_id = %id, attempt = intent.attempt, %error,
                         retry_in_ms = wait.as_millis() as u64, "recovery attempt failed; barrier kept, retrying"
                     ),
-                    _ => {
+                    HandedBack::Lost => {
                         info!(intent = intent.id, %error, "attempt failed, but the claim was already taken over")
                     }
                 }
@@ -346,7 +347,7 @@ fn listen(target: crate::db::Target, transaction_idle: Duration, wake: mpsc::Unb
             match Store::connect(&target, Some(wake.clone()), transaction_idle).await {
                 Ok(store) => match store.listen().await {
                     Ok(()) => {
-                        debug!("listening on pg_reaper_outbox");
+                        debug!("listening on {}", crate::protocol::CHANNEL);
                         let _ = wake.send(()); // whatever was queued while we were away
                         while !store.is_closed() {
                             tokio::time::sleep(Duration::from_secs(1)).await;

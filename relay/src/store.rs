@@ -3,6 +3,7 @@
 //! here, with `@extschema@` replaced by the extension's (quoted) schema found at connect time.
 
 use crate::db::Target;
+use crate::protocol::{CHANNEL, HandedBack, Outcome, Unknown, Verdict};
 use std::time::Duration;
 use tokio_postgres::{Client, Statement};
 
@@ -28,7 +29,6 @@ const FAIL: &str = "SELECT @extschema@.outbox_fail($1, $2, $3, $4::text::interva
 const RELEASE: &str = "SELECT @extschema@.outbox_release($1, $2)";
 const DEFER: &str = "SELECT @extschema@.outbox_defer($1, $2, $3, $4::text::interval)";
 const MARK_SENDING: &str = "SELECT @extschema@.outbox_mark_sending($1, $2, $3::text::interval)";
-const LISTEN: &str = "LISTEN pg_reaper_outbox";
 /// The database side of the metrics; its role needs SELECT on the view and EXECUTE on
 /// reaper_status().
 const STATUS: &str = "SELECT outbox_pending, outbox_in_flight, outbox_dead, outbox_done,
@@ -65,41 +65,18 @@ impl Intent {
     }
 }
 
-/// What the re-check under the barrier's row lock decided.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// The claim is no longer ours: another relay holds or resolved the intent.
-    Lost,
-    /// Re-enqueued, progressed or torn down since it was reaped: not ours to mark.
-    Rearmed,
-    Refire,
-    Mark {
-        remaining: Option<i32>,
-    },
-}
-
-impl Verdict {
-    /// Strictly: a word this relay does not know (a newer extension?) is an error, never a
-    /// mark, so an unknown verdict fails closed.
-    pub fn parse(word: &str, remaining: Option<i32>) -> Result<Verdict, StoreError> {
-        match word {
-            "lost" => Ok(Verdict::Lost),
-            "rearmed" => Ok(Verdict::Rearmed),
-            "refire" => Ok(Verdict::Refire),
-            "mark" => Ok(Verdict::Mark { remaining }),
-            other => Err(StoreError::Protocol(format!(
-                "recovery_lock returned the unknown verdict {other:?}; not marking"
-            ))),
-        }
-    }
-}
-
 /// A failed call to Postgres, described with what Postgres said: its message and SQLSTATE.
 #[derive(Debug)]
 pub enum StoreError {
     Db(tokio_postgres::Error),
     /// The extension answered something this relay does not understand.
     Protocol(String),
+}
+
+impl From<Unknown> for StoreError {
+    fn from(e: Unknown) -> StoreError {
+        StoreError::Protocol(e.0)
+    }
 }
 
 impl From<tokio_postgres::Error> for StoreError {
@@ -125,36 +102,6 @@ impl std::fmt::Display for StoreError {
                     Ok(())
                 }
             },
-        }
-    }
-}
-
-/// The outcome vocabulary of the outbox.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    MarkedError,
-    AlreadyTerminal,
-    Gone,
-    Rearmed,
-    Refired,
-}
-
-impl Outcome {
-    pub const ALL: [Outcome; 5] = [
-        Outcome::MarkedError,
-        Outcome::AlreadyTerminal,
-        Outcome::Gone,
-        Outcome::Rearmed,
-        Outcome::Refired,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::MarkedError => "marked_error",
-            Outcome::AlreadyTerminal => "already_terminal",
-            Outcome::Gone => "gone",
-            Outcome::Rearmed => "rearmed",
-            Outcome::Refired => "refired",
         }
     }
 }
@@ -257,7 +204,7 @@ impl Store {
     }
 
     pub async fn listen(&self) -> Result<(), tokio_postgres::Error> {
-        self.client.batch_execute(LISTEN).await
+        self.client.batch_execute(&format!("LISTEN {CHANNEL}")).await
     }
 
     /// Claims up to `n` intents due by `due_by` (a time read with `now`; None: now).
@@ -310,7 +257,7 @@ impl Store {
             )
             .await?;
         let verdict: &str = row.get(0);
-        Verdict::parse(verdict, row.get(1))
+        Ok(Verdict::parse(verdict, row.get(1))?)
     }
 
     /// Records the outcome (and cleans up); false when the claim is no longer ours.
@@ -329,14 +276,14 @@ impl Store {
         Ok(row.get(0))
     }
 
-    /// Pushes the intent back with a backoff; returns `pending`, `dead` or `lost`.
+    /// Pushes the intent back with a backoff: pending again, dead, or lost.
     pub async fn fail(
         &self,
         intent: &Intent,
         error: &str,
         backoff: Duration,
         max_attempts: i32,
-    ) -> Result<String, tokio_postgres::Error> {
+    ) -> Result<HandedBack, StoreError> {
         let row = self
             .client
             .query_one(
@@ -350,17 +297,17 @@ impl Store {
                 ],
             )
             .await?;
-        Ok(row.get(0))
+        Ok(HandedBack::parse(row.get(0))?)
     }
 
     /// Pushes the intent back after a failure that says nothing about the execution: not
-    /// counted, never dead. Returns `pending` or `lost`.
+    /// counted, never dead: pending again, or lost.
     pub async fn defer(
         &self,
         intent: &Intent,
         error: &str,
         backoff: Duration,
-    ) -> Result<String, tokio_postgres::Error> {
+    ) -> Result<HandedBack, StoreError> {
         let row = self
             .client
             .query_one(
@@ -368,7 +315,7 @@ impl Store {
                 &[&intent.id, &intent.attempt, &error, &interval(backoff)],
             )
             .await?;
-        Ok(row.get(0))
+        Ok(HandedBack::parse(row.get(0))?)
     }
 
     /// Commits that an ERROR mark may now leave, holding the claim for at least `hold`; false
@@ -412,28 +359,5 @@ impl Store {
 
     pub fn is_closed(&self) -> bool {
         self.client.is_closed()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn verdicts_parse_strictly_and_an_unknown_one_never_marks() {
-        assert_eq!(
-            Verdict::parse("mark", Some(2)).ok(),
-            Some(Verdict::Mark { remaining: Some(2) })
-        );
-        assert_eq!(Verdict::parse("lost", None).ok(), Some(Verdict::Lost));
-        assert_eq!(Verdict::parse("rearmed", None).ok(), Some(Verdict::Rearmed));
-        assert_eq!(
-            Verdict::parse("refire", Some(0)).ok(),
-            Some(Verdict::Refire)
-        );
-        for unknown in ["MARK", "mark ", "", "refired", "skip"] {
-            let e = Verdict::parse(unknown, Some(1)).expect_err(unknown);
-            assert!(e.to_string().contains("not marking"), "{e}");
-        }
     }
 }

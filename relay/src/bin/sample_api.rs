@@ -447,31 +447,43 @@ where
         .await;
 }
 
+#[derive(clap::Parser)]
+#[command(
+    name = "pg-reaper-sample-api",
+    version,
+    about = "A development stand-in for the platform's internal status API"
+)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8089")]
+    listen: SocketAddr,
+    /// File holding the bearer key; or set PG_REAPER_API_KEY.
+    #[arg(long, env = "PG_REAPER_API_KEY_FILE")]
+    api_key_file: Option<String>,
+    /// PEM certificate chain: serve HTTPS (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<String>,
+    /// PEM PKCS#8 key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<String>,
+    /// Faults in force from the start, as POST /_admin/faults sets them (JSON).
+    #[arg(long, value_parser = parse_faults)]
+    faults: Option<Faults>,
+}
+
+fn parse_faults(v: &str) -> Result<Faults, String> {
+    serde_json::from_str(v).map_err(|e| format!("not a faults object: {e}"))
+}
+
 fn main() {
-    let mut listen: SocketAddr = ([127, 0, 0, 1], 8089).into();
-    let mut key_file = std::env::var("PG_REAPER_API_KEY_FILE").ok();
-    let (mut tls_cert, mut tls_key) = (None, None);
-    let mut faults = Faults::default();
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match (arg.as_str(), args.next()) {
-            ("--listen", Some(v)) => match v.parse() {
-                Ok(a) => listen = a,
-                Err(e) => fail(&format!("--listen: '{v}' is not host:port: {e}")),
-            },
-            ("--api-key-file", Some(v)) => key_file = Some(v),
-            ("--tls-cert", Some(v)) => tls_cert = Some(v),
-            ("--tls-key", Some(v)) => tls_key = Some(v),
-            ("--faults", Some(v)) => match serde_json::from_str(&v) {
-                Ok(f) => faults = f,
-                Err(e) => fail(&format!("--faults: '{v}' is not a faults object: {e}")),
-            },
-            _ => fail(&format!(
-                "{arg}: unknown flag or missing value (flags: --listen host:port, --api-key-file path, \
-                 --tls-cert path, --tls-key path, --faults json)"
-            )),
-        }
-    }
+    let Args {
+        listen,
+        api_key_file: key_file,
+        tls_cert,
+        tls_key,
+        faults,
+    } = <Args as clap::Parser>::parse();
+    let faults = faults.unwrap_or_default();
     let key = match key_file {
         Some(path) => std::fs::read_to_string(&path)
             .unwrap_or_else(|e| fail(&format!("--api-key-file: cannot read {path}: {e}"))),
@@ -479,11 +491,7 @@ fn main() {
             .unwrap_or_else(|_| fail("--api-key-file: required (or set PG_REAPER_API_KEY)")),
     };
     let key = Arc::new(key.trim_end_matches(['\n', '\r']).to_string());
-    let tls = match (tls_cert, tls_key) {
-        (Some(cert), Some(key)) => Some(tls_acceptor(&cert, &key)),
-        (None, None) => None,
-        _ => fail("--tls-cert and --tls-key go together"),
-    };
+    let tls = tls_cert.zip(tls_key).map(|(cert, key)| tls_acceptor(&cert, &key));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

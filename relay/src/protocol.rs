@@ -1,0 +1,183 @@
+//! The words the relay and the extension exchange, each defined once and parsed strictly: a
+//! word this relay does not know (a newer extension?) is a protocol error, never read as the
+//! nearest known one, so an unknown answer fails closed (no mark, nothing counted wrongly).
+//! The extension defines the same words in its `protocol` module and its schema's CHECKs.
+
+/// The channel the extension notifies when intents become due.
+pub const CHANNEL: &str = "pg_reaper_outbox";
+
+/// The extension answered something this relay does not understand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unknown(pub String);
+
+impl std::fmt::Display for Unknown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// How an intent was resolved: the `outcome` column of a done intent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    MarkedError,
+    AlreadyTerminal,
+    Gone,
+    Rearmed,
+    Refired,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 5] = [
+        Outcome::MarkedError,
+        Outcome::AlreadyTerminal,
+        Outcome::Gone,
+        Outcome::Rearmed,
+        Outcome::Refired,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::MarkedError => "marked_error",
+            Outcome::AlreadyTerminal => "already_terminal",
+            Outcome::Gone => "gone",
+            Outcome::Rearmed => "rearmed",
+            Outcome::Refired => "refired",
+        }
+    }
+}
+
+/// What `recovery_lock`'s re-check under the barrier's row lock decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The claim is no longer ours: another relay holds or resolved the intent.
+    Lost,
+    /// Re-enqueued, progressed or torn down since it was reaped: not ours to mark.
+    Rearmed,
+    Refire,
+    Mark { remaining: Option<i32> },
+}
+
+impl Verdict {
+    pub fn parse(word: &str, remaining: Option<i32>) -> Result<Verdict, Unknown> {
+        match word {
+            "lost" => Ok(Verdict::Lost),
+            "rearmed" => Ok(Verdict::Rearmed),
+            "refire" => Ok(Verdict::Refire),
+            "mark" => Ok(Verdict::Mark { remaining }),
+            other => Err(Unknown(format!(
+                "recovery_lock returned the unknown verdict {other:?}; not marking"
+            ))),
+        }
+    }
+}
+
+/// Where a claimed intent handed back after a failure went (`outbox_fail`, `outbox_defer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandedBack {
+    /// Due again after its backoff.
+    Pending,
+    /// Out of attempts: kept for an operator's `outbox_replay()`.
+    Dead,
+    /// The claim was no longer ours; nothing changed.
+    Lost,
+}
+
+impl HandedBack {
+    pub fn parse(word: &str) -> Result<HandedBack, Unknown> {
+        match word {
+            "pending" => Ok(HandedBack::Pending),
+            "dead" => Ok(HandedBack::Dead),
+            "lost" => Ok(HandedBack::Lost),
+            other => Err(Unknown(format!(
+                "the outbox answered the unknown state {other:?} for a handed-back intent"
+            ))),
+        }
+    }
+}
+
+/// Why an attempt failed: the `cause` label of `pg_reaper_relay_failures_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Cause {
+    HttpStatus,
+    BadRequest,
+    Unauthorized,
+    Timeout,
+    Connect,
+    Transport,
+    BadBody,
+    UnknownStatus,
+    Indeterminate,
+    RefireHook,
+    Database,
+}
+
+impl Cause {
+    pub const ALL: [Cause; 11] = [
+        Cause::HttpStatus,
+        Cause::BadRequest,
+        Cause::Unauthorized,
+        Cause::Timeout,
+        Cause::Connect,
+        Cause::Transport,
+        Cause::BadBody,
+        Cause::UnknownStatus,
+        Cause::Indeterminate,
+        Cause::RefireHook,
+        Cause::Database,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::HttpStatus => "http_status",
+            Cause::BadRequest => "bad_request",
+            Cause::Unauthorized => "unauthorized",
+            Cause::Timeout => "timeout",
+            Cause::Connect => "connect",
+            Cause::Transport => "transport",
+            Cause::BadBody => "bad_body",
+            Cause::UnknownStatus => "unknown_status",
+            Cause::Indeterminate => "indeterminate",
+            Cause::RefireHook => "refire_hook",
+            Cause::Database => "database",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts_parse_strictly_and_an_unknown_one_never_marks() {
+        assert_eq!(
+            Verdict::parse("mark", Some(2)),
+            Ok(Verdict::Mark { remaining: Some(2) })
+        );
+        assert_eq!(Verdict::parse("lost", None), Ok(Verdict::Lost));
+        assert_eq!(Verdict::parse("rearmed", None), Ok(Verdict::Rearmed));
+        assert_eq!(Verdict::parse("refire", Some(0)), Ok(Verdict::Refire));
+        for unknown in ["MARK", "mark ", "", "refired", "skip"] {
+            let e = Verdict::parse(unknown, Some(1)).expect_err(unknown);
+            assert!(e.to_string().contains("not marking"), "{e}");
+        }
+    }
+
+    #[test]
+    fn handed_back_states_parse_strictly() {
+        assert_eq!(HandedBack::parse("pending"), Ok(HandedBack::Pending));
+        assert_eq!(HandedBack::parse("dead"), Ok(HandedBack::Dead));
+        assert_eq!(HandedBack::parse("lost"), Ok(HandedBack::Lost));
+        for unknown in ["done", "in_flight", "Pending", ""] {
+            assert!(HandedBack::parse(unknown).is_err(), "{unknown}");
+        }
+    }
+
+    #[test]
+    fn every_word_is_distinct() {
+        let outcomes: std::collections::HashSet<_> =
+            Outcome::ALL.iter().map(|o| o.as_str()).collect();
+        assert_eq!(outcomes.len(), Outcome::ALL.len());
+        let causes: std::collections::HashSet<_> = Cause::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(causes.len(), Cause::ALL.len());
+    }
+}
