@@ -63,29 +63,47 @@ const TEAR_DOWN_NEGATIVE: Statement = Statement {
     writes: true,
 };
 
-const FINISH: Statement = Statement {
+/// Tearing a barrier down, the one statement for it: deletes the row (with `$2`, only if it is
+/// still stranded under that stuck timeout) and, when the row went and `$3` does not keep them,
+/// its markers. Only the caller whose DELETE removed the row sees true, and only it clears the
+/// markers: a second finish, or a finish after an abort that kept the markers, changes nothing.
+const TEAR_DOWN: Statement = Statement {
     sql: "WITH gone AS (
-              DELETE FROM @extschema@.pg_barrier_state WHERE execution_id = $1 RETURNING 1
+              DELETE FROM @extschema@.pg_barrier_state b
+               WHERE b.execution_id = $1
+                 AND ($2::interval IS NULL
+                      OR @extschema@.barrier_is_stranded(b.expires_at, b.last_progress_at,
+                                                         b.created_at, $2))
+           RETURNING 1
           ), markers AS (
-              DELETE FROM @extschema@.pg_batch_dedup WHERE execution_id = $1
+              DELETE FROM @extschema@.pg_batch_dedup
+               WHERE execution_id = $1 AND NOT $3 AND EXISTS (SELECT 1 FROM gone)
           )
           SELECT EXISTS (SELECT 1 FROM gone)",
-    args: &[pg_sys::TEXTOID],
+    args: &[pg_sys::TEXTOID, pg_sys::INTERVALOID, pg_sys::BOOLOID],
     writes: true,
 };
 
-// Only the caller whose DELETE removed the row is the winner, and only it clears the markers.
-const ABORT: Statement = Statement {
-    sql: "WITH gone AS (
-              DELETE FROM @extschema@.pg_barrier_state WHERE execution_id = $1 RETURNING 1
-          ), markers AS (
-              DELETE FROM @extschema@.pg_batch_dedup
-               WHERE execution_id = $1 AND NOT $2 AND EXISTS (SELECT 1 FROM gone)
-          )
-          SELECT EXISTS (SELECT 1 FROM gone)",
-    args: &[pg_sys::TEXTOID, pg_sys::BOOLOID],
-    writes: true,
-};
+/// Deletes the barrier of `execution_id` and its markers (see [`TEAR_DOWN`]): only while it is
+/// stranded under `if_stranded_after` when given, the markers kept when `keep_markers`.
+/// Returns whether this call deleted the barrier.
+pub(crate) fn tear_down(
+    client: &mut pgrx::spi::SpiClient<'_>,
+    schema: pg_sys::Oid,
+    execution_id: &str,
+    if_stranded_after: Option<Interval>,
+    keep_markers: bool,
+) -> pgrx::spi::SpiResult<bool> {
+    let args = [
+        execution_id.into(),
+        if_stranded_after.into(),
+        keep_markers.into(),
+    ];
+    plan::run(client, schema, &TEAR_DOWN, &args)?
+        .first()
+        .get_one::<bool>()
+        .map(|gone| gone.unwrap_or(false))
+}
 
 /// Arms (or re-arms) the barrier of an execution for `total` batches.
 #[pg_extern(security_definer, parallel_unsafe)]
@@ -161,6 +179,7 @@ fn barrier_decrement(
         _ => "abandoned",
     };
     // The declared return type, barrier_decrement_result, in whatever schema it was created.
+    // SAFETY: fcinfo is the live call frame Postgres passed in; its flinfo is set for every call.
     let rettype = unsafe { pg_sys::get_fn_expr_rettype((*fcinfo).flinfo) };
     let tupdesc = PgTupleDesc::for_composite_type_by_oid(rettype).unwrap_or_else(|| {
         error!("{F}: its return type (oid {rettype:?}) is not a composite type")
@@ -181,13 +200,8 @@ fn barrier_finish(execution_id: Option<&str>, fcinfo: pg_sys::FunctionCallInfo) 
     const F: &str = "barrier_finish";
     let id = validate::execution_id(F, execution_id);
     let schema = plan::schema_of_call(fcinfo);
-    Spi::connect_mut(|client| {
-        plan::run(client, schema, &FINISH, &[id.into()])?
-            .first()
-            .get_one()
-    })
-    .unwrap_or_else(|e| error!("{F}: {e}"))
-    .unwrap_or(false)
+    Spi::connect_mut(|client| tear_down(client, schema, id, None, false))
+        .unwrap_or_else(|e| error!("{F}: {e}"))
 }
 
 /// Tears the barrier down after a failed batch; exactly one caller sees `aborted`.
@@ -204,13 +218,8 @@ fn barrier_abort(
         invalid(F, "preserve_dedup", "must not be NULL")
     };
     let schema = plan::schema_of_call(fcinfo);
-    let aborted = Spi::connect_mut(|client| {
-        plan::run(client, schema, &ABORT, &[id.into(), preserve.into()])?
-            .first()
-            .get_one::<bool>()
-    })
-    .unwrap_or_else(|e| error!("{F}: {e}"))
-    .unwrap_or(false);
+    let aborted = Spi::connect_mut(|client| tear_down(client, schema, id, None, preserve))
+        .unwrap_or_else(|e| error!("{F}: {e}"));
     if aborted {
         "aborted"
     } else {

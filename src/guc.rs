@@ -30,6 +30,7 @@ pub static REFIRE_FUNCTION: GucSetting<Option<CString>> = GucSetting::<Option<CS
 pub fn init() {
     // A postmaster-context GUC may only be defined while preloading; a plain LOAD or a
     // CREATE EXTENSION in a backend must not try (Postgres would raise FATAL).
+    // SAFETY: a plain read of a backend global that Postgres sets before loading libraries.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         GucRegistry::define_string_guc(
             c"pg_reaper.database",
@@ -116,6 +117,7 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::default(),
     );
+    // SAFETY: a static NUL-terminated string, called from _PG_init as Postgres documents.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"pg_reaper".as_ptr()) };
 }
 

@@ -19,6 +19,7 @@ mod guc;
 mod operator;
 mod outbox;
 mod plan;
+mod protocol;
 mod raw_jsonb;
 mod reap;
 mod recovery;
@@ -37,6 +38,7 @@ pub extern "C-unwind" fn _PG_init() {
     guc::init();
     // The worker and its shared memory exist only when preloaded; a plain LOAD or
     // CREATE EXTENSION gets the SQL API alone.
+    // SAFETY: a plain read of a backend global that Postgres sets before loading libraries.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         worker::register();
     }

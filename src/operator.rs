@@ -3,6 +3,7 @@
 //! now, stranded or not.
 
 use crate::plan::{self, Statement};
+use crate::protocol::{Action, State};
 use crate::validate::{self, invalid};
 use crate::{guc, reap};
 use pgrx::prelude::*;
@@ -81,9 +82,11 @@ const LIVE_INTENT: Statement = Statement {
 
 /// The one sentence for a person.
 fn advice(state: &str, org: &str, intents: &Value) -> String {
-    let live = intents
-        .as_array()
-        .and_then(|all| all.iter().rev().find(|i| i["state"] != "done"));
+    let live = intents.as_array().and_then(|all| {
+        all.iter()
+            .rev()
+            .find(|i| i["state"] != State::Done.as_str())
+    });
     let live_id = live.map(|i| i["id"].to_string()).unwrap_or_default();
     match (state, live.and_then(|i| i["state"].as_str())) {
         ("absent", _) if intents.as_array().is_some_and(|a| !a.is_empty()) => {
@@ -99,7 +102,7 @@ fn advice(state: &str, org: &str, intents: &Value) -> String {
         ("torn_down", _) => "The barrier was torn down (remaining < 0) but its row is still \
                              here; the next decrement or barrier_finish() removes it."
             .to_string(),
-        (_, Some("dead")) => format!(
+        (_, Some(s)) if s == State::Dead.as_str() => format!(
             "Its recovery intent {live_id} is dead: read last_error, fix the cause, then \
              SELECT outbox_replay({live_id})."
         ),
@@ -215,10 +218,10 @@ fn barrier_recover(
 ) -> i64 {
     const F: &str = "barrier_recover";
     let id = validate::execution_id(F, execution_id);
-    let action = match action {
-        Some(a @ ("error" | "refire")) => a,
-        _ => invalid(F, "action", "must be 'error' or 'refire'"),
+    let Some(action) = action.and_then(Action::parse) else {
+        invalid(F, "action", "must be 'error' or 'refire'")
     };
+    // SAFETY: a plain read of shared recovery state, valid in any backend.
     if unsafe { pg_sys::RecoveryInProgress() } {
         ereport!(
             ERROR,
@@ -250,7 +253,7 @@ fn barrier_recover(
                 "has a barrier without organization_id: the org-scoped status API cannot recover it",
             );
         }
-        if action == "refire" {
+        if action == Action::Refire {
             let hook = guc::REFIRE_FUNCTION
                 .get()
                 .and_then(|s| s.into_string().ok())
@@ -267,7 +270,7 @@ fn barrier_recover(
             id.into(),
             org.as_str().into(),
             remaining.into(),
-            action.into(),
+            action.as_str().into(),
         ];
         let queued = plan::run(client, schema, &RECOVER_QUEUE, &args)?;
         if !queued.is_empty() {
@@ -276,14 +279,12 @@ fn barrier_recover(
         }
         let live = plan::run(client, schema, &LIVE_INTENT, &[id.into()])?;
         let live = live.first();
-        let (live_id, state) = (
-            live.get::<i64>(1)?.unwrap_or_default(),
-            live.get::<String>(2)?.unwrap_or_default(),
-        );
+        let live_id = live.get::<i64>(1)?.unwrap_or_default();
+        let state = live.get::<String>(2)?.unwrap_or_default();
         notice!(
             "{F}: execution {id} already has a live recovery intent ({live_id}, {state}); \
              returning it{}",
-            if state == "dead" {
+            if State::parse(&state) == Some(State::Dead) {
                 ": replay it with outbox_replay()"
             } else {
                 ""

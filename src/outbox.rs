@@ -7,8 +7,10 @@
 //! claim it holds (`attempts` unchanged since its claim), never one another relay made since.
 
 use crate::plan::{self, Statement};
+use crate::protocol::{Action, LOST, Outcome};
 use crate::validate::{self, invalid};
 use pgrx::prelude::*;
+use pgrx::spi::{SpiClient, SpiResult};
 
 /// Claims due intents: `pending` ones whose backoff is over and `in_flight` ones whose lease
 /// expired (their relay died or stalled), so leases heal without the background worker. Each
@@ -70,6 +72,28 @@ const GIVE_BACK: Statement = Statement {
         pg_sys::INT4OID,
         pg_sys::BOOLOID,
     ],
+    writes: true,
+};
+
+/// A recovery renews its claim for the lease as it starts (`recovery_lock`).
+const RENEW_CLAIM: Statement = Statement {
+    sql: "UPDATE @extschema@.pg_reaper_outbox
+             SET lease_expires_at = greatest(lease_expires_at, now() + $3), updated_at = now()
+           WHERE id = $1 AND state = 'in_flight' AND attempts = $2
+       RETURNING execution_id, organization_id, action",
+    args: &[pg_sys::INT8OID, pg_sys::INT4OID, pg_sys::INTERVALOID],
+    writes: true,
+};
+
+/// Fenced by the claim: only the relay whose claim (`attempts`) is current resolves, so a role
+/// that may call `outbox_resolve` cannot clean up an intent it never claimed.
+const RESOLVE: Statement = Statement {
+    sql: "UPDATE @extschema@.pg_reaper_outbox
+             SET state = 'done', outcome = $3, lease_expires_at = NULL, last_error = NULL,
+                 updated_at = now()
+           WHERE id = $1 AND state = 'in_flight' AND attempts = $2
+       RETURNING execution_id, organization_id, action",
+    args: &[pg_sys::INT8OID, pg_sys::INT4OID, pg_sys::TEXTOID],
     writes: true,
 };
 
@@ -136,6 +160,58 @@ const ANALYZE: Statement = Statement {
     args: &[],
     writes: true,
 };
+
+/// The intent a claim holds, as a recovery sees it.
+pub(crate) struct Claimed {
+    pub execution_id: String,
+    pub organization_id: String,
+    /// What an operator asked for with `barrier_recover()`; None for a reaped strand.
+    pub action: Option<Action>,
+}
+
+/// Renews the caller's claim on intent `id` for at least `lease`; None when the claim is no
+/// longer the caller's.
+pub(crate) fn renew_claim(
+    client: &mut SpiClient<'_>,
+    schema: pg_sys::Oid,
+    id: i64,
+    attempt: i32,
+    lease: Interval,
+) -> SpiResult<Option<Claimed>> {
+    let args = [id.into(), attempt.into(), lease.into()];
+    claimed(plan::run(client, schema, &RENEW_CLAIM, &args)?)
+}
+
+/// Marks the caller's claimed intent `id` done with `outcome`; None when the claim is no
+/// longer the caller's.
+pub(crate) fn resolve(
+    client: &mut SpiClient<'_>,
+    schema: pg_sys::Oid,
+    id: i64,
+    attempt: i32,
+    outcome: Outcome,
+) -> SpiResult<Option<Claimed>> {
+    let args = [id.into(), attempt.into(), outcome.as_str().into()];
+    claimed(plan::run(client, schema, &RESOLVE, &args)?)
+}
+
+/// The intent a fenced transition returned (execution id, organization id, action), if any.
+fn claimed(rows: pgrx::spi::SpiTupleTable<'_>) -> SpiResult<Option<Claimed>> {
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let row = rows.first();
+    // The action's CHECK constraint limits it to the known words.
+    let action = row.get::<String>(3)?.map(|word| {
+        Action::parse(&word)
+            .unwrap_or_else(|| error!("pg_reaper: an intent has the unknown action {word:?}"))
+    });
+    Ok(Some(Claimed {
+        execution_id: row.get::<String>(1)?.unwrap_or_default(),
+        organization_id: row.get::<String>(2)?.unwrap_or_default(),
+        action,
+    }))
+}
 
 /// Refreshes the outbox's statistics.
 pub fn analyze(schema: pg_sys::Oid) {
@@ -276,7 +352,7 @@ fn fenced_state(
         }
     })
     .unwrap_or_else(|e| error!("{func}: {e}"))
-    .unwrap_or_else(|| "lost".to_string())
+    .unwrap_or_else(|| LOST.to_string())
 }
 
 /// Gives a claimed intent back after a failure that says nothing about the execution (the

@@ -48,6 +48,39 @@ mod tests {
         )
     }
 
+    // ---- the protocol's words --------------------------------------------------------
+
+    /// The quoted words of one of the outbox's CHECK constraints.
+    fn checked_words(constraint: &str) -> std::collections::BTreeSet<String> {
+        let def = one::<String>(&format!(
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = '{constraint}'"
+        ))
+        .expect("the constraint exists");
+        def.split('\'')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[pg_test]
+    fn the_schema_checks_the_same_words_as_the_code() {
+        use crate::protocol::{Action, Outcome, State};
+        let words = |w: &[&str]| w.iter().map(|s| s.to_string()).collect();
+        assert_eq!(
+            checked_words("pg_reaper_outbox_state_valid"),
+            words(&State::ALL.map(State::as_str))
+        );
+        assert_eq!(
+            checked_words("pg_reaper_outbox_outcome_valid"),
+            words(&Outcome::ALL.map(Outcome::as_str))
+        );
+        assert_eq!(
+            checked_words("pg_reaper_outbox_action_valid"),
+            words(&[Action::Error.as_str(), Action::Refire.as_str()])
+        );
+    }
+
     // ---- barrier_enqueue ---------------------------------------------------------------
 
     #[pg_test]

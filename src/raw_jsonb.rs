@@ -17,6 +17,8 @@ impl RawJsonb {
 }
 
 impl FromDatum for RawJsonb {
+    // SAFETY (for callers, as the trait requires): `datum` is a jsonb argument of the current
+    // call; it is only kept as it is and passed back to Postgres within that call.
     unsafe fn from_polymorphic_datum(
         datum: pg_sys::Datum,
         is_null: bool,

@@ -7,66 +7,43 @@
 
 use crate::guc;
 use crate::plan::{self, Statement};
+use crate::protocol::CHANNEL;
 use crate::validate::invalid;
 use pgrx::prelude::*;
 
-/// Stranded rows, whether each already has a live intent, and the ones to queue now (at most
-/// $2, oldest deadline first; rows already queued do not use the budget up).
-macro_rules! stranded_cte {
-    () => {
-        "WITH stranded AS (
-             SELECT b.execution_id, b.organization_id, b.remaining, b.expires_at,
-                    EXISTS (SELECT 1 FROM @extschema@.pg_reaper_outbox o
-                             WHERE o.execution_id = b.execution_id AND o.state <> 'done') AS queued
-               FROM @extschema@.pg_barrier_state b
-              WHERE @extschema@.barrier_is_stranded(b.expires_at, b.last_progress_at, b.created_at, $1)
-         ), todo AS (
-             SELECT execution_id, organization_id, remaining FROM stranded
-              WHERE NOT queued AND organization_id <> ''
-              ORDER BY expires_at
-              LIMIT $2
-         )"
-    };
-}
-
-/// The counters, given a CTE `queued` holding one row per intent (to be) queued.
-macro_rules! summary {
-    () => {
-        " SELECT (SELECT count(*) FROM stranded)::int4,
-                 (SELECT count(*) FROM queued)::int4,
+/// `reap_expired()`: the stranded barriers, whether each already has a live intent, and an
+/// intent queued for each that has none and has an organization (at most $2, oldest deadline
+/// first; rows already queued do not use the budget up). A dry run (`$3`) inserts nothing and
+/// reports what it would have queued. Returns the counters and up to ten org-less ids.
+const REAP: Statement = Statement {
+    sql: "WITH stranded AS (
+              SELECT b.execution_id, b.organization_id, b.remaining, b.expires_at,
+                     EXISTS (SELECT 1 FROM @extschema@.pg_reaper_outbox o
+                              WHERE o.execution_id = b.execution_id AND o.state <> 'done') AS queued
+                FROM @extschema@.pg_barrier_state b
+               WHERE @extschema@.barrier_is_stranded(b.expires_at, b.last_progress_at, b.created_at, $1)
+          ), todo AS (
+              SELECT execution_id, organization_id, remaining FROM stranded
+               WHERE NOT queued AND organization_id <> ''
+               ORDER BY expires_at
+               LIMIT $2
+          ), queued AS (
+              INSERT INTO @extschema@.pg_reaper_outbox (execution_id, organization_id, remaining)
+              SELECT execution_id, organization_id, remaining FROM todo WHERE NOT $3
+              ON CONFLICT (execution_id) WHERE state <> 'done' DO NOTHING
+              RETURNING 1
+          )
+          SELECT (SELECT count(*) FROM stranded)::int4,
+                 (CASE WHEN $3 THEN (SELECT count(*) FROM todo)
+                       ELSE (SELECT count(*) FROM queued) END)::int4,
                  (SELECT count(*) FROM todo)::int4,
                  (SELECT count(*) FROM stranded WHERE queued AND organization_id <> '')::int4,
                  (SELECT count(*) FROM stranded WHERE organization_id = '')::int4,
                  (SELECT array_agg(execution_id ORDER BY execution_id)
                     FROM (SELECT execution_id FROM stranded WHERE organization_id = ''
-                           ORDER BY execution_id LIMIT 10) s)"
-    };
-}
-
-const REAP: Statement = Statement {
-    sql: concat!(
-        stranded_cte!(),
-        ", queued AS (
-             INSERT INTO @extschema@.pg_reaper_outbox (execution_id, organization_id, remaining)
-             SELECT execution_id, organization_id, remaining FROM todo
-             ON CONFLICT (execution_id) WHERE state <> 'done' DO NOTHING
-             RETURNING 1
-         )",
-        summary!()
-    ),
-    args: &[pg_sys::INTERVALOID, pg_sys::INT8OID],
+                           ORDER BY execution_id LIMIT 10) s)",
+    args: &[pg_sys::INTERVALOID, pg_sys::INT8OID, pg_sys::BOOLOID],
     writes: true,
-};
-
-/// The same scan, writing nothing: every row of `todo` would be queued.
-const REAP_DRY_RUN: Statement = Statement {
-    sql: concat!(
-        stranded_cte!(),
-        ", queued AS (SELECT 1 FROM todo)",
-        summary!()
-    ),
-    args: &[pg_sys::INTERVALOID, pg_sys::INT8OID],
-    writes: false,
 };
 
 // The worker's walk: the next strands after the last ones it queued, in index order, at most
@@ -195,6 +172,7 @@ fn next_key(ended: bool, last: Option<(TimestampWithTimeZone, String)>, now: &Ke
 /// Queues up to `budget` strands after `walk`'s positions, in the current transaction, and
 /// returns the walk's next positions (to keep once the transaction committed).
 pub fn walk_step(schema: pg_sys::Oid, walk: &Walk, budget: i64) -> (Step, Walk) {
+    // SAFETY: a plain read of shared recovery state, valid in any backend.
     if unsafe { pg_sys::RecoveryInProgress() } {
         error!("pg_reaper: the server is a standby (in recovery)");
     }
@@ -254,8 +232,8 @@ pub fn orgless(schema: pg_sys::Oid) -> (i32, Vec<String>) {
 
 /// Wakes the relays; delivered when the reaping transaction commits.
 const WAKE_RELAYS: Statement = Statement {
-    sql: "SELECT pg_catalog.pg_notify('pg_reaper_outbox', '')",
-    args: &[],
+    sql: "SELECT pg_catalog.pg_notify($1, '')",
+    args: &[pg_sys::TEXTOID],
     writes: true,
 };
 
@@ -264,7 +242,7 @@ pub fn wake_relays(
     client: &mut pgrx::spi::SpiClient<'_>,
     schema: pg_sys::Oid,
 ) -> pgrx::spi::SpiResult<()> {
-    plan::run(client, schema, &WAKE_RELAYS, &[]).map(|_| ())
+    plan::run(client, schema, &WAKE_RELAYS, &[CHANNEL.into()]).map(|_| ())
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -278,6 +256,7 @@ pub struct Counts {
 /// One reaping pass in the current transaction; the worker and `reap_expired()` share it.
 /// Also returns up to ten ids of the org-less strands, for the caller to log.
 pub fn reap(schema: pg_sys::Oid, max_rows: Option<i64>, dry_run: bool) -> (Counts, Vec<String>) {
+    // SAFETY: a plain read of shared recovery state, valid in any backend.
     if unsafe { pg_sys::RecoveryInProgress() } {
         ereport!(
             ERROR,
@@ -285,10 +264,9 @@ pub fn reap(schema: pg_sys::Oid, max_rows: Option<i64>, dry_run: bool) -> (Count
             "reap_expired: the server is a standby (in recovery); reap on the primary"
         );
     }
-    let stmt = if dry_run { &REAP_DRY_RUN } else { &REAP };
     let (counts, no_org_sample) = Spi::connect_mut(|client| {
-        let args = [guc::stuck_timeout().into(), max_rows.into()];
-        let row = plan::run(client, schema, stmt, &args)?.first();
+        let args = [guc::stuck_timeout().into(), max_rows.into(), dry_run.into()];
+        let row = plan::run(client, schema, &REAP, &args)?.first();
         let int = |i| row.get::<i32>(i).map(Option::unwrap_or_default);
         let (stranded, queued, candidates) = (int(1)?, int(2)?, int(3)?);
         let counts = Counts {

@@ -10,19 +10,11 @@
 //! recovery, deletes the barrier (guarded by the same predicate) and its markers: the handle is
 //! never deleted before that.
 
-use crate::guc;
 use crate::plan::{self, Statement};
+use crate::protocol::{Action, Outcome, Verdict};
 use crate::validate::{self, invalid};
+use crate::{barrier, guc, outbox};
 use pgrx::prelude::*;
-
-const RENEW_CLAIM: Statement = Statement {
-    sql: "UPDATE @extschema@.pg_reaper_outbox
-             SET lease_expires_at = greatest(lease_expires_at, now() + $3), updated_at = now()
-           WHERE id = $1 AND state = 'in_flight' AND attempts = $2
-       RETURNING execution_id, action",
-    args: &[pg_sys::INT8OID, pg_sys::INT4OID, pg_sys::INTERVALOID],
-    writes: true,
-};
 
 /// `$3`: an operator forced this recovery (barrier_recover), which skips the stranded check.
 const LOCK_BARRIER: Statement = Statement {
@@ -31,36 +23,6 @@ const LOCK_BARRIER: Statement = Statement {
             FROM @extschema@.pg_barrier_state
            WHERE execution_id = $1
              FOR UPDATE",
-    args: &[pg_sys::TEXTOID, pg_sys::INTERVALOID, pg_sys::BOOLOID],
-    writes: true,
-};
-
-/// Fenced by the claim: only the relay whose claim (`attempts`) is current resolves, so a role
-/// that may call this function cannot clean up an intent it never claimed.
-const RESOLVE: Statement = Statement {
-    sql: "UPDATE @extschema@.pg_reaper_outbox
-             SET state = 'done', outcome = $3, lease_expires_at = NULL, last_error = NULL,
-                 updated_at = now()
-           WHERE id = $1 AND state = 'in_flight' AND attempts = $2
-       RETURNING execution_id, organization_id, action IS NOT NULL",
-    args: &[pg_sys::INT8OID, pg_sys::INT4OID, pg_sys::TEXTOID],
-    writes: true,
-};
-
-/// The guarded delete: only a barrier that is still stranded goes (or any, for a recovery an
-/// operator forced: `$3`), and its markers with it.
-const CLEAN_UP: Statement = Statement {
-    sql: "WITH gone AS (
-              DELETE FROM @extschema@.pg_barrier_state b
-               WHERE b.execution_id = $1
-                 AND (@extschema@.barrier_is_stranded(b.expires_at, b.last_progress_at, b.created_at, $2)
-                      OR $3)
-           RETURNING 1
-          ), markers AS (
-              DELETE FROM @extschema@.pg_batch_dedup
-               WHERE execution_id = $1 AND EXISTS (SELECT 1 FROM gone)
-          )
-          SELECT EXISTS (SELECT 1 FROM gone)",
     args: &[pg_sys::TEXTOID, pg_sys::INTERVALOID, pg_sys::BOOLOID],
     writes: true,
 };
@@ -87,14 +49,6 @@ const RESOLVE_HOOK: Statement = Statement {
     args: &[pg_sys::TEXTOID],
     writes: false,
 };
-
-const OUTCOMES: [&str; 5] = [
-    "marked_error",
-    "already_terminal",
-    "gone",
-    "rearmed",
-    "refired",
-];
 
 /// Whether `name` is a function name, optionally schema-qualified: plain identifiers or
 /// double-quoted ones (`""` inside quotes). Anything else would be a syntax error for
@@ -227,59 +181,50 @@ fn recovery_lock(
     let (id, attempt) = validate::claim(F, id, attempt);
     let lease = validate::positive_interval(F, "lease", lease);
     let schema = plan::schema_of_call(fcinfo);
-    let row = Spi::connect_mut(|client| {
-        let renewed = plan::run(
-            client,
-            schema,
-            &RENEW_CLAIM,
-            &[id.into(), attempt.into(), lease.into()],
-        )?;
-        if renewed.is_empty() {
-            return Ok(("lost", None));
-        }
-        let renewed = renewed.first();
-        let execution_id = renewed.get::<String>(1)?.unwrap_or_default();
-        let action = renewed.get::<String>(2)?;
-        let forced = action.is_some();
+    let (verdict, remaining) = Spi::connect_mut(|client| {
+        let Some(claim) = outbox::renew_claim(client, schema, id, attempt, lease)? else {
+            return Ok((Verdict::Lost, None));
+        };
+        let execution_id = claim.execution_id;
         let args = [
             execution_id.as_str().into(),
             guc::stuck_timeout().into(),
-            forced.into(),
+            claim.action.is_some().into(),
         ];
         let barrier = plan::run(client, schema, &LOCK_BARRIER, &args)?;
         if barrier.is_empty() {
-            return Ok(("rearmed", None));
+            return Ok((Verdict::Rearmed, None));
         }
         let barrier = barrier.first();
         let remaining = barrier.get::<i32>(1)?;
         let has_callback = barrier.get::<bool>(2)?.unwrap_or(false);
         let stranded = barrier.get::<bool>(3)?.unwrap_or(false);
-        let verdict = match action.as_deref() {
+        let verdict = match claim.action {
             // An operator's choice (barrier_recover), checked again now: the callback or the
             // hook may have gone since.
-            Some("refire") => {
+            Some(Action::Refire) => {
                 if !has_callback || refire_hook(client, schema).is_none() {
                     error!(
                         "cannot re-fire execution {execution_id} as asked by barrier_recover(): \
                          its barrier has no callback or pg_reaper.refire_function is empty"
                     );
                 }
-                "refire"
+                Verdict::Refire
             }
-            Some(_) => "mark",
-            None if !stranded => "rearmed",
+            Some(Action::Error) => Verdict::Mark,
+            None if !stranded => Verdict::Rearmed,
             None if remaining == Some(0)
                 && has_callback
                 && refire_hook(client, schema).is_some() =>
             {
-                "refire"
+                Verdict::Refire
             }
-            None => "mark",
+            None => Verdict::Mark,
         };
         Ok::<_, pgrx::spi::SpiError>((verdict, remaining))
     })
     .unwrap_or_else(|e| error!("{F}: {e}"));
-    TableIterator::once(row)
+    TableIterator::once((verdict.as_str(), remaining))
 }
 
 /// Records the outcome of an intent and, for every outcome but `rearmed`, deletes the barrier
@@ -301,39 +246,33 @@ fn outbox_resolve_claimed(
 ) -> bool {
     const F: &str = "outbox_resolve";
     let (id, attempt) = validate::claim(F, id, attempt);
-    let outcome = match outcome {
-        Some(o) if OUTCOMES.contains(&o) => o,
-        _ => invalid(
+    let outcome = match outcome.and_then(Outcome::parse) {
+        Some(o) => o,
+        None => invalid(
             F,
             "outcome",
-            "must be one of marked_error, already_terminal, gone, rearmed, refired",
+            &format!("must be one of {}", Outcome::listed()),
         ),
     };
     let schema = plan::schema_of_call(fcinfo);
     Spi::connect_mut(|client| {
-        let done = plan::run(
-            client,
-            schema,
-            &RESOLVE,
-            &[id.into(), attempt.into(), outcome.into()],
-        )?;
-        if done.is_empty() {
+        let Some(intent) = outbox::resolve(client, schema, id, attempt, outcome)? else {
             return Ok(false);
-        }
-        let done = done.first();
-        let execution_id = done.get::<String>(1)?.unwrap_or_default();
-        let organization_id = done.get::<String>(2)?.unwrap_or_default();
-        let forced = done.get::<bool>(3)?.unwrap_or(false);
-        let barrier_args = [
-            execution_id.as_str().into(),
-            guc::stuck_timeout().into(),
-            forced.into(),
-        ];
-        if outcome == "refired" {
+        };
+        let execution_id = intent.execution_id.as_str();
+        let forced = intent.action.is_some();
+        // A reaped strand's barrier goes only while it is still stranded; an operator's, always.
+        let if_stranded_after = (!forced).then(guc::stuck_timeout);
+        if outcome == Outcome::Refired {
             let Some(hook) = refire_hook(client, schema) else {
                 error!("{F}: cannot re-fire: pg_reaper.refire_function is empty")
             };
-            let input = plan::run(client, schema, &REFIRE_INPUT, &barrier_args)?;
+            let args = [
+                execution_id.into(),
+                guc::stuck_timeout().into(),
+                forced.into(),
+            ];
+            let input = plan::run(client, schema, &REFIRE_INPUT, &args)?;
             if input.is_empty() {
                 error!(
                     "{F}: cannot re-fire execution {execution_id}: its barrier is gone, not \
@@ -351,15 +290,15 @@ fn outbox_resolve_claimed(
                 call.as_str(),
                 None,
                 &[
-                    execution_id.as_str().into(),
-                    organization_id.as_str().into(),
+                    execution_id.into(),
+                    intent.organization_id.as_str().into(),
                     callback.into(),
                     results.into(),
                 ],
             )?;
         }
-        if outcome != "rearmed" {
-            plan::run(client, schema, &CLEAN_UP, &barrier_args)?;
+        if outcome != Outcome::Rearmed {
+            barrier::tear_down(client, schema, execution_id, if_stranded_after, false)?;
         }
         Ok::<_, pgrx::spi::SpiError>(true)
     })

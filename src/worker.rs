@@ -190,6 +190,7 @@ pub extern "C-unwind" fn pg_reaper_worker_main(_arg: pg_sys::Datum) {
     unsafe { pg_sys::proc_exit(1) };
 }
 
+// SAFETY: `die` is exported by the postgres binary with this signature (postgres.h).
 unsafe extern "C-unwind" {
     /// Postgres's own SIGTERM handler (pgrx's `pg_sys::die` is a Rust wrapper, not a handler).
     #[link_name = "die"]

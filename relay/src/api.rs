@@ -231,10 +231,7 @@ impl Api {
             Ok(url) => url,
             Err(f) => return (Err(f), Duration::ZERO),
         };
-        let request = self
-            .client
-            .get(url)
-            .query(&[("file_execution", "false")]);
+        let request = self.client.get(url).query(&[("file_execution", "false")]);
         match self.send(request, org).await {
             Ok((code, body, took)) => {
                 let answer = if (200..300).contains(&code) {
@@ -415,13 +412,7 @@ mod tests {
     }
 
     fn api(base: &str) -> Api {
-        Api::new(
-            base,
-            ApiKey("k".into()),
-            Duration::from_secs(1),
-            None,
-        )
-        .expect("api")
+        Api::new(base, ApiKey("k".into()), Duration::from_secs(1), None).expect("api")
     }
 
     #[test]
@@ -438,7 +429,10 @@ mod tests {
             );
         }
         for dots in [".", ".."] {
-            assert!(matches!(api("http://h/").url(dots, None), Err(Failure::Request(_))));
+            assert!(matches!(
+                api("http://h/").url(dots, None),
+                Err(Failure::Request(_))
+            ));
         }
         assert!(Api::new("ftp://h/", ApiKey("k".into()), Duration::from_secs(1), None).is_err());
     }

@@ -9,10 +9,10 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
     DescriptorEncoder, EncodeGaugeValue, EncodeMetric, prometheus_text,
 };
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
-use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -141,12 +141,16 @@ impl Metrics {
     }
 
     pub fn outcome(&self, o: Outcome) {
-        self.outcomes.get_or_create(&[("outcome", o.as_str())]).inc();
+        self.outcomes
+            .get_or_create(&[("outcome", o.as_str())])
+            .inc();
     }
 
     /// A failed attempt, by cause, and what the outbox made of it.
     pub fn failure(&self, cause: Cause, handed_back: HandedBack) {
-        self.failures.get_or_create(&[("cause", cause.as_str())]).inc();
+        self.failures
+            .get_or_create(&[("cause", cause.as_str())])
+            .inc();
         match handed_back {
             HandedBack::Dead => self.dead.inc(),
             HandedBack::Pending => self.retries.inc(),
@@ -363,6 +367,9 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line:?} in:\n{text}");
         }
-        assert!(!text.contains("last_tick_age"), "no worker, no tick age:\n{text}");
+        assert!(
+            !text.contains("last_tick_age"),
+            "no worker, no tick age:\n{text}"
+        );
     }
 }

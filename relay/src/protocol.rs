@@ -54,7 +54,9 @@ pub enum Verdict {
     /// Re-enqueued, progressed or torn down since it was reaped: not ours to mark.
     Rearmed,
     Refire,
-    Mark { remaining: Option<i32> },
+    Mark {
+        remaining: Option<i32>,
+    },
 }
 
 impl Verdict {

@@ -204,7 +204,9 @@ impl Store {
     }
 
     pub async fn listen(&self) -> Result<(), tokio_postgres::Error> {
-        self.client.batch_execute(&format!("LISTEN {CHANNEL}")).await
+        self.client
+            .batch_execute(&format!("LISTEN {CHANNEL}"))
+            .await
     }
 
     /// Claims up to `n` intents due by `due_by` (a time read with `now`; None: now).

@@ -491,7 +491,9 @@ fn main() {
             .unwrap_or_else(|_| fail("--api-key-file: required (or set PG_REAPER_API_KEY)")),
     };
     let key = Arc::new(key.trim_end_matches(['\n', '\r']).to_string());
-    let tls = tls_cert.zip(tls_key).map(|(cert, key)| tls_acceptor(&cert, &key));
+    let tls = tls_cert
+        .zip(tls_key)
+        .map(|(cert, key)| tls_acceptor(&cert, &key));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
