@@ -75,13 +75,23 @@ const GIVE_BACK: Statement = Statement {
     writes: true,
 };
 
-/// A recovery renews its claim for the lease as it starts (`recovery_lock`).
-const RENEW_CLAIM: Statement = Statement {
+/// Holds the caller's claim for at least `$3` more. A recovery does so as it starts
+/// (`recovery_lock`); before an ERROR mark may leave (`$4`), the time is recorded too and the
+/// hold is the settle delay, so that if this relay dies with the request in flight, no relay
+/// reads the status again before the API had that long to apply it.
+const HOLD_CLAIM: Statement = Statement {
     sql: "UPDATE @extschema@.pg_reaper_outbox
-             SET lease_expires_at = greatest(lease_expires_at, now() + $3), updated_at = now()
+             SET lease_expires_at = greatest(lease_expires_at, now() + $3),
+                 mark_sent_at = CASE WHEN $4 THEN now() ELSE mark_sent_at END,
+                 updated_at = now()
            WHERE id = $1 AND state = 'in_flight' AND attempts = $2
        RETURNING execution_id, organization_id, action",
-    args: &[pg_sys::INT8OID, pg_sys::INT4OID, pg_sys::INTERVALOID],
+    args: &[
+        pg_sys::INT8OID,
+        pg_sys::INT4OID,
+        pg_sys::INTERVALOID,
+        pg_sys::BOOLOID,
+    ],
     writes: true,
 };
 
@@ -94,19 +104,6 @@ const RESOLVE: Statement = Statement {
            WHERE id = $1 AND state = 'in_flight' AND attempts = $2
        RETURNING execution_id, organization_id, action",
     args: &[pg_sys::INT8OID, pg_sys::INT4OID, pg_sys::TEXTOID],
-    writes: true,
-};
-
-/// Committed before an ERROR mark may leave: records the time, and holds the claim for at
-/// least `hold`, so that if this relay dies with the request in flight, no relay reads the
-/// status again before the API had that long to apply it.
-const MARK_SENDING: Statement = Statement {
-    sql: "UPDATE @extschema@.pg_reaper_outbox
-             SET mark_sent_at = now(),
-                 lease_expires_at = greatest(lease_expires_at, now() + $3), updated_at = now()
-           WHERE id = $1 AND state = 'in_flight' AND attempts = $2
-       RETURNING true",
-    args: &[pg_sys::INT8OID, pg_sys::INT4OID, pg_sys::INTERVALOID],
     writes: true,
 };
 
@@ -178,8 +175,8 @@ pub(crate) fn renew_claim(
     attempt: i32,
     lease: Interval,
 ) -> SpiResult<Option<Claimed>> {
-    let args = [id.into(), attempt.into(), lease.into()];
-    claimed(plan::run(client, schema, &RENEW_CLAIM, &args)?)
+    let args = [id.into(), attempt.into(), lease.into(), false.into()];
+    claimed(plan::run(client, schema, &HOLD_CLAIM, &args)?)
 }
 
 /// Marks the caller's claimed intent `id` done with `outcome`; None when the claim is no
@@ -403,8 +400,8 @@ fn outbox_mark_sending(
         plan::run(
             client,
             schema,
-            &MARK_SENDING,
-            &[id.into(), attempt.into(), hold.into()],
+            &HOLD_CLAIM,
+            &[id.into(), attempt.into(), hold.into(), true.into()],
         )
         .map(|t| !t.is_empty())
     })

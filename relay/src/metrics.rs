@@ -85,46 +85,49 @@ impl Metrics {
         }
         let mut m = m;
         let r = &mut m.registry;
-        r.register(
-            "pg_reaper_relay_intents_claimed",
-            "Intents claimed from the outbox",
-            m.claimed.clone(),
-        );
-        r.register(
-            "pg_reaper_relay_outcomes",
-            "Intents resolved, by outcome",
-            m.outcomes.clone(),
-        );
-        r.register(
-            "pg_reaper_relay_failures",
-            "Failed attempts, by cause",
-            m.failures.clone(),
-        );
-        r.register(
-            "pg_reaper_relay_retries",
-            "Failed attempts scheduled again with backoff",
-            m.retries.clone(),
-        );
-        r.register(
-            "pg_reaper_relay_dead",
-            "Intents that went dead after the last attempt",
-            m.dead.clone(),
-        );
-        r.register(
-            "pg_reaper_relay_lost_claims",
-            "Claims found taken by another relay (lease expired)",
-            m.lost.clone(),
-        );
-        r.register(
-            "pg_reaper_relay_in_flight",
-            "Intents being worked on",
-            m.in_flight.clone(),
-        );
-        r.register(
-            "pg_reaper_relay_api_reachable",
-            "Whether the status API answers (0 during a systemic outage)",
-            m.api_reachable.clone(),
-        );
+        let counters = [
+            (
+                "intents_claimed",
+                "Intents claimed from the outbox",
+                &m.claimed,
+            ),
+            (
+                "retries",
+                "Failed attempts scheduled again with backoff",
+                &m.retries,
+            ),
+            (
+                "dead",
+                "Intents that went dead after the last attempt",
+                &m.dead,
+            ),
+            (
+                "lost_claims",
+                "Claims found taken by another relay (lease expired)",
+                &m.lost,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            r.register(format!("pg_reaper_relay_{name}"), help, counter.clone());
+        }
+        let families = [
+            ("outcomes", "Intents resolved, by outcome", &m.outcomes),
+            ("failures", "Failed attempts, by cause", &m.failures),
+        ];
+        for (name, help, family) in families {
+            r.register(format!("pg_reaper_relay_{name}"), help, family.clone());
+        }
+        let gauges = [
+            ("in_flight", "Intents being worked on", &m.in_flight),
+            (
+                "api_reachable",
+                "Whether the status API answers (0 during a systemic outage)",
+                &m.api_reachable,
+            ),
+        ];
+        for (name, help, gauge) in gauges {
+            r.register(format!("pg_reaper_relay_{name}"), help, gauge.clone());
+        }
         r.register(
             "pg_reaper_relay_http_request_duration_seconds",
             "Status API request latency",

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{Env, KEY, intent, wait_due};
-use pg_reaper_tests::{json, wait_for};
+use pg_reaper_tests::{equal, json, wait_for};
 use postgres::Client;
 use serde_json::{Value, json};
 
@@ -29,15 +29,15 @@ fn mark_terminal_gone_and_no_org_branches() {
     env.api.execution("exec-neg", "org-b", "EXECUTING");
     env.api.execution("exec-done", "org-a", "COMPLETED");
     env.api.execution("exec-stopped", "org-a", "STOPPED");
-    env.strand(&mut c, "exec-mark", "org-a", 1);
-    env.strand(&mut c, "exec-zero", "org-a", 3);
-    env.strand(&mut c, "exec-neg", "org-b", 0);
+    pg_reaper_tests::strand(&mut c, "exec-mark", "org-a", 1);
+    pg_reaper_tests::strand(&mut c, "exec-zero", "org-a", 3);
+    pg_reaper_tests::strand(&mut c, "exec-neg", "org-b", 0);
     c.batch_execute("UPDATE pg_barrier_state SET remaining = -1 WHERE execution_id = 'exec-neg'")
         .expect("neg");
-    env.strand(&mut c, "exec-done", "org-a", 1);
-    env.strand(&mut c, "exec-stopped", "org-a", 1);
-    env.strand(&mut c, "exec-gone", "org-a", 0);
-    env.strand(&mut c, "exec-noorg", "", 0);
+    pg_reaper_tests::strand(&mut c, "exec-done", "org-a", 1);
+    pg_reaper_tests::strand(&mut c, "exec-stopped", "org-a", 1);
+    pg_reaper_tests::strand(&mut c, "exec-gone", "org-a", 0);
+    pg_reaper_tests::strand(&mut c, "exec-noorg", "", 0);
     assert_eq!(env.reap(&mut c), 6);
     env.relay_once(&[]);
 
@@ -143,7 +143,7 @@ fn skipped_mark_means_it_turned_terminal_meanwhile() {
     });
     env.api.execution("e", "org", "COMPLETED");
     wait_for(60, "the outcome", || {
-        (intent(&mut c, "e")["state"] == "done").then_some(())
+        equal(intent(&mut c, "e")["state"].clone(), json!("done"))
     });
     relay.terminate();
     assert_eq!(intent(&mut c, "e")["outcome"], json!("already_terminal"));
@@ -160,8 +160,8 @@ fn failures_keep_the_barrier_and_retry_with_backoff_until_dead_then_replay() {
     let mut c = env.db();
     env.api.execution("http", "org", "EXECUTING");
     env.api.execution("weird", "org", "ON_FIRE");
-    env.strand(&mut c, "http", "org", 1);
-    env.strand(&mut c, "weird", "org", 1);
+    pg_reaper_tests::strand(&mut c, "http", "org", 1);
+    pg_reaper_tests::strand(&mut c, "weird", "org", 1);
     env.reap(&mut c);
     // The API answers, about this one execution, with a 500: a failure of its own, counted.
     env.api
@@ -169,7 +169,7 @@ fn failures_keep_the_barrier_and_retry_with_backoff_until_dead_then_replay() {
     wait_for(120, "both intents dead after three failures each", || {
         env.relay_once(&["--max-attempts", "3"]);
         let dead = json(&mut c, "SELECT to_jsonb(outbox_dead) FROM pg_reaper_status");
-        (dead == json!(2)).then_some(())
+        equal(dead, json!(2))
     });
     let http = intent(&mut c, "http");
     assert_eq!(
@@ -290,7 +290,7 @@ fn a_rearmed_execution_is_not_marked_and_its_new_run_is_untouched() {
     c.batch_execute("SELECT barrier_enqueue('e', 'org', 5); SELECT barrier_claim('e', 0)")
         .expect("re-arm");
     wait_for(60, "the outcome", || {
-        (intent(&mut c, "e")["state"] == "done").then_some(())
+        equal(intent(&mut c, "e")["state"].clone(), json!("done"))
     });
     relay.terminate();
     assert_eq!(intent(&mut c, "e")["outcome"], json!("rearmed"));
@@ -324,9 +324,9 @@ fn refire_hook_instead_of_a_mark_and_a_raising_hook_is_a_failure() {
     for id in ["good", "bad", "partial"] {
         env.api.execution(id, "org", "EXECUTING");
     }
-    env.strand(&mut c, "good", "org", 3);
-    env.strand(&mut c, "bad", "org", 3);
-    env.strand(&mut c, "partial", "org", 2);
+    pg_reaper_tests::strand(&mut c, "good", "org", 3);
+    pg_reaper_tests::strand(&mut c, "bad", "org", 3);
+    pg_reaper_tests::strand(&mut c, "partial", "org", 2);
     env.reap(&mut c);
     env.relay_once(&[]);
     assert_eq!(
@@ -388,7 +388,7 @@ fn the_refire_hook_runs_as_its_owner_and_cannot_escalate() {
         .expect("the application's hook, owned by its schema owner");
     for id in ["job", "escalate"] {
         env.api.execution(id, "org", "EXECUTING");
-        env.strand(&mut c, id, "org", 3);
+        pg_reaper_tests::strand(&mut c, id, "org", 3);
     }
     env.reap(&mut c);
     env.relay_once(&[]);
@@ -428,7 +428,7 @@ fn database_errors_are_reported_with_their_message_and_sqlstate() {
     c.batch_execute("ALTER DATABASE q SET pg_reaper.refire_function = 'public.missing'")
         .expect("a hook that does not exist");
     env.api.execution("lost-callback", "org", "EXECUTING");
-    env.strand(&mut c, "lost-callback", "org", 3);
+    pg_reaper_tests::strand(&mut c, "lost-callback", "org", 3);
     env.reap(&mut c);
     let out = env.relay_once(&["--max-attempts", "1"]);
     let state = intent(&mut c, "lost-callback");
@@ -495,7 +495,7 @@ fn without_the_worker_a_killed_relays_claims_are_taken_over_after_the_lease() {
         .get(0)
     };
     wait_for(60, "the first relay to claim all four", || {
-        (in_flight(&mut c) == 4).then_some(())
+        equal(in_flight(&mut c), 4)
     });
     first.child.kill().expect("SIGKILL");
     first.child.wait().expect("reaped");
@@ -509,7 +509,7 @@ fn without_the_worker_a_killed_relays_claims_are_taken_over_after_the_lease() {
             )
             .expect("count")
             .get(0);
-        (expired == 4).then_some(())
+        equal(expired, 4)
     });
     env.relay_once(&[]);
     let calls = env.api.calls();
@@ -539,7 +539,7 @@ fn a_large_run_is_read_without_its_file_executions() {
         "executions/big",
         Some(&json!({"organization_id": "org", "status": "EXECUTING", "file_executions": 10000})),
     );
-    env.strand(&mut c, "big", "org", 1);
+    pg_reaper_tests::strand(&mut c, "big", "org", 1);
     env.reap(&mut c);
     env.relay_once(&[]);
     assert_eq!(intent(&mut c, "big")["outcome"], json!("marked_error"));
@@ -659,7 +659,7 @@ fn metrics_healthz_and_sigterm_leave_nothing_in_flight() {
     for i in 0..6 {
         let id = format!("e{i}");
         env.api.execution(&id, "org", "EXECUTING");
-        env.strand(&mut c, &id, "org", 1);
+        pg_reaper_tests::strand(&mut c, &id, "org", 1);
     }
     env.reap(&mut c);
     let port = common::free_port();
@@ -704,7 +704,7 @@ fn metrics_healthz_and_sigterm_leave_nothing_in_flight() {
     for i in 6..10 {
         let id = format!("e{i}");
         env.api.execution(&id, "org", "EXECUTING");
-        env.strand(&mut c, &id, "org", 1);
+        pg_reaper_tests::strand(&mut c, &id, "org", 1);
     }
     env.api.faults(json!({"get_delay_ms": 800}));
     env.reap(&mut c);
@@ -785,35 +785,11 @@ fn https_to_the_api_with_a_custom_ca() {
     let env = Env::new("rtls", false);
     let mut c = env.db();
     // An execution the API does not know: its recovery is one GET (404 → gone), over TLS.
-    env.strand(&mut c, "over-tls", "org", 1);
+    pg_reaper_tests::strand(&mut c, "over-tls", "org", 1);
     env.reap(&mut c);
-    let tls = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tls");
-    let port = common::free_port();
-    struct KillOnDrop(std::process::Child);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _api = KillOnDrop(
-        std::process::Command::new(env!("CARGO_BIN_EXE_pg-reaper-sample-api"))
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--api-key-file"])
-            .arg(&env.key_file)
-            .args([
-                "--tls-cert",
-                &format!("{tls}/server.pem"),
-                "--tls-key",
-                &format!("{tls}/server.key"),
-            ])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("TLS sample API"),
-    );
-    wait_for(60, "the TLS API", || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-    });
-    let base = format!("https://127.0.0.1:{port}/internal");
+    let tls_api = common::SampleApi::start_tls(&env.key_file, common::free_port());
+    let tls = common::TLS_DIR;
+    let base = tls_api.base_url();
 
     // Without the CA the server's certificate is not trusted: a failure, nothing changes.
     let out = env

@@ -6,7 +6,7 @@
 mod common;
 
 use common::{Env, SampleApi, sleep_ms};
-use pg_reaper_tests::{json, wait_for};
+use pg_reaper_tests::{equal, json, wait_for};
 use postgres::Client;
 use serde_json::{Value, json};
 
@@ -441,7 +441,10 @@ fn a_relay_killed_with_its_mark_in_flight_is_not_followed_by_a_second_mark() {
     env.api.faults(json!({}));
     let mut second = env.spawn_relay(&settle);
     wait_for(120, "the intent done", || {
-        (common::intent(&mut c, "inflight")["state"] == json!("done")).then_some(())
+        equal(
+            common::intent(&mut c, "inflight")["state"].clone(),
+            json!("done"),
+        )
     });
     second.terminate();
     assert_eq!(env.api.executions()["inflight"]["error_marks"], json!(1));
@@ -466,7 +469,7 @@ fn a_paused_relay_stops_nothing_and_marks_nothing_twice() {
     let env = Env::new("cpause", true);
     let mut c = env.db();
     env.api.execution("paused", "org", "EXECUTING");
-    env.strand(&mut c, "paused", "org", 1);
+    pg_reaper_tests::strand(&mut c, "paused", "org", 1);
     wait_for(60, "the worker queueing it", || {
         intent_state(&mut c, "paused")
     });
@@ -493,7 +496,7 @@ fn a_paused_relay_stops_nothing_and_marks_nothing_twice() {
     let mut other = env.spawn_relay(&timing);
     for id in ["fresh1", "fresh2"] {
         env.api.execution(id, "org", "EXECUTING");
-        env.strand(&mut c, id, "org", 1);
+        pg_reaper_tests::strand(&mut c, id, "org", 1);
     }
     wait_for(
         120,
@@ -543,7 +546,7 @@ fn drop_extension_under_a_running_relay_and_worker_then_create_it_again() {
             &mut c,
             "SELECT to_jsonb(worker_state) FROM pg_reaper_status",
         );
-        (s == json!("leader")).then_some(())
+        equal(s, json!("leader"))
     });
     let first = fleet(&env, &mut c, 5);
     let mut relay = env.spawn_relay(&["--concurrency", "2"]);
@@ -591,11 +594,11 @@ fn end_to_end_in_a_schema_that_needs_quoting() {
     c.batch_execute("SET search_path = \"Queue Schema\"")
         .expect("search_path");
     env.api.execution("q-1", "org", "EXECUTING");
-    env.strand(&mut c, "q-1", "org", 1);
+    pg_reaper_tests::strand(&mut c, "q-1", "org", 1);
     // The worker reaps it (no reap_expired() by hand), the relay recovers it.
     wait_for(60, "the worker's intent", || {
         let n = json(&mut c, "SELECT to_jsonb(count(*)) FROM pg_reaper_outbox");
-        (n == json!(1)).then_some(())
+        equal(n, json!(1))
     });
     env.relay_once(&[]);
     assert_eq!(
@@ -618,7 +621,7 @@ fn after_failover_a_relay_pointed_at_the_new_primary_drains_what_was_queued() {
     wait_for(60, "the intents on the replica", || {
         let mut r = replica.client("q");
         let n = json(&mut r, "SELECT to_jsonb(count(*)) FROM pg_reaper_outbox");
-        (n == json!(20)).then_some(())
+        equal(n, json!(20))
     });
     drop(c);
     env.cluster.pg_ctl_stop("immediate");

@@ -6,7 +6,7 @@
 mod common;
 
 use common::{Env, intent};
-use pg_reaper_tests::{PgBouncer, wait_for};
+use pg_reaper_tests::{PgBouncer, equal, wait_for};
 use postgres::{Client, NoTls};
 use serde_json::json;
 use std::path::Path;
@@ -235,7 +235,7 @@ fn a_relay_naming_primary_and_standby_follows_a_failover_by_itself() {
     cmd.env("PG_REAPER_DATABASE_URL", &url);
     let mut relay = common::Relay::spawn(cmd, env.cluster.dir.join("relay-failover.log"));
     wait_for(60, "the intent recovered through the primary", || {
-        (intent(&mut c, "before")["state"] == json!("done")).then_some(())
+        equal(intent(&mut c, "before")["state"].clone(), json!("done"))
     });
     // The primary goes away; the standby is promoted. The relay finds it by itself.
     drop(c);
@@ -248,12 +248,12 @@ fn a_relay_naming_primary_and_standby_follows_a_failover_by_itself() {
             .and_then(|r| r.get::<_, bool>(0).then_some(()))
     });
     env.api.execution("after", "org", "EXECUTING");
-    env.strand(&mut p, "after", "org", 1);
+    pg_reaper_tests::strand(&mut p, "after", "org", 1);
     assert_eq!(env.reap(&mut p), 1);
     wait_for(
         120,
         "the intent queued on the new primary recovered",
-        || (intent(&mut p, "after")["state"] == json!("done")).then_some(()),
+        || equal(intent(&mut p, "after")["state"].clone(), json!("done")),
     );
     let (status, log) = relay.terminate();
     assert!(status.success(), "{log}");
@@ -286,7 +286,10 @@ fn the_relay_works_through_pgbouncer_in_session_pooling_mode() {
     // And one stranded after the relay drained everything, while it waits on its listener.
     env.stranded_executing(&mut c, "pooled-late");
     wait_for(60, "the late intent recovered", || {
-        (intent(&mut c, "pooled-late")["state"] == json!("done")).then_some(())
+        equal(
+            intent(&mut c, "pooled-late")["state"].clone(),
+            json!("done"),
+        )
     });
     let (status, log) = relay.terminate();
     assert!(status.success(), "{log}");

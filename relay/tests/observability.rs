@@ -6,7 +6,7 @@
 mod common;
 
 use common::Env;
-use pg_reaper_tests::wait_for;
+use pg_reaper_tests::{equal, wait_for};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -88,7 +88,7 @@ fn one_scrape_target_passes_promtool_and_feeds_every_dashboard_panel() {
         env.stranded_executing(&mut c, id);
     }
     env.api.execution("obs-done", "org", "COMPLETED");
-    env.strand(&mut c, "obs-done", "org", 1);
+    pg_reaper_tests::strand(&mut c, "obs-done", "org", 1);
     let listen = format!("127.0.0.1:{}", common::free_port());
     let mut relay = env.spawn_relay(&["--listen", &listen]);
 
@@ -136,7 +136,7 @@ fn one_scrape_target_passes_promtool_and_feeds_every_dashboard_panel() {
             )
             .expect("count")
             .get(0);
-        (done == 4).then_some(())
+        equal(done, 4)
     });
     wait_for(120, "Prometheus scraping the relay", || {
         (!prometheus

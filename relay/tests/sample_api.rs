@@ -32,18 +32,8 @@ fn routes_keys_scoping_and_bodies_are_the_platforms() {
                "detail": "API key does not match configured value", "debug_info": {}})
     );
     // Without any Authorization header.
-    let raw = {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", api.port)).expect("connect");
-        s.write_all(
-            format!("GET {read} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .expect("send");
-        let mut out = String::new();
-        s.read_to_string(&mut out).expect("read");
-        out
-    };
-    assert!(raw.starts_with("HTTP/1.1 401"), "{raw}");
+    let (code, raw) = api.call("GET", read, None, None);
+    assert_eq!(code, 401, "{raw}");
     assert!(
         raw.contains("Authorization header required for internal APIs"),
         "{raw}"

@@ -9,7 +9,7 @@
 mod common;
 
 use common::{Env, SampleApi};
-use pg_reaper_tests::{json, wait_for};
+use pg_reaper_tests::{equal, json, wait_for};
 use serde_json::json;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -196,7 +196,7 @@ fn sustained_load_ends_every_execution_exactly_once() {
             "SELECT jsonb_build_array((SELECT count(*) FROM pg_barrier_state), (SELECT count(*) FROM pg_reaper_outbox),
                                       (SELECT count(*) FROM pg_batch_dedup))",
         );
-        (left == json!([0, 0, 0])).then_some(())
+        equal(left, json!([0, 0, 0]))
     });
     let recovered_secs = started.elapsed().as_secs_f64();
     for r in &mut relays {

@@ -502,16 +502,42 @@ impl Drop for PgBouncer {
     }
 }
 
-/// Polls `probe` every 100 ms until it returns Some, for at most `seconds`.
-pub fn wait_for<T>(seconds: u64, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+/// What one look of [`wait_for`] saw: the value it waits for, or what it saw instead (kept for
+/// the timeout's message). `None` says only "not yet"; `Err(seen)` says what was there.
+pub trait Probe<T> {
+    fn look(self) -> Result<T, String>;
+}
+
+impl<T> Probe<T> for Option<T> {
+    fn look(self) -> Result<T, String> {
+        self.ok_or_else(|| "not yet".to_string())
+    }
+}
+
+impl<T, E: std::fmt::Debug> Probe<T> for Result<T, E> {
+    fn look(self) -> Result<T, String> {
+        self.map_err(|seen| format!("{seen:?}"))
+    }
+}
+
+/// `Ok(seen)` when `seen` is what is wanted, else `Err(seen)`: a probe for [`wait_for`] whose
+/// timeout message shows the last value seen.
+pub fn equal<T: PartialEq>(seen: T, wanted: T) -> Result<T, T> {
+    if seen == wanted { Ok(seen) } else { Err(seen) }
+}
+
+/// Looks with `probe` every 100 ms until it sees what it waits for, for at most `seconds`; on
+/// timeout, fails with what it saw last.
+pub fn wait_for<T, P: Probe<T>>(seconds: u64, what: &str, mut probe: impl FnMut() -> P) -> T {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
     loop {
-        if let Some(v) = probe() {
-            return v;
-        }
+        let seen = match probe().look() {
+            Ok(v) => return v,
+            Err(seen) => seen,
+        };
         assert!(
             std::time::Instant::now() < deadline,
-            "timed out after {seconds} s waiting for {what}"
+            "timed out after {seconds} s waiting for {what}; last seen: {seen}"
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
@@ -526,6 +552,36 @@ pub fn expire(c: &mut Client, pattern: &str) {
         &[&pattern],
     )
     .expect("expire the barrier");
+}
+
+/// Arms barrier `id` for 3 batches in `org` with a callback, counts `done` of them down, and
+/// strands it (its deadline passed).
+pub fn strand(c: &mut Client, id: &str, org: &str, done: i32) {
+    c.execute(
+        "SELECT barrier_enqueue($1, $2, 3, '1 hour', '{\"task_name\": \"aggregate\"}')",
+        &[&id, &org],
+    )
+    .expect("enqueue");
+    for b in 0..done {
+        c.execute("SELECT barrier_claim($1, $2)", &[&id, &b])
+            .expect("claim");
+        c.execute(
+            "SELECT barrier_decrement($1, to_jsonb($2::int))",
+            &[&id, &b],
+        )
+        .expect("decrement");
+    }
+    expire(c, id);
+}
+
+/// Arms `n` barriers `prefix0`, `prefix1`, … for 3 batches in `org` and strands them all.
+pub fn strand_many(c: &mut Client, prefix: &str, org: &str, n: usize) {
+    c.execute(
+        "SELECT barrier_enqueue($1 || i, $2, 3) FROM generate_series(0, $3 - 1) i",
+        &[&prefix, &org, &(n as i32)],
+    )
+    .expect("enqueue");
+    expire(c, &format!("{prefix}%"));
 }
 
 /// One JSON value from a query returning a single row and column of type jsonb.

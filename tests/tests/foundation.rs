@@ -1,7 +1,7 @@
 //! The extension over real, concurrent connections: what a single rolled-back pg_test cannot
 //! show (races between sessions, NOTIFY at commit, privileges, another schema, dump/restore).
 
-use pg_reaper_tests::{Cluster, expire, json};
+use pg_reaper_tests::{Cluster, json, strand_many};
 use postgres::Client;
 use postgres::fallible_iterator::FallibleIterator;
 use serde_json::json;
@@ -30,16 +30,6 @@ fn race<T: Send + 'static>(
         .into_iter()
         .map(|h| h.join().expect("racer panicked"))
         .collect()
-}
-
-/// Makes `n` barriers `prefix0..` whose deadline passed.
-fn strand(c: &mut Client, prefix: &str, n: usize) {
-    c.execute(
-        "SELECT barrier_enqueue($1 || i, 'org', 3) FROM generate_series(0, $2 - 1) i",
-        &[&prefix, &(n as i32)],
-    )
-    .expect("enqueue");
-    expire(c, &format!("{prefix}%"));
 }
 
 #[test]
@@ -99,7 +89,7 @@ fn concurrent_reapers_queue_each_strand_once() {
     let mut c = cluster.create_db("q", None);
     for round in 0..3 {
         let prefix = format!("r{round}-");
-        strand(&mut c, &prefix, 200);
+        strand_many(&mut c, &prefix, "org", 200);
         let queued = race(&cluster, "q", 2, |_, c| {
             c.query_one("SELECT queued FROM reap_expired()", &[])
                 .expect("reap")
@@ -132,7 +122,7 @@ fn reap_notifies_the_relay_channel_only_when_it_queued() {
     c.batch_execute("SELECT * FROM reap_expired()")
         .expect("reap nothing");
     assert_eq!(pending(&mut listener), 0, "nothing queued, no wake-up");
-    strand(&mut c, "n", 3);
+    strand_many(&mut c, "n", "org", 3);
     c.batch_execute("SELECT * FROM reap_expired(dry_run => true)")
         .expect("dry run");
     assert_eq!(
@@ -433,7 +423,7 @@ fn nothing_is_granted_to_public_and_documented_grants_suffice() {
 fn pg_dump_and_restore_keep_barriers_markers_and_intents() {
     let cluster = Cluster::start("dump", &[]);
     let mut c = cluster.create_db("src", None);
-    strand(&mut c, "s", 3);
+    strand_many(&mut c, "s", "org", 3);
     c.batch_execute(
         "SELECT barrier_enqueue('live', 'org', 5, '1 hour', '{\"cb\": true}');
          SELECT barrier_claim('live', 0); SELECT barrier_decrement('live', '{\"r\": 1}');
@@ -464,7 +454,7 @@ fn pg_dump_and_restore_keep_barriers_markers_and_intents() {
     let mut d = cluster.client("dst");
     assert_eq!(json(&mut d, all), before);
     // The identity sequence came along: a new intent does not collide with restored ids.
-    strand(&mut d, "after", 1);
+    strand_many(&mut d, "after", "org", 1);
     assert_eq!(
         json(&mut d, "SELECT to_jsonb(queued) FROM reap_expired()"),
         json!(1)

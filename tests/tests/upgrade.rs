@@ -3,7 +3,7 @@
 //! library while the SQL objects are still 0.1.0's, then `ALTER EXTENSION pg_reaper UPDATE`.
 //! 0.1.0 is built from the commit that released it (`scripts/release.sh`, cached in target/).
 
-use pg_reaper_tests::{Cluster, Installation, expire, json, wait_for};
+use pg_reaper_tests::{Cluster, Installation, equal, expire, json, wait_for};
 use postgres::Client;
 use serde_json::{Value, json};
 use std::path::PathBuf;
@@ -173,7 +173,7 @@ fn upgrade_from_0_1_0_keeps_every_row_grant_and_call() {
     let mut c = cluster.client("q");
     assert_eq!(version(&mut c), "0.1.0");
     wait_for(60, "the worker to see the outdated SQL objects", || {
-        (worker_state(&mut c) == json!("outdated")).then_some(())
+        equal(worker_state(&mut c), json!("outdated"))
     });
     // The state is shared before the line is written: wait for the line too.
     wait_for(60, "the worker to name the fix in the log", || {
@@ -339,6 +339,6 @@ fn upgrade_from_0_1_0_keeps_every_row_grant_and_call() {
         .expect("enable");
     c.execute("SELECT pg_reload_conf()", &[]).expect("reload");
     wait_for(60, "the worker to lead after the update", || {
-        (worker_state(&mut c) == json!("leader")).then_some(())
+        equal(worker_state(&mut c), json!("leader"))
     });
 }

@@ -1,7 +1,7 @@
 //! The background worker in preloaded clusters: leadership, reaping on its timer, housekeeping,
 //! and its behaviour under signals, restarts, missing objects and on a standby.
 
-use pg_reaper_tests::{Cluster, expire, json, wait_for};
+use pg_reaper_tests::{Cluster, equal, json, strand, wait_for};
 use postgres::Client;
 use serde_json::{Value, json};
 
@@ -46,12 +46,6 @@ fn wait_ticks(c: &mut Client, n: i64) {
     });
 }
 
-fn strand_expired(c: &mut Client, id: &str) {
-    c.execute("SELECT barrier_enqueue($1, 'org', 2)", &[&id])
-        .expect("enqueue");
-    expire(c, id);
-}
-
 fn intents(c: &mut Client, id: &str) -> i64 {
     c.query_one(
         "SELECT count(*) FROM pg_reaper_outbox WHERE execution_id = $1",
@@ -72,11 +66,11 @@ fn leader_reaps_both_kinds_of_strand_on_its_timer_and_never_a_live_barrier() {
     let cluster = preloaded("wreap", "q");
     let mut c = cluster.create_db("q", None);
     wait_state(&mut c, "leader");
-    strand_expired(&mut c, "expired");
+    strand(&mut c, "expired", "org", 0);
     c.batch_execute("SELECT barrier_enqueue('live', 'org', 3)")
         .expect("live");
     wait_for(60, "intent for the expired barrier", || {
-        (intents(&mut c, "expired") == 1).then_some(())
+        equal(intents(&mut c, "expired"), 1)
     });
 
     // A stale last_progress_at past the stuck timeout, while expires_at is hours ahead. The
@@ -89,7 +83,7 @@ fn leader_reaps_both_kinds_of_strand_on_its_timer_and_never_a_live_barrier() {
     )
     .expect("stale");
     wait_for(60, "intent for the stale barrier", || {
-        (intents(&mut c, "stale") == 1).then_some(())
+        equal(intents(&mut c, "stale"), 1)
     });
     // The live barrier keeps making progress: it is never reaped.
     for _ in 0..5 {
@@ -123,7 +117,7 @@ fn a_session_holding_the_lock_keeps_the_worker_standby_until_released() {
     reload(&mut c, "pg_reaper.enabled = on");
     let s = wait_state(&mut c, "standby");
     assert_eq!(s["leader_pid"], Value::Null);
-    strand_expired(&mut c, "held");
+    strand(&mut c, "held", "org", 0);
     wait_ticks(&mut c, 5);
     assert_eq!(intents(&mut c, "held"), 0, "a standby does not reap");
 
@@ -132,7 +126,7 @@ fn a_session_holding_the_lock_keeps_the_worker_standby_until_released() {
         .expect("unlock");
     wait_state(&mut c, "leader");
     wait_for(60, "intent after takeover", || {
-        (intents(&mut c, "held") == 1).then_some(())
+        equal(intents(&mut c, "held"), 1)
     });
     let s = status(&mut c);
     assert_eq!(s["leader_pid"], json!(worker_pid(&mut c)));
@@ -166,7 +160,7 @@ fn a_role_without_grants_holding_the_lock_delays_reaping_by_the_grace_only() {
         )
         .expect("an ordinary role takes the key")
         .get(1);
-    strand_expired(&mut c, "held");
+    strand(&mut c, "held", "org", 0);
     reload(&mut c, "pg_reaper.enabled = on");
     let s = wait_state(&mut c, "contested");
     assert_eq!(s["lock_holder_pid"], json!(rogue_pid));
@@ -178,7 +172,7 @@ fn a_role_without_grants_holding_the_lock_delays_reaping_by_the_grace_only() {
         "the worker leads"
     );
     wait_for(60, "intent while the rogue holds the lock", || {
-        (intents(&mut c, "held") == 1).then_some(())
+        equal(intents(&mut c, "held"), 1)
     });
     let log = cluster.log();
     let holder = format!("pid {rogue_pid}, role \"rogue\", application \"squatter\"");
@@ -218,9 +212,9 @@ fn a_paused_relays_locked_intent_never_stalls_the_worker() {
     let cluster = preloaded("wpaused", "q");
     let mut c = cluster.create_db("q", None);
     wait_state(&mut c, "leader");
-    strand_expired(&mut c, "paused");
+    strand(&mut c, "paused", "org", 0);
     wait_for(60, "the first intent", || {
-        (intents(&mut c, "paused") == 1).then_some(())
+        equal(intents(&mut c, "paused"), 1)
     });
     // The "relay": claims with a short lease, then opens its recovery transaction and stops.
     let mut relay = cluster.client("q");
@@ -245,9 +239,9 @@ fn a_paused_relays_locked_intent_never_stalls_the_worker() {
         .then_some(())
     });
     let failed_before = status(&mut c)["failed_ticks"].clone();
-    strand_expired(&mut c, "fresh");
+    strand(&mut c, "fresh", "org", 0);
     wait_for(60, "a new strand queued while the row is locked", || {
-        (intents(&mut c, "fresh") == 1).then_some(())
+        equal(intents(&mut c, "fresh"), 1)
     });
     wait_ticks(&mut c, 3);
     assert_eq!(
@@ -264,7 +258,7 @@ fn a_paused_relays_locked_intent_never_stalls_the_worker() {
                 .query_one("SELECT state FROM pg_reaper_outbox WHERE id = $1", &[&id])
                 .expect("state")
                 .get(0);
-            (state == "pending").then_some(())
+            equal(state, "pending".to_string())
         },
     );
 }
@@ -309,14 +303,14 @@ fn terminated_worker_comes_back_and_immediate_restart_resumes_leading() {
     );
     assert_ne!(new_pid, pid);
 
-    strand_expired(&mut c, "before-crash");
+    strand(&mut c, "before-crash", "org", 0);
     drop(c);
     cluster.pg_ctl_stop("immediate");
     cluster.pg_ctl_start();
     let mut c = cluster.client("q");
     wait_state(&mut c, "leader");
     wait_for(60, "intent after the restart", || {
-        (intents(&mut c, "before-crash") == 1).then_some(())
+        equal(intents(&mut c, "before-crash"), 1)
     });
     cluster.pg_ctl_stop("fast");
     assert!(!cluster.log().contains("PANIC"), "no crash");
@@ -355,8 +349,8 @@ fn waits_for_the_database_then_the_extension_and_survives_drop_extension() {
     c.batch_execute("CREATE EXTENSION pg_reaper")
         .expect("create extension");
     wait_state(&mut c, "leader");
-    strand_expired(&mut c, "x");
-    wait_for(60, "intent", || (intents(&mut c, "x") == 1).then_some(()));
+    strand(&mut c, "x", "org", 0);
+    wait_for(60, "intent", || equal(intents(&mut c, "x"), 1));
 
     c.batch_execute("DROP EXTENSION pg_reaper")
         .expect("drop while running");
@@ -397,7 +391,7 @@ fn dedup_retention_deletes_only_orphaned_markers() {
             &mut c,
             "SELECT jsonb_agg(execution_id ORDER BY execution_id) FROM pg_batch_dedup",
         );
-        (left == json!(["live", "young"])).then_some(())
+        equal(left, json!(["live", "young"]))
     });
     // The worker flushes its table statistics after its commits: autovacuum (and this view)
     // sees its deletes while it runs, not only when it exits.
@@ -433,7 +427,7 @@ fn done_intents_are_pruned_after_their_retention_and_live_ones_never() {
             &mut c,
             "SELECT jsonb_agg(execution_id ORDER BY execution_id) FROM pg_reaper_outbox",
         );
-        (left == json!(["new-done", "old-dead", "old-pending"])).then_some(())
+        equal(left, json!(["new-done", "old-dead", "old-pending"]))
     });
 }
 
@@ -453,7 +447,10 @@ fn expired_relay_leases_are_offered_again() {
             &mut c,
             "SELECT jsonb_object_agg(execution_id, state) FROM pg_reaper_outbox",
         );
-        (states == json!({"dead-relay": "pending", "live-relay": "in_flight"})).then_some(())
+        equal(
+            states,
+            json!({"dead-relay": "pending", "live-relay": "in_flight"}),
+        )
     });
 }
 
@@ -497,7 +494,7 @@ fn a_failing_tick_is_logged_and_the_next_one_runs() {
     let mut c = cluster.create_db("q", None);
     wait_state(&mut c, "leader");
     let pid = worker_pid(&mut c);
-    strand_expired(&mut c, "blocked");
+    strand(&mut c, "blocked", "org", 0);
     let mut blocker = cluster.client("q");
     blocker
         .batch_execute("BEGIN; LOCK pg_reaper_outbox IN ACCESS EXCLUSIVE MODE")
@@ -526,7 +523,7 @@ fn a_failing_tick_is_logged_and_the_next_one_runs() {
     });
     blocker.batch_execute("COMMIT").expect("release");
     wait_for(60, "intent after the lock went", || {
-        (intents(&mut c, "blocked") == 1).then_some(())
+        equal(intents(&mut c, "blocked"), 1)
     });
     assert!(
         cluster
@@ -545,14 +542,14 @@ fn a_standby_stays_idle_refuses_reaping_and_leads_once_promoted() {
     let primary = preloaded("wprimary", "q");
     let mut p = primary.create_db("q", None);
     wait_state(&mut p, "leader");
-    strand_expired(&mut p, "queued-on-primary");
+    strand(&mut p, "queued-on-primary", "org", 0);
     wait_for(60, "intent on the primary", || {
-        (intents(&mut p, "queued-on-primary") == 1).then_some(())
+        equal(intents(&mut p, "queued-on-primary"), 1)
     });
     // Keep the primary's worker from queueing this one: disable it before the replica copies.
     reload(&mut p, "pg_reaper.enabled = off");
     wait_state(&mut p, "disabled");
-    strand_expired(&mut p, "after-failover");
+    strand(&mut p, "after-failover", "org", 0);
 
     let replica = primary.start_replica("wreplica", &[]);
     let mut r = replica.client("q");
@@ -581,7 +578,7 @@ fn a_standby_stays_idle_refuses_reaping_and_leads_once_promoted() {
     reload(&mut r, "pg_reaper.enabled = on");
     wait_state(&mut r, "leader");
     wait_for(60, "intent on the new primary", || {
-        (intents(&mut r, "after-failover") == 1).then_some(())
+        equal(intents(&mut r, "after-failover"), 1)
     });
     assert_eq!(
         intents(&mut r, "queued-on-primary"),
@@ -594,7 +591,7 @@ fn a_standby_stays_idle_refuses_reaping_and_leads_once_promoted() {
 fn without_preload_the_sql_api_works_and_no_worker_runs() {
     let cluster = Cluster::start("nopreload", &[]);
     let mut c = cluster.create_db("q", None);
-    strand_expired(&mut c, "x");
+    strand(&mut c, "x", "org", 0);
     assert_eq!(
         json(&mut c, "SELECT to_jsonb(queued) FROM reap_expired()"),
         json!(1)

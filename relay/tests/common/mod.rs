@@ -2,10 +2,9 @@
 
 #![allow(dead_code)] // each test file uses its own part of this harness
 
-use pg_reaper_tests::{Cluster, expire, json, wait_for};
+use pg_reaper_tests::{Cluster, json, strand, wait_for};
 use postgres::Client;
 use serde_json::Value;
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
@@ -15,12 +14,26 @@ pub const KEY: &str = "test-key-0f3a9c";
 
 pub struct SampleApi {
     pub port: u16,
+    /// `https` when started with TLS.
+    pub scheme: &'static str,
     child: Child,
 }
+
+/// The test CA's directory: `ca.pem` signs `server.pem` (for 127.0.0.1 and localhost).
+pub const TLS_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tls");
 
 impl SampleApi {
     pub fn start(key_file: &PathBuf, port: u16) -> SampleApi {
         SampleApi::start_with(key_file, port, &[])
+    }
+
+    /// Serving HTTPS with the test CA's server certificate.
+    pub fn start_tls(key_file: &PathBuf, port: u16) -> SampleApi {
+        let (cert, key) = (
+            format!("{TLS_DIR}/server.pem"),
+            format!("{TLS_DIR}/server.key"),
+        );
+        SampleApi::start_with(key_file, port, &["--tls-cert", &cert, "--tls-key", &key])
     }
 
     /// Started with more flags (`--faults JSON`: in force from its first request).
@@ -32,7 +45,16 @@ impl SampleApi {
             .stderr(Stdio::null())
             .spawn()
             .expect("start the sample API");
-        let mut api = SampleApi { port, child };
+        let scheme = if flags.contains(&"--tls-cert") {
+            "https"
+        } else {
+            "http"
+        };
+        let mut api = SampleApi {
+            port,
+            scheme,
+            child,
+        };
         // Listening, and it is this process that listens (one that could not bind has exited).
         wait_for(60, "the sample API", || {
             TcpStream::connect(("127.0.0.1", port)).ok()
@@ -44,12 +66,18 @@ impl SampleApi {
         api
     }
 
+    /// The base URL the relay is given.
+    pub fn base_url(&self) -> String {
+        format!("{}://127.0.0.1:{}/internal", self.scheme, self.port)
+    }
+
     pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
-    /// One request to the API; (status code, JSON body).
+    /// One request to the API with bearer `key` (None: no Authorization header) and the
+    /// organization `org`; (status code, JSON body or Null).
     pub fn request(
         &self,
         method: &str,
@@ -57,19 +85,32 @@ impl SampleApi {
         body: Option<&Value>,
         key: &str,
     ) -> (u16, Value) {
-        let body = body.map(Value::to_string).unwrap_or_default();
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to the API");
-        let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n\
-             X-Organization-ID: org\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
-             Connection: close\r\n\r\n{body}",
-            body.len()
-        );
-        stream.write_all(request.as_bytes()).expect("send");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).expect("read");
-        let (code, body) = parse_response(&response);
-        (code, serde_json::from_str(&body).unwrap_or(Value::Null))
+        let (code, text) = self.call(method, path, body, Some(key));
+        (code, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// One request to the API; (status code, body as text).
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        key: Option<&str>,
+    ) -> (u16, String) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("an HTTP method");
+        let url = format!("{}://127.0.0.1:{}{path}", self.scheme, self.port);
+        let mut request = http()
+            .request(method, url)
+            .header("X-Organization-ID", "org");
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().expect("a request to the sample API");
+        let code = response.status().as_u16();
+        (code, response.text().expect("its body"))
     }
 
     pub fn admin(&self, method: &str, path: &str, body: Option<&Value>) -> Value {
@@ -100,6 +141,23 @@ impl SampleApi {
     pub fn faults(&self, faults: Value) {
         self.admin("POST", "faults", Some(&faults));
     }
+}
+
+/// The tests' HTTP client: trusts the test CA, no proxy from the environment, a timeout far
+/// above any answer on loopback.
+fn http() -> reqwest::blocking::Client {
+    static CLIENT: std::sync::OnceLock<reqwest::blocking::Client> = std::sync::OnceLock::new();
+    CLIENT
+        .get_or_init(|| {
+            let ca = std::fs::read(format!("{TLS_DIR}/ca.pem")).expect("the test CA");
+            reqwest::blocking::Client::builder()
+                .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("a PEM CA"))
+                .no_proxy()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .expect("an HTTP client")
+        })
+        .clone()
 }
 
 impl Drop for SampleApi {
@@ -174,10 +232,7 @@ impl Env {
     pub fn relay_command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_pg-reaper-relay"));
         c.env("PG_REAPER_DATABASE_URL", self.cluster.url("q"))
-            .env(
-                "PG_REAPER_API_BASE_URL",
-                format!("http://127.0.0.1:{}/internal", self.api.port),
-            )
+            .env("PG_REAPER_API_BASE_URL", self.api.base_url())
             .env("PG_REAPER_API_KEY_FILE", &self.key_file)
             // Short enough that a killed relay's held claim comes back within a test's wait.
             .env("PG_REAPER_HTTP_TIMEOUT", "5s")
@@ -208,7 +263,7 @@ impl Env {
     /// reaped into an intent.
     pub fn stranded_executing(&self, c: &mut Client, id: &str) {
         self.api.execution(id, "org", "EXECUTING");
-        self.strand(c, id, "org", 1);
+        strand(c, id, "org", 1);
         self.reap(c);
     }
 
@@ -217,25 +272,6 @@ impl Env {
         let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = self.cluster.dir.join(format!("relay-{n}.log"));
         Relay::spawn(self.relay_command(args), log)
-    }
-
-    /// Enqueues `id` for 3 batches in `org`, counts `done` of them down, and strands it.
-    pub fn strand(&self, c: &mut Client, id: &str, org: &str, done: i32) {
-        c.execute(
-            "SELECT barrier_enqueue($1, $2, 3, '1 hour', '{\"task_name\": \"aggregate\"}')",
-            &[&id, &org],
-        )
-        .expect("enqueue");
-        for b in 0..done {
-            c.execute("SELECT barrier_claim($1, $2)", &[&id, &b])
-                .expect("claim");
-            c.execute(
-                "SELECT barrier_decrement($1, to_jsonb($2::int))",
-                &[&id, &b],
-            )
-            .expect("decrement");
-        }
-        expire(c, id);
     }
 
     pub fn reap(&self, c: &mut Client) -> i32 {
@@ -337,30 +373,14 @@ pub fn sleep_ms(ms: u64) {
     std::thread::sleep(Duration::from_millis(ms));
 }
 
-/// An HTTP/1.1 response read to its end: (status code, body).
-fn parse_response(response: &str) -> (u16, String) {
-    let code = response
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (code, body)
-}
-
-/// A plain HTTP GET on loopback: (status code, body).
+/// A plain HTTP GET of the relay's endpoint at `addr`: (status code, body); (0, "") while
+/// nothing answers.
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {
-    let Ok(mut stream) = TcpStream::connect(addr) else {
-        return (0, String::new());
-    };
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    if stream.write_all(request.as_bytes()).is_err() {
-        return (0, String::new());
+    match http().get(format!("http://{addr}{path}")).send() {
+        Ok(response) => {
+            let code = response.status().as_u16();
+            (code, response.text().unwrap_or_default())
+        }
+        Err(_) => (0, String::new()),
     }
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    parse_response(&response)
 }
