@@ -33,7 +33,7 @@ echo "== alerting rules: promtool unit tests"
 (cd deploy/prometheus && promtool check rules pg_reaper.rules.yml && promtool test rules pg_reaper.rules.test.yml) 2>&1 | tee -a "$LOG"
 
 echo "== integration tests: throwaway clusters, concurrent sessions, the worker, the relay and the sample API"
-cargo test --locked -p pg_reaper_tests -p pg-reaper-relay 2>&1 | tee -a "$LOG"
+cargo test --locked -p pg_reaper_protocol -p pg_reaper_tests -p pg-reaper-relay 2>&1 | tee -a "$LOG"
 
 echo "== benchmark smoke run (tiny sizes; the real run is make bench)"
 BENCH_SMOKE=1 bash scripts/bench.sh

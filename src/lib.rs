@@ -19,7 +19,6 @@ mod guc;
 mod operator;
 mod outbox;
 mod plan;
-mod protocol;
 mod raw_jsonb;
 mod reap;
 mod recovery;

@@ -3,9 +3,9 @@
 //! now, stranded or not.
 
 use crate::plan::{self, Statement};
-use crate::protocol::{Action, State};
 use crate::validate::{self, invalid};
 use crate::{guc, reap};
+use pg_reaper_protocol::{Action, State};
 use pgrx::prelude::*;
 use serde_json::{Value, json};
 

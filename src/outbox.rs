@@ -7,8 +7,8 @@
 //! claim it holds (`attempts` unchanged since its claim), never one another relay made since.
 
 use crate::plan::{self, Statement};
-use crate::protocol::{Action, LOST, Outcome};
 use crate::validate::{self, invalid};
+use pg_reaper_protocol::{Action, LOST, Outcome};
 use pgrx::prelude::*;
 use pgrx::spi::{SpiClient, SpiResult};
 

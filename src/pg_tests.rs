@@ -65,7 +65,7 @@ mod tests {
 
     #[pg_test]
     fn the_schema_checks_the_same_words_as_the_code() {
-        use crate::protocol::{Action, Outcome, State};
+        use pg_reaper_protocol::{Action, Outcome, State};
         let words = |w: &[&str]| w.iter().map(|s| s.to_string()).collect();
         assert_eq!(
             checked_words("pg_reaper_outbox_state_valid"),

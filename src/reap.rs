@@ -7,8 +7,8 @@
 
 use crate::guc;
 use crate::plan::{self, Statement};
-use crate::protocol::CHANNEL;
 use crate::validate::invalid;
+use pg_reaper_protocol::CHANNEL;
 use pgrx::prelude::*;
 
 /// `reap_expired()`: the stranded barriers, whether each already has a live intent, and an

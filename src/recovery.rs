@@ -11,9 +11,9 @@
 //! never deleted before that.
 
 use crate::plan::{self, Statement};
-use crate::protocol::{Action, Outcome, Verdict};
 use crate::validate::{self, invalid};
 use crate::{barrier, guc, outbox};
+use pg_reaper_protocol::{Action, Outcome, Verdict};
 use pgrx::prelude::*;
 
 /// `$3`: an operator forced this recovery (barrier_recover), which skips the stranded check.

@@ -1,10 +1,10 @@
-//! The words the relay and the extension exchange, each defined once and parsed strictly: a
-//! word this relay does not know (a newer extension?) is a protocol error, never read as the
-//! nearest known one, so an unknown answer fails closed (no mark, nothing counted wrongly).
-//! The extension defines the same words in its `protocol` module and its schema's CHECKs.
+//! The relay's side of the protocol's words (defined once, with the extension, in the
+//! `pg_reaper_protocol` crate): a word this relay does not know (a newer extension?) is a
+//! protocol error, never read as the nearest known one, so an unknown answer fails closed (no
+//! mark, nothing counted wrongly). The failure causes of the metrics are the relay's own.
 
-/// The channel the extension notifies when intents become due.
-pub const CHANNEL: &str = "pg_reaper_outbox";
+pub use pg_reaper_protocol::{CHANNEL, Outcome};
+use pg_reaper_protocol::{LOST, State};
 
 /// The extension answered something this relay does not understand.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,36 +13,6 @@ pub struct Unknown(pub String);
 impl std::fmt::Display for Unknown {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
-    }
-}
-
-/// How an intent was resolved: the `outcome` column of a done intent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Outcome {
-    MarkedError,
-    AlreadyTerminal,
-    Gone,
-    Rearmed,
-    Refired,
-}
-
-impl Outcome {
-    pub const ALL: [Outcome; 5] = [
-        Outcome::MarkedError,
-        Outcome::AlreadyTerminal,
-        Outcome::Gone,
-        Outcome::Rearmed,
-        Outcome::Refired,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::MarkedError => "marked_error",
-            Outcome::AlreadyTerminal => "already_terminal",
-            Outcome::Gone => "gone",
-            Outcome::Rearmed => "rearmed",
-            Outcome::Refired => "refired",
-        }
     }
 }
 
@@ -61,13 +31,14 @@ pub enum Verdict {
 
 impl Verdict {
     pub fn parse(word: &str, remaining: Option<i32>) -> Result<Verdict, Unknown> {
-        match word {
-            "lost" => Ok(Verdict::Lost),
-            "rearmed" => Ok(Verdict::Rearmed),
-            "refire" => Ok(Verdict::Refire),
-            "mark" => Ok(Verdict::Mark { remaining }),
-            other => Err(Unknown(format!(
-                "recovery_lock returned the unknown verdict {other:?}; not marking"
+        use pg_reaper_protocol::Verdict as Word;
+        match Word::parse(word) {
+            Some(Word::Lost) => Ok(Verdict::Lost),
+            Some(Word::Rearmed) => Ok(Verdict::Rearmed),
+            Some(Word::Refire) => Ok(Verdict::Refire),
+            Some(Word::Mark) => Ok(Verdict::Mark { remaining }),
+            None => Err(Unknown(format!(
+                "recovery_lock returned the unknown verdict {word:?}; not marking"
             ))),
         }
     }
@@ -86,12 +57,12 @@ pub enum HandedBack {
 
 impl HandedBack {
     pub fn parse(word: &str) -> Result<HandedBack, Unknown> {
-        match word {
-            "pending" => Ok(HandedBack::Pending),
-            "dead" => Ok(HandedBack::Dead),
-            "lost" => Ok(HandedBack::Lost),
-            other => Err(Unknown(format!(
-                "the outbox answered the unknown state {other:?} for a handed-back intent"
+        match State::parse(word) {
+            Some(State::Pending) => Ok(HandedBack::Pending),
+            Some(State::Dead) => Ok(HandedBack::Dead),
+            _ if word == LOST => Ok(HandedBack::Lost),
+            _ => Err(Unknown(format!(
+                "the outbox answered {word:?} for a handed-back intent, not pending, dead or lost"
             ))),
         }
     }
@@ -175,10 +146,7 @@ mod tests {
     }
 
     #[test]
-    fn every_word_is_distinct() {
-        let outcomes: std::collections::HashSet<_> =
-            Outcome::ALL.iter().map(|o| o.as_str()).collect();
-        assert_eq!(outcomes.len(), Outcome::ALL.len());
+    fn every_cause_is_distinct() {
         let causes: std::collections::HashSet<_> = Cause::ALL.iter().map(|c| c.as_str()).collect();
         assert_eq!(causes.len(), Cause::ALL.len());
     }

@@ -1,7 +1,8 @@
-//! The words of the outbox protocol, each defined once: the intent states and outcomes (the
-//! schema's CHECK constraints hold the same lists), the verdicts of `recovery_lock`, the
-//! operator's actions, and the channel relays listen on. The relay has the same words in its
-//! `protocol` module and parses them strictly.
+//! The words of pg_reaper's outbox protocol, defined once for the extension and the relay: the
+//! intent states and outcomes (the schema's CHECK constraints hold the same lists, and a pg_test
+//! holds them equal), the verdicts of `recovery_lock`, the operator's actions, and the channel
+//! relays listen on. Parsing is strict: a word that is not here is `None`, never the nearest
+//! known one.
 //!
 //! ```text
 //!             reap / barrier_recover
@@ -46,9 +47,6 @@ impl State {
         }
     }
 }
-
-/// What `outbox_fail` and `outbox_defer` answer when the caller's claim matched no row.
-pub const LOST: &str = "lost";
 
 /// How a done intent was resolved (the `outcome` column).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,15 +101,30 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    pub const ALL: [Verdict; 4] = [
+        Verdict::Lost,
+        Verdict::Rearmed,
+        Verdict::Refire,
+        Verdict::Mark,
+    ];
+
+    pub fn parse(word: &str) -> Option<Verdict> {
+        Verdict::ALL.into_iter().find(|v| v.as_str() == word)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
-            Verdict::Lost => LOST,
+            Verdict::Lost => "lost",
             Verdict::Rearmed => "rearmed",
             Verdict::Refire => "refire",
             Verdict::Mark => "mark",
         }
     }
 }
+
+/// What `outbox_fail` and `outbox_defer` answer when the caller's claim matched no row (they
+/// answer the intent's new state otherwise).
+pub const LOST: &str = "lost";
 
 /// What an operator asked `barrier_recover` to do (the `action` column; NULL for intents
 /// reaping queued).
@@ -133,5 +146,35 @@ impl Action {
         [Action::Error, Action::Refire]
             .into_iter()
             .find(|a| a.as_str() == word)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_word_parses_back_and_nothing_else_does() {
+        for s in State::ALL {
+            assert_eq!(State::parse(s.as_str()), Some(s));
+        }
+        for o in Outcome::ALL {
+            assert_eq!(Outcome::parse(o.as_str()), Some(o));
+        }
+        for v in Verdict::ALL {
+            assert_eq!(Verdict::parse(v.as_str()), Some(v));
+        }
+        for a in [Action::Error, Action::Refire] {
+            assert_eq!(Action::parse(a.as_str()), Some(a));
+        }
+        for unknown in ["", "MARK", "mark ", "refired ", "Done", "skip"] {
+            assert_eq!(Verdict::parse(unknown), None, "{unknown:?}");
+            assert_eq!(Outcome::parse(unknown), None, "{unknown:?}");
+            assert_eq!(State::parse(unknown), None, "{unknown:?}");
+        }
+        assert_eq!(
+            Outcome::listed(),
+            "marked_error, already_terminal, gone, rearmed, refired"
+        );
     }
 }
