@@ -117,8 +117,18 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::default(),
     );
+    // From 15 on, the prefix is reserved: an unknown `pg_reaper.x` is refused (42602). 14 can
+    // only warn about (and drop) the placeholders set so far; later ones are accepted there.
     // SAFETY: a static NUL-terminated string, called from _PG_init as Postgres documents.
-    unsafe { pg_sys::MarkGUCPrefixReserved(c"pg_reaper".as_ptr()) };
+    #[cfg(not(feature = "pg14"))]
+    unsafe {
+        pg_sys::MarkGUCPrefixReserved(c"pg_reaper".as_ptr())
+    };
+    // SAFETY: as above.
+    #[cfg(feature = "pg14")]
+    unsafe {
+        pg_sys::EmitWarningsOnPlaceholders(c"pg_reaper".as_ptr())
+    };
 }
 
 /// The stuck timeout as an interval, the form the stranded predicate takes.

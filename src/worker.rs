@@ -115,7 +115,16 @@ pub extern "C-unwind" fn pg_reaper_worker_main(_arg: pg_sys::Datum) {
     // (inside a lock wait, a scan, or at the latch) turns into a clean FATAL exit, so a
     // shutdown or pg_terminate_backend() never waits for a long chore to end.
     // SAFETY: installs Postgres's own handler for this process, as bgworker.c documents.
-    unsafe { pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(postgres_die)) };
+    // (PostgreSQL 18 names the backend's function pqsignal_be; pqsignal is a macro there.)
+    #[cfg(not(feature = "pg18"))]
+    unsafe {
+        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(postgres_die))
+    };
+    // SAFETY: as above.
+    #[cfg(feature = "pg18")]
+    unsafe {
+        pg_sys::pqsignal_be(pg_sys::SIGTERM as i32, Some(postgres_die))
+    };
     let database = guc::DATABASE
         .get()
         .and_then(|s| s.into_string().ok())
