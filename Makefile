@@ -1,6 +1,6 @@
 # pg_reaper: `make test` runs every test (`make test PG=17`: all of them on one major); `make run`
 # is the demo. Both install what they need.
-.PHONY: test run bench soak setup install lint audit
+.PHONY: test run bench soak setup install lint audit package
 
 test:
 	bash scripts/test.sh
@@ -26,3 +26,6 @@ bench:
 
 soak:
 	bash scripts/soak.sh
+
+package:
+	bash scripts/package.sh

@@ -44,9 +44,9 @@ api() {
   printf '%s' "${reply#*$'\r\n\r\n'}"
 }
 
-# wait_for_port PORT: until something listens there (5 s at most).
+# wait_for_port PORT: until something listens there (60 s at most: CI machines are loaded).
 wait_for_port() {
-  for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
+  for _ in $(seq 600); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
   echo "nothing listens on port $1" >&2
   return 1
 }

@@ -50,6 +50,10 @@ cargo test --locked -p pg-reaper-relay 2>&1 | tee -a "$LOG"
 
 echo "== benchmark smoke run (tiny sizes; the real run is make bench)"
 BENCH_SMOKE=1 bash scripts/bench.sh
+if [ "$FULL" = 15 ]; then
+  echo "== Debian packages: built, installed with apt-get, used, removed"
+  bash scripts/package_test.sh
+fi
 echo "== PostgreSQL $FULL, everything: $((SECONDS - start)) s"
 
 for n in $OTHERS; do
