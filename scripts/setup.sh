@@ -2,14 +2,15 @@
 # Installs what building and testing pg_reaper needs, and nothing that is already there:
 # Debian's PostgreSQL 15 with server headers, clang for bindgen, sudo and runuser (to run
 # Postgres as the postgres OS user when we are root), openssl (the tests make certificates),
-# prometheus (promtool and a real server for the alerting-rule and dashboard tests), pgbouncer
-# and a Python virtualenv with psycopg (the platform-worker test), cargo-pgrx 0.18.1, and its
-# config for every PostgreSQL major in PG_MAJORS (default 15; the others from scripts/pg.sh).
+# prometheus (promtool and a real server for the alerting-rule and dashboard tests), pgbouncer,
+# patroni and etcd-server (the failover test), a Python virtualenv with psycopg (the
+# platform-worker test), cargo-pgrx 0.18.1, and its config for every PostgreSQL major in
+# PG_MAJORS (default 15; the others from scripts/pg.sh).
 set -euo pipefail
 export PATH="$HOME/.cargo/bin:$PATH"
 cd "$(dirname "$0")/.."
 packages=(postgresql-15 postgresql-server-dev-15 postgresql-client-15 libclang-dev clang sudo util-linux openssl prometheus
-          pgbouncer python3 python3-venv)
+          pgbouncer python3 python3-venv patroni etcd-server)
 
 missing=()
 for p in "${packages[@]}"; do

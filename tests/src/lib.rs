@@ -5,6 +5,8 @@
 //! The extension must be installed (`cargo pgrx install`) before these tests run; a test that
 //! needs other versions of its files runs its cluster from an [`Installation`] of its own.
 
+pub mod patroni;
+
 use postgres::{Client, NoTls};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
