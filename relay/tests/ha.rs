@@ -1,9 +1,10 @@
 //! Failover under Patroni: one etcd member and two Patroni-managed nodes with pg_reaper
 //! preloaded on both, a relay whose database URL names both nodes (`target_session_attrs =
-//! read-write`), stranded executions before and after a planned switchover and after the loss
-//! of the primary's machine (its Patroni and postmaster SIGKILLed). After each: the worker leads
-//! on the primary only, the relay found the primary by itself, and every execution was marked
-//! ERROR exactly once, with no intent lost.
+//! read-write`), stranded executions before and after a planned switchover, after a SIGKILL of
+//! the primary's postmaster (Patroni starts it again in place), and after the loss of the
+//! primary's machine (its Patroni and postmaster SIGKILLed: the other node takes over). After
+//! each: the worker leads on the primary only, the relay found the primary by itself, and every
+//! execution was marked ERROR exactly once, with no intent lost.
 
 mod common;
 
@@ -123,6 +124,7 @@ fn the_worker_and_the_relay_follow_a_switchover_and_a_failover() {
 
     // A planned switchover: the other node becomes the primary.
     let second = 1 - first;
+    ha.wait_caught_up(first);
     ha.switchover(first, second);
     wait_for(180, "the switchover", || {
         (ha.primary() == Some(second))
@@ -133,7 +135,21 @@ fn the_worker_and_the_relay_follow_a_switchover_and_a_failover() {
     let switched = round("switched");
     strand_and_recover(&ha, &api, second, &switched);
 
+    // The primary's postmaster is SIGKILLed: Patroni starts it again in place, still primary.
+    ha.wait_caught_up(second);
+    let killed = ha.kill_postmaster(second);
+    wait_for(180, "the primary started again by Patroni", || {
+        let restarted = ha.postmaster(second).is_some_and(|pid| pid != killed);
+        (restarted && ha.primary() == Some(second))
+            .then_some(())
+            .ok_or_else(|| ha.roles())
+    });
+    worker_leads_on(&ha, second);
+    let restarted = round("restarted");
+    strand_and_recover(&ha, &api, second, &restarted);
+
     // The primary's machine is lost: the first node takes over when the leader key expires.
+    ha.wait_caught_up(second);
     ha.kill(second);
     wait_for(180, "the failover", || {
         (ha.primary() == Some(first))
@@ -146,7 +162,12 @@ fn the_worker_and_the_relay_follow_a_switchover_and_a_failover() {
 
     // Exactly once over the whole run, and nothing left behind.
     let executions = api.executions();
-    for id in before.iter().chain(&switched).chain(&failed_over) {
+    for id in before
+        .iter()
+        .chain(&switched)
+        .chain(&restarted)
+        .chain(&failed_over)
+    {
         assert_eq!(executions[id]["error_marks"], json!(1), "{id}");
         assert_eq!(executions[id]["status"], json!("ERROR"), "{id}");
     }

@@ -237,6 +237,38 @@ postgresql:
         )
     }
 
+    /// Waits until every other node has replayed what `primary` has written so far, so that
+    /// Patroni finds a replica healthy enough to take over and nothing written is lost by it.
+    pub fn wait_caught_up(&self, primary: usize) {
+        let written: String = self
+            .client(primary, "postgres")
+            .expect("the primary")
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .expect("the primary's WAL position")
+            .get(0);
+        for i in (0..self.nodes.len()).filter(|&i| i != primary) {
+            wait_for(180, "the replica to replay the primary's WAL", || {
+                let replayed = self.client(i, "postgres").and_then(|mut c| {
+                    c.query_one(
+                        "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn,
+                                coalesce(pg_last_wal_replay_lsn()::text, 'none')",
+                        &[&written],
+                    )
+                    .ok()
+                });
+                match replayed {
+                    Some(row) if row.get::<_, Option<bool>>(0) == Some(true) => Ok(()),
+                    Some(row) => Err(format!(
+                        "{} replayed {}, the primary wrote {written}",
+                        self.nodes[i].name,
+                        row.get::<_, String>(1)
+                    )),
+                    None => Err(format!("{} does not answer", self.nodes[i].name)),
+                }
+            });
+        }
+    }
+
     /// A planned switchover from the primary `from` to the replica `to` (`patronictl`).
     pub fn switchover(&self, from: usize, to: usize) {
         let out = Command::new("patronictl")
@@ -258,6 +290,20 @@ postgresql:
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// SIGKILL of node `i`'s postmaster alone; its Patroni, still holding the leader key,
+    /// starts it again (crash recovery) in place. Returns the pid it killed.
+    pub fn kill_postmaster(&self, i: usize) -> String {
+        let pid = postmaster_pid(&self.nodes[i].data).expect("a running postmaster");
+        let killed = Command::new("kill").args(["-KILL", &pid]).status();
+        assert!(killed.is_ok_and(|s| s.success()), "kill -KILL {pid}");
+        pid
+    }
+
+    /// The postmaster pid of node `i` now, if it runs.
+    pub fn postmaster(&self, i: usize) -> Option<String> {
+        postmaster_pid(&self.nodes[i].data)
     }
 
     /// The machine of node `i` lost: its Patroni and its postmaster SIGKILLed at once, so that
@@ -289,8 +335,9 @@ impl Drop for Patroni {
             for name in ["etcd", "node1", "node2"] {
                 let text = std::fs::read_to_string(self.dir.join(format!("{name}.log")))
                     .unwrap_or_default();
-                let lines: Vec<&str> = text.lines().collect();
-                let tail = &lines[lines.len().saturating_sub(25)..];
+                // Patroni says "no action" every second; what happened is in the other lines.
+                let lines: Vec<&str> = text.lines().filter(|l| !l.contains("no action.")).collect();
+                let tail = &lines[lines.len().saturating_sub(40)..];
                 eprintln!("--- {name}.log, last lines:\n{}", tail.join("\n"));
             }
         }
