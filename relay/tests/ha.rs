@@ -100,23 +100,7 @@ fn the_worker_and_the_relay_follow_a_switchover_and_a_failover() {
     let key_file = ha.dir.join("api.key");
     std::fs::write(&key_file, format!("{KEY}\n")).expect("key file");
     let api = SampleApi::start(&key_file, common::free_port());
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_pg-reaper-relay"));
-    command
-        .env("PG_REAPER_DATABASE_URL", ha.url("q"))
-        .env("PG_REAPER_API_BASE_URL", api.base_url())
-        .env("PG_REAPER_API_KEY_FILE", &key_file)
-        .env("PG_REAPER_HTTP_TIMEOUT", "5s")
-        .env("PG_REAPER_LEASE", "30s")
-        .env("RUST_LOG", "info")
-        .env_remove("PG_REAPER_API_KEY")
-        .args([
-            "--poll-interval",
-            "200ms",
-            "--backoff-base",
-            "50ms",
-            "--backoff-max",
-            "500ms",
-        ]);
+    let command = common::relay_command(&ha.url("q"), &api, &key_file);
     let mut relay = common::Relay::spawn(command, ha.dir.join("relay.log"));
 
     let before = round("before");

@@ -230,27 +230,8 @@ impl Env {
     }
 
     pub fn relay_command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_pg-reaper-relay"));
-        c.env("PG_REAPER_DATABASE_URL", self.cluster.url("q"))
-            .env("PG_REAPER_API_BASE_URL", self.api.base_url())
-            .env("PG_REAPER_API_KEY_FILE", &self.key_file)
-            // Short enough that a killed relay's held claim comes back within a test's wait.
-            .env("PG_REAPER_HTTP_TIMEOUT", "5s")
-            .env("PG_REAPER_SETTLE_DELAY", "10s")
-            // Long enough that load never lets a working relay's claim expire; the tests that
-            // want a lease to run out ask for --lease 3s.
-            .env("PG_REAPER_LEASE", "30s")
-            .env("RUST_LOG", "info")
-            .env_remove("PG_REAPER_API_KEY")
-            .args([
-                "--poll-interval",
-                "200ms",
-                "--backoff-base",
-                "50ms",
-                "--backoff-max",
-                "200ms",
-            ])
-            .args(args);
+        let mut c = relay_command(&self.cluster.url("q"), &self.api, &self.key_file);
+        c.args(args);
         c
     }
 
@@ -279,6 +260,31 @@ impl Env {
             .expect("reap")
             .get(0)
     }
+}
+
+/// The relay against `database_url` and `api`, with the tests' timings.
+pub fn relay_command(database_url: &str, api: &SampleApi, key_file: &PathBuf) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_pg-reaper-relay"));
+    c.env("PG_REAPER_DATABASE_URL", database_url)
+        .env("PG_REAPER_API_BASE_URL", api.base_url())
+        .env("PG_REAPER_API_KEY_FILE", key_file)
+        // Short enough that a killed relay's held claim comes back within a test's wait.
+        .env("PG_REAPER_HTTP_TIMEOUT", "5s")
+        .env("PG_REAPER_SETTLE_DELAY", "10s")
+        // Long enough that load never lets a working relay's claim expire; the tests that
+        // want a lease to run out ask for --lease 3s.
+        .env("PG_REAPER_LEASE", "30s")
+        .env("RUST_LOG", "info")
+        .env_remove("PG_REAPER_API_KEY")
+        .args([
+            "--poll-interval",
+            "200ms",
+            "--backoff-base",
+            "50ms",
+            "--backoff-max",
+            "200ms",
+        ]);
+    c
 }
 
 /// state/outcome/attempts of the intent of `id`, and whether its barrier still exists.
