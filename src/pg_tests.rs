@@ -391,6 +391,18 @@ mod tests {
         assert_eq!(one::<bool>("SELECT barrier_claim('e1', 0)"), Some(false));
     }
 
+    /// Markers go with the barrier, by whichever call deletes it: a finish that finds no
+    /// barrier (after an abort that kept them, say) leaves them alone.
+    #[pg_test]
+    fn finish_without_a_barrier_keeps_preserved_markers() {
+        run("SELECT barrier_enqueue('e1', 'org', 2)");
+        run("SELECT barrier_claim('e1', 0)");
+        run("SELECT barrier_abort('e1', true)");
+        assert_eq!(one::<bool>("SELECT barrier_finish('e1')"), Some(false));
+        assert_eq!(count("SELECT count(*) FROM pg_batch_dedup"), 1);
+        assert_eq!(one::<bool>("SELECT barrier_claim('e1', 0)"), Some(false));
+    }
+
     #[pg_test]
     fn abort_loser_never_clears_markers_of_a_new_claim() {
         assert_eq!(one::<bool>("SELECT barrier_claim('e1', 0)"), Some(true));
