@@ -92,10 +92,13 @@ fn one_scrape_target_passes_promtool_and_feeds_every_dashboard_panel() {
     let listen = format!("127.0.0.1:{}", common::free_port());
     let mut relay = env.spawn_relay(&["--listen", &listen]);
 
-    // The database side arrives in the relay's own /metrics.
+    // The database side arrives in the relay's own /metrics; the tick age once the leading
+    // worker has finished a tick (it leads from the start of its first one).
     let metrics = wait_for(60, "the database gauges in /metrics", || {
         let (_, body) = common::http_get(&listen, "/metrics");
-        body.contains("pg_reaper_worker_leader 1").then_some(body)
+        (body.contains("pg_reaper_worker_leader 1")
+            && body.contains("pg_reaper_worker_last_tick_age_seconds"))
+        .then_some(body)
     });
     for name in [
         "pg_reaper_outbox_intents{state=\"pending\"}",
