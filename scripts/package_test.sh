@@ -78,4 +78,6 @@ removed
 for f in "$("$PG_CONFIG" --pkglibdir)/pg_reaper.so" /usr/bin/pg-reaper-relay; do
   [ ! -e "$f" ] || fail "$f is still there after apt-get remove"
 done
+# Leave the machine as the test found it: this tree's build installed.
+cargo pgrx install --pg-config "$PG_CONFIG" >/dev/null
 echo "== package test passed: installed, recovered one execution, removed"

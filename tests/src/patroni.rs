@@ -341,22 +341,18 @@ impl Drop for Patroni {
                 eprintln!("--- {name}.log, last lines:\n{}", tail.join("\n"));
             }
         }
-        for i in 0..self.nodes.len() {
-            self.kill(i);
+        // SIGTERM: Patroni stops its PostgreSQL (fast shutdown) and exits; waiting for its exit
+        // is waiting for the server to be down. etcd goes last: Patroni talks to it on the way.
+        for node in &mut self.nodes {
+            if let Some(mut patroni) = node.patroni.take() {
+                let _ = Command::new("kill")
+                    .args(["-TERM", &patroni.id().to_string()])
+                    .status();
+                let _ = patroni.wait();
+            }
         }
         let _ = self.etcd.kill();
         let _ = self.etcd.wait();
-        // A killed postmaster's backends end on their own; wait for the data to be free.
-        for node in &self.nodes {
-            for _ in 0..100 {
-                if postmaster_pid(&node.data)
-                    .is_none_or(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
-                {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
-        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
