@@ -117,7 +117,7 @@ fn barrier_enqueue(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> TimestampWithTimeZone {
     const F: &str = "barrier_enqueue";
-    let id = validate::execution_id(F, execution_id);
+    let id = validate::new_execution_id(F, execution_id);
     let total = match total {
         Some(n) if n >= 1 => n,
         Some(_) => invalid(F, "total", "must be at least 1"),

@@ -217,7 +217,7 @@ fn barrier_recover(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> i64 {
     const F: &str = "barrier_recover";
-    let id = validate::execution_id(F, execution_id);
+    let id = validate::new_execution_id(F, execution_id);
     let Some(action) = action.and_then(Action::parse) else {
         invalid(F, "action", "must be 'error' or 'refire'")
     };

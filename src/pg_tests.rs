@@ -177,6 +177,40 @@ mod tests {
         run("SELECT barrier_enqueue('', 'org', 1)");
     }
 
+    /// A tab, newline or carriage return vanishes from a URL path: the relay would read and
+    /// mark another execution. Every control character is refused, and nothing is written.
+    #[pg_test]
+    fn enqueue_rejects_control_characters_and_changes_nothing() {
+        run(
+            "CREATE FUNCTION pg_reaper_try(sql text) RETURNS text LANGUAGE plpgsql AS $$
+             BEGIN EXECUTE sql; RETURN 'ok';
+             EXCEPTION WHEN others THEN RETURN SQLSTATE || ' ' || SQLERRM; END $$",
+        );
+        for (id, code) in [("a' || chr(9) || 'b", 9), ("ctl' || chr(1) || chr(10) || '", 1), ("x' || chr(13) || '", 13), ("d' || chr(127) || '", 127)] {
+            let seen = Spi::get_one::<String>(&format!(
+                "SELECT pg_reaper_try($q$SELECT barrier_enqueue('{id}', 'org', 1)$q$)"
+            ))
+            .unwrap()
+            .unwrap();
+            assert!(
+                seen.starts_with("22023 barrier_enqueue: execution_id must not contain control characters")
+                    && seen.contains(&format!("U+{code:04X}")),
+                "{id}: {seen}"
+            );
+            let seen = Spi::get_one::<String>(&format!(
+                "SELECT pg_reaper_try($q$SELECT barrier_recover('{id}')$q$)"
+            ))
+            .unwrap()
+            .unwrap();
+            assert!(seen.starts_with("22023 barrier_recover: execution_id must not contain control"), "{seen}");
+        }
+        assert_eq!(count("SELECT count(*) FROM pg_barrier_state"), 0);
+        assert_eq!(count("SELECT count(*) FROM pg_reaper_outbox"), 0);
+        // Other characters a URL must encode are fine: the relay sends them percent-encoded.
+        run("SELECT barrier_enqueue('a/b?c#d %é', 'org', 1)");
+        assert_eq!(count("SELECT count(*) FROM pg_barrier_state"), 1);
+    }
+
     #[pg_test(error = "barrier_enqueue: total must be at least 1")]
     fn enqueue_rejects_zero_total() {
         run("SELECT barrier_enqueue('e1', 'org', 0)");

@@ -37,6 +37,25 @@ pub fn execution_id<'a>(func: &'static str, value: Option<&'a str>) -> &'a str {
     }
 }
 
+/// An execution id that starts a recovery handle (a new barrier, an operator's intent): an
+/// [`execution_id`] without control characters. The relay puts the id into a URL path, and the
+/// URL standard drops a tab, newline or carriage return wherever it stands, so `"a\tb"` would
+/// reach the status API as `ab`: another execution. No real id has one.
+pub fn new_execution_id<'a>(func: &'static str, value: Option<&'a str>) -> &'a str {
+    let id = execution_id(func, value);
+    if let Some((at, c)) = id.char_indices().find(|(_, c)| c.is_ascii_control()) {
+        invalid(
+            func,
+            "execution_id",
+            &format!(
+                "must not contain control characters (U+{:04X} at byte {at})",
+                c as u32
+            ),
+        );
+    }
+    id
+}
+
 /// An argument that must not be NULL.
 pub fn required<T>(func: &'static str, arg: &str, value: Option<T>) -> T {
     value.unwrap_or_else(|| invalid(func, arg, "must not be NULL"))

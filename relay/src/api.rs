@@ -3,6 +3,7 @@
 
 use crate::config::ApiKey;
 use crate::protocol::Cause;
+use crate::recovery::StatusApi;
 use std::time::{Duration, Instant};
 
 /// Bodies larger than this are a failure, never read whole.
@@ -15,6 +16,8 @@ const NON_TERMINAL: [&str; 2] = ["PENDING", "EXECUTING"];
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failure {
     Status(u16, String),
+    /// 429: the API sheds load; retry no earlier than its `Retry-After`, if it gave one.
+    Throttled(Option<Duration>),
     /// No answer in time: the request may have been applied.
     Timeout,
     /// No connection (refused, DNS, TLS handshake): the request never left.
@@ -32,6 +35,7 @@ impl Failure {
         match self {
             Failure::Status(401 | 403, _) => Cause::Unauthorized,
             Failure::Status(_, _) => Cause::HttpStatus,
+            Failure::Throttled(_) => Cause::Throttled,
             Failure::Timeout => Cause::Timeout,
             Failure::Connect(_) => Cause::Connect,
             Failure::Transport(_) => Cause::Transport,
@@ -41,16 +45,26 @@ impl Failure {
         }
     }
 
-    /// Says nothing about this execution: the API, or the path to it, is down or refuses the
-    /// relay as a whole. Such failures never count toward --max-attempts.
+    /// Says nothing about this execution: the API, or the path to it, is down, sheds load or
+    /// refuses the relay as a whole. Such failures never count toward --max-attempts. (A 500
+    /// is the execution's own until the circuit sees it for many: see `circuit::STORM`.)
     pub fn is_systemic(&self) -> bool {
         matches!(
             self,
             Failure::Timeout
                 | Failure::Connect(_)
                 | Failure::Transport(_)
+                | Failure::Throttled(_)
                 | Failure::Status(401 | 403 | 502 | 503 | 504, _)
         )
+    }
+
+    /// How long the API asked to be left alone.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Failure::Throttled(after) => *after,
+            _ => None,
+        }
     }
 
     /// For an ERROR mark: the request may have reached the API though no answer came back.
@@ -63,6 +77,10 @@ impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Failure::Status(code, body) => write!(f, "HTTP {code}: {body}"),
+            Failure::Throttled(Some(after)) => {
+                write!(f, "HTTP 429: retry after {}s", after.as_secs())
+            }
+            Failure::Throttled(None) => f.write_str("HTTP 429"),
             Failure::Timeout => f.write_str("timed out"),
             Failure::Connect(e) => write!(f, "connection failed: {e}"),
             Failure::Transport(e) => write!(f, "connection broken: {e}"),
@@ -184,45 +202,70 @@ impl Api {
     }
 
     /// `{base}/v1/workflow-execution/{id}/{action}/`, the id one percent-encoded path segment.
-    /// `.` and `..` cannot be one: every URL parser resolves them (encoded or not), and the
-    /// request would reach another endpoint, so such an id gets no request at all.
+    /// An id the URL cannot carry as itself gets no request at all: `.` and `..` (every URL
+    /// parser resolves them, encoded or not) and ids with a tab, newline or carriage return
+    /// (the URL standard drops those, so `"a\tb"` would ask about `ab`, another execution).
+    /// The segment is decoded back and compared, so no other rule of the standard can slip by.
     fn url(&self, execution_id: &str, action: Option<&str>) -> Result<reqwest::Url, Failure> {
+        let refuse = || {
+            Failure::Request(format!(
+                "execution id {execution_id:?} cannot be a URL path segment as itself"
+            ))
+        };
         if matches!(execution_id, "." | "..") {
-            return Err(Failure::Request(format!(
-                "execution id {execution_id:?} cannot be a URL path segment"
-            )));
+            return Err(refuse());
         }
         let mut url = self.base.clone();
+        let kept = url
+            .path_segments()
+            .map_or(0, |s| s.filter(|s| !s.is_empty()).count());
         url.path_segments_mut()
             .map_err(|()| Failure::Request("the API base URL cannot take a path".into()))?
             .pop_if_empty()
             .extend(["v1", "workflow-execution", execution_id])
             .extend(action)
             .push("");
+        let sent = url.path_segments().and_then(|mut s| s.nth(kept + 2));
+        let decoded = sent.map(|s| percent_encoding::percent_decode_str(s).decode_utf8_lossy());
+        if decoded.as_deref() != Some(execution_id) {
+            return Err(refuse());
+        }
         Ok(url)
     }
 
+    /// Sends one request; its answer (code, headers' Retry-After, body) or its failure, and
+    /// in both cases how long it took.
     async fn send(
         &self,
         request: reqwest::RequestBuilder,
         org: &str,
-    ) -> Result<(u16, Vec<u8>, Duration), Failure> {
+    ) -> (Result<Answer, Failure>, Duration) {
         let started = Instant::now();
-        let response = request
-            .bearer_auth(self.key.expose())
-            .header("X-Organization-ID", org)
-            .send()
-            .await
-            .map_err(transport_failure)?;
-        let code = response.status().as_u16();
-        let body = read_limited(response).await?;
-        Ok((code, body, started.elapsed()))
+        let answer = async {
+            let response = request
+                .bearer_auth(self.key.expose())
+                .header("X-Organization-ID", org)
+                .send()
+                .await
+                .map_err(transport_failure)?;
+            let code = response.status().as_u16();
+            if code == 429 {
+                return Err(Failure::Throttled(retry_after(response.headers())));
+            }
+            let body = read_limited(response).await?;
+            Ok(Answer { code, body })
+        }
+        .await;
+        (answer, started.elapsed())
     }
 
+}
+
+impl StatusApi for Api {
     /// `GET {base}/v1/workflow-execution/{id}/?file_execution=false`, and the request's
     /// duration. Without the parameter the platform's API adds every file execution of the
     /// run to the answer: megabytes for a large run, over the body limit.
-    pub async fn status(
+    async fn status(
         &self,
         execution_id: &str,
         org: &str,
@@ -232,24 +275,22 @@ impl Api {
             Err(f) => return (Err(f), Duration::ZERO),
         };
         let request = self.client.get(url).query(&[("file_execution", "false")]);
-        match self.send(request, org).await {
-            Ok((code, body, took)) => {
-                let answer = if (200..300).contains(&code) {
-                    classify_status(&body)
-                } else if code == 404 && String::from_utf8_lossy(&body).contains(NOT_FOUND_MARKER) {
-                    Ok(Execution::Gone)
-                } else {
-                    Err(Failure::Status(code, snippet(&body)))
-                };
-                (answer, took)
+        let (answer, took) = self.send(request, org).await;
+        let status = answer.and_then(|Answer { code, body }| {
+            if (200..300).contains(&code) {
+                classify_status(&body)
+            } else if code == 404 && String::from_utf8_lossy(&body).contains(NOT_FOUND_MARKER) {
+                Ok(Execution::Gone)
+            } else {
+                Err(Failure::Status(code, snippet(&body)))
             }
-            Err(f) => (Err(f), Duration::ZERO),
-        }
+        });
+        (status, took)
     }
 
     /// `POST {base}/v1/workflow-execution/{id}/update_status/` with status ERROR, carrying
     /// `idempotency_key` so that an API that honours the header applies a repeat once.
-    pub async fn mark_error(
+    async fn mark_error(
         &self,
         execution_id: &str,
         org: &str,
@@ -270,30 +311,38 @@ impl Api {
             .post(url)
             .header("Idempotency-Key", idempotency_key)
             .json(&body);
-        match self.send(request, org).await {
-            Ok((code, body, took)) => {
-                let answer = if (200..300).contains(&code) {
-                    let skipped = serde_json::from_slice::<serde_json::Value>(&body)
-                        .ok()
-                        .and_then(|v| {
-                            v.get("status")
-                                .and_then(|s| s.as_str())
-                                .map(|s| s == "skipped")
-                        })
-                        .unwrap_or(false);
-                    Ok(if skipped {
-                        Mark::AlreadyFinal
-                    } else {
-                        Mark::Marked
-                    })
-                } else {
-                    Err(Failure::Status(code, snippet(&body)))
-                };
-                (answer, took)
+        let (answer, took) = self.send(request, org).await;
+        let mark = answer.and_then(|Answer { code, body }| {
+            if !(200..300).contains(&code) {
+                return Err(Failure::Status(code, snippet(&body)));
             }
-            Err(f) => (Err(f), Duration::ZERO),
-        }
+            let skipped = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .is_some_and(|v| v.get("status").and_then(|s| s.as_str()) == Some("skipped"));
+            Ok(if skipped {
+                Mark::AlreadyFinal
+            } else {
+                Mark::Marked
+            })
+        });
+        (mark, took)
     }
+}
+
+/// A response that came back whole.
+struct Answer {
+    code: u16,
+    body: Vec<u8>,
+}
+
+/// `Retry-After` as delta-seconds or an HTTP date (RFC 9110 §10.2.3); anything else is ignored.
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO))
 }
 
 /// Bytes a header token carries as they are (RFC 3986's unreserved); the rest is encoded.
@@ -428,11 +477,17 @@ mod tests {
                 Ok("http://h:8000/internal/v1/workflow-execution/e1/update_status/".into())
             );
         }
-        for dots in [".", ".."] {
-            assert!(matches!(
-                api("http://h/").url(dots, None),
-                Err(Failure::Request(_))
-            ));
+        for base in ["http://h/", "http://h/internal", "http://h/a/b/"] {
+            for unsendable in [".", "..", "a\tb", "ctl\x01\n", "x\r", "\n"] {
+                assert!(
+                    matches!(api(base).url(unsendable, None), Err(Failure::Request(_))),
+                    "{base} {unsendable:?}"
+                );
+            }
+            // Other control characters and anything else are carried, encoded.
+            for sendable in ["ctl\x01", "a b", "%2F", "é", "\x7f"] {
+                assert!(api(base).url(sendable, Some("update_status")).is_ok(), "{sendable:?}");
+            }
         }
         assert!(Api::new("ftp://h/", ApiKey("k".into()), Duration::from_secs(1), None).is_err());
     }

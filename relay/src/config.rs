@@ -7,10 +7,16 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// A duration longer than zero, in humantime's words: `250ms`, `5s`, `2m`, `1h 30m`.
+/// A duration longer than zero, in humantime's words (`250ms`, `5s`, `2m`, `1h 30m`) or as
+/// bare seconds (`120`), the way the platform writes its own settings.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s.trim())
-        .map_err(|e| format!("'{s}' is not a duration ({e}; use e.g. 250ms, 5s, 2m)"))?;
+    let text = s.trim();
+    let d = match text.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => humantime::parse_duration(text).map_err(|e| {
+            format!("'{s}' is not a duration ({e}; use e.g. 250ms, 5s, 2m, or 120 for seconds)")
+        })?,
+    };
     if d.is_zero() {
         return Err(format!("'{s}' must be longer than zero"));
     }
@@ -27,10 +33,12 @@ pub struct Args {
     /// Postgres connection string (libpq URL or key=value) of the database with pg_reaper.
     #[arg(long, env = "PG_REAPER_DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
-    /// Base URL of the internal API, e.g. http://backend:8000/internal
+    /// Base URL of the internal API, e.g. http://backend:8000/internal (else the platform's
+    /// INTERNAL_API_BASE_URL).
     #[arg(long, env = "PG_REAPER_API_BASE_URL")]
-    pub api_base_url: String,
-    /// File holding the API key (a trailing newline is ignored); or set PG_REAPER_API_KEY.
+    pub api_base_url: Option<String>,
+    /// File holding the API key (a trailing newline is ignored); or set PG_REAPER_API_KEY
+    /// (else the platform's INTERNAL_SERVICE_API_KEY).
     #[arg(long, env = "PG_REAPER_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
     /// PEM file of the CA that signs the API's certificate (for https:// with a private CA).
@@ -108,14 +116,43 @@ impl fmt::Debug for ApiKey {
     }
 }
 
-/// The key from `--api-key-file`, else from `PG_REAPER_API_KEY`.
+/// The platform's own variables, read when pg_reaper's are unset (pg_reaper's win), so that the
+/// relay can share the platform's env files.
+const PLATFORM_BASE_URL: &str = "INTERNAL_API_BASE_URL";
+const PLATFORM_KEY: &str = "INTERNAL_SERVICE_API_KEY";
+
+/// A variable that is set and not empty.
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// `--api-base-url` (or `PG_REAPER_API_BASE_URL`), else the platform's `INTERNAL_API_BASE_URL`.
+pub fn api_base_url(args: &Args) -> Result<String, String> {
+    args.api_base_url
+        .clone()
+        .or_else(|| env(PLATFORM_BASE_URL))
+        .ok_or_else(|| {
+            format!(
+                "--api-base-url is required (a flag, PG_REAPER_API_BASE_URL or the platform's \
+                 {PLATFORM_BASE_URL})"
+            )
+        })
+}
+
+/// The key from `--api-key-file`, else from `PG_REAPER_API_KEY`, else from the platform's
+/// `INTERNAL_SERVICE_API_KEY`.
 pub fn api_key(args: &Args) -> Result<ApiKey, String> {
     let key = match &args.api_key_file {
         Some(path) => std::fs::read_to_string(path)
             .map_err(|e| format!("--api-key-file: cannot read {}: {e}", path.display()))?,
-        None => std::env::var("PG_REAPER_API_KEY").map_err(|_| {
-            "--api-key-file: required (or set PG_REAPER_API_KEY to the key itself)".to_string()
-        })?,
+        None => env("PG_REAPER_API_KEY")
+            .or_else(|| env(PLATFORM_KEY))
+            .ok_or_else(|| {
+                format!(
+                    "--api-key-file: required (or set PG_REAPER_API_KEY, or the platform's \
+                     {PLATFORM_KEY}, to the key itself)"
+                )
+            })?,
     };
     let key = key.strip_suffix('\n').unwrap_or(&key);
     let key = key.strip_suffix('\r').unwrap_or(key);
@@ -136,7 +173,10 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert_eq!(parse_duration("1m 30s"), Ok(Duration::from_secs(90)));
-        for bad in ["5", "s", "-1s", "-1", "5 parsecs", "", "0s"] {
+        // The platform's INTERNAL_API_TIMEOUT=120 is seconds.
+        assert_eq!(parse_duration("120"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration(" 5 "), Ok(Duration::from_secs(5)));
+        for bad in ["s", "-1s", "-1", "5 parsecs", "", "0s", "0", "1.5"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }

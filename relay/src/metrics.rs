@@ -1,7 +1,9 @@
 //! The relay's metrics (`pg_reaper_relay_*`) and the database's gauges (`pg_reaper_*`), in the
 //! Prometheus text format, and the `/metrics` + `/healthz` endpoint.
 
+use crate::circuit::Event;
 use crate::protocol::{Cause, HandedBack, Outcome};
+use crate::recovery::Observer;
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response};
@@ -52,7 +54,8 @@ pub struct Metrics {
     in_flight: Gauge,
     /// 1 while the status API answers, 0 during a systemic episode.
     api_reachable: Gauge,
-    latency: Histogram,
+    /// By `result`: `answered`, or the failure's cause (a timeout takes the whole timeout).
+    latency: Family<Label, Histogram, fn() -> Histogram>,
     db: Arc<Mutex<Option<DbGauges>>>,
     /// Milliseconds since `started` of the last successful outbox claim.
     last_claim_ok_ms: AtomicU64,
@@ -71,7 +74,7 @@ impl Metrics {
             lost: Counter::default(),
             in_flight: Gauge::default(),
             api_reachable: Gauge::default(),
-            latency: Histogram::new(LATENCY_BUCKETS),
+            latency: Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS)),
             db: Arc::default(),
             last_claim_ok_ms: AtomicU64::new(0),
             started: Instant::now(),
@@ -179,11 +182,11 @@ impl Metrics {
         self.in_flight.inc_by(delta);
     }
 
-    /// The duration of a request that got an answer (zero: none).
-    pub fn http(&self, took: Duration) {
-        if !took.is_zero() {
-            self.latency.observe(took.as_secs_f64());
-        }
+    /// One HTTP attempt, answered or not.
+    pub fn http(&self, took: Duration, result: &'static str) {
+        self.latency
+            .get_or_create(&[("result", result)])
+            .observe(took.as_secs_f64());
     }
 
     /// Healthy while a claim succeeded within `window` (or the relay is younger than it).
@@ -200,6 +203,39 @@ impl Metrics {
             tracing::warn!(error = %e, "encoding the metrics");
         }
         s
+    }
+}
+
+impl Observer for Metrics {
+    fn http(&self, took: Duration, result: &'static str) {
+        Metrics::http(self, took, result);
+    }
+
+    /// One line when an episode starts, one when it ends; never one per intent.
+    fn circuit(&self, event: &Event) {
+        match event {
+            Event::Opened { failure } => {
+                let hint = if failure.cause() == Cause::Unauthorized {
+                    " (the API refused the key: a configuration problem, check the API key)"
+                } else {
+                    ""
+                };
+                tracing::error!(
+                    cause = failure.cause().as_str(), error = %failure,
+                    "status API unreachable{hint}: likely systemic, not one execution; intents wait \
+                     uncounted, one probe per backoff step until it answers"
+                );
+                self.api_reachable(false);
+            }
+            Event::Closed { after, probes } => {
+                tracing::info!(
+                    after_s = after.as_secs_f64(),
+                    probes,
+                    "status API reachable again; resuming every waiting intent"
+                );
+                self.api_reachable(true);
+            }
+        }
     }
 }
 
@@ -345,7 +381,8 @@ mod tests {
         m.outcome(Outcome::Refired);
         m.failure(Cause::Timeout, HandedBack::Pending);
         m.failure(Cause::Indeterminate, HandedBack::Dead);
-        m.http(Duration::from_millis(30));
+        m.http(Duration::from_millis(30), "answered");
+        m.http(Duration::from_secs(1), "timeout");
         m.database(Some(DbGauges {
             intents: [3, 1, 0, 7],
             worker_failed_ticks: Some(2),
@@ -360,9 +397,10 @@ mod tests {
             "pg_reaper_relay_failures_total{cause=\"database\"} 0",
             "pg_reaper_relay_retries_total 1",
             "pg_reaper_relay_dead_total 1",
-            "pg_reaper_relay_http_request_duration_seconds_bucket{le=\"0.05\"} 1",
-            "pg_reaper_relay_http_request_duration_seconds_bucket{le=\"0.025\"} 0",
-            "pg_reaper_relay_http_request_duration_seconds_count 1",
+            "pg_reaper_relay_http_request_duration_seconds_bucket{result=\"answered\",le=\"0.05\"} 1",
+            "pg_reaper_relay_http_request_duration_seconds_bucket{result=\"answered\",le=\"0.025\"} 0",
+            "pg_reaper_relay_http_request_duration_seconds_count{result=\"answered\"} 1",
+            "pg_reaper_relay_http_request_duration_seconds_count{result=\"timeout\"} 1",
             "pg_reaper_outbox_intents{state=\"pending\"} 3",
             "pg_reaper_outbox_intents{state=\"done\"} 7",
             "pg_reaper_worker_failed_ticks_total 2",

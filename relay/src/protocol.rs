@@ -3,18 +3,9 @@
 //! protocol error, never read as the nearest known one, so an unknown answer fails closed (no
 //! mark, nothing counted wrongly). The failure causes of the metrics are the relay's own.
 
+use crate::Error;
 pub use pg_reaper_protocol::{CHANNEL, Outcome};
 use pg_reaper_protocol::{LOST, State};
-
-/// The extension answered something this relay does not understand.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Unknown(pub String);
-
-impl std::fmt::Display for Unknown {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
 
 /// What `recovery_lock`'s re-check under the barrier's row lock decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,14 +21,14 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    pub fn parse(word: &str, remaining: Option<i32>) -> Result<Verdict, Unknown> {
+    pub fn parse(word: &str, remaining: Option<i32>) -> Result<Verdict, Error> {
         use pg_reaper_protocol::Verdict as Word;
         match Word::parse(word) {
             Some(Word::Lost) => Ok(Verdict::Lost),
             Some(Word::Rearmed) => Ok(Verdict::Rearmed),
             Some(Word::Refire) => Ok(Verdict::Refire),
             Some(Word::Mark) => Ok(Verdict::Mark { remaining }),
-            None => Err(Unknown(format!(
+            None => Err(Error::Protocol(format!(
                 "recovery_lock returned the unknown verdict {word:?}; not marking"
             ))),
         }
@@ -56,12 +47,12 @@ pub enum HandedBack {
 }
 
 impl HandedBack {
-    pub fn parse(word: &str) -> Result<HandedBack, Unknown> {
+    pub fn parse(word: &str) -> Result<HandedBack, Error> {
         match State::parse(word) {
             Some(State::Pending) => Ok(HandedBack::Pending),
             Some(State::Dead) => Ok(HandedBack::Dead),
             _ if word == LOST => Ok(HandedBack::Lost),
-            _ => Err(Unknown(format!(
+            _ => Err(Error::Protocol(format!(
                 "the outbox answered {word:?} for a handed-back intent, not pending, dead or lost"
             ))),
         }
@@ -72,6 +63,7 @@ impl HandedBack {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Cause {
     HttpStatus,
+    Throttled,
     BadRequest,
     Unauthorized,
     Timeout,
@@ -85,8 +77,9 @@ pub enum Cause {
 }
 
 impl Cause {
-    pub const ALL: [Cause; 11] = [
+    pub const ALL: [Cause; 12] = [
         Cause::HttpStatus,
+        Cause::Throttled,
         Cause::BadRequest,
         Cause::Unauthorized,
         Cause::Timeout,
@@ -102,6 +95,7 @@ impl Cause {
     pub fn as_str(self) -> &'static str {
         match self {
             Cause::HttpStatus => "http_status",
+            Cause::Throttled => "throttled",
             Cause::BadRequest => "bad_request",
             Cause::Unauthorized => "unauthorized",
             Cause::Timeout => "timeout",
@@ -123,12 +117,12 @@ mod tests {
     #[test]
     fn verdicts_parse_strictly_and_an_unknown_one_never_marks() {
         assert_eq!(
-            Verdict::parse("mark", Some(2)),
-            Ok(Verdict::Mark { remaining: Some(2) })
+            Verdict::parse("mark", Some(2)).ok(),
+            Some(Verdict::Mark { remaining: Some(2) })
         );
-        assert_eq!(Verdict::parse("lost", None), Ok(Verdict::Lost));
-        assert_eq!(Verdict::parse("rearmed", None), Ok(Verdict::Rearmed));
-        assert_eq!(Verdict::parse("refire", Some(0)), Ok(Verdict::Refire));
+        assert_eq!(Verdict::parse("lost", None).ok(), Some(Verdict::Lost));
+        assert_eq!(Verdict::parse("rearmed", None).ok(), Some(Verdict::Rearmed));
+        assert_eq!(Verdict::parse("refire", Some(0)).ok(), Some(Verdict::Refire));
         for unknown in ["MARK", "mark ", "", "refired", "skip"] {
             let e = Verdict::parse(unknown, Some(1)).expect_err(unknown);
             assert!(e.to_string().contains("not marking"), "{e}");
@@ -137,9 +131,9 @@ mod tests {
 
     #[test]
     fn handed_back_states_parse_strictly() {
-        assert_eq!(HandedBack::parse("pending"), Ok(HandedBack::Pending));
-        assert_eq!(HandedBack::parse("dead"), Ok(HandedBack::Dead));
-        assert_eq!(HandedBack::parse("lost"), Ok(HandedBack::Lost));
+        assert_eq!(HandedBack::parse("pending").ok(), Some(HandedBack::Pending));
+        assert_eq!(HandedBack::parse("dead").ok(), Some(HandedBack::Dead));
+        assert_eq!(HandedBack::parse("lost").ok(), Some(HandedBack::Lost));
         for unknown in ["done", "in_flight", "Pending", ""] {
             assert!(HandedBack::parse(unknown).is_err(), "{unknown}");
         }

@@ -1,11 +1,18 @@
-//! The relay's side of Postgres: calls to the extension's outbox and recovery functions. The
-//! state transitions live in the extension; this module only names them. Every statement is
-//! here, with `@extschema@` replaced by the extension's (quoted) schema found at connect time.
+//! The relay's side of Postgres: calls to the extension's outbox and recovery functions (the
+//! [`Outbox`] the recovery executor works with). The state transitions live in the extension;
+//! this module only names them. Every statement is here, with `@extschema@` replaced by the
+//! extension's (quoted) schema found at connect time.
 
+use crate::Error;
 use crate::db::Target;
-use crate::protocol::{CHANNEL, HandedBack, Outcome, Unknown, Verdict};
-use std::time::Duration;
-use tokio_postgres::{Client, Statement};
+use crate::protocol::{CHANNEL, HandedBack, Outcome, Verdict};
+use crate::recovery::{Intent, Outbox, RecoveryTx};
+use bytes::BytesMut;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, accepts, to_sql_checked};
+use tokio_postgres::{Client, GenericClient, Row, Statement, Transaction};
 
 const FIND_SCHEMA: &str = "SELECT pg_catalog.quote_ident(n.nspname)
                              FROM pg_catalog.pg_extension e
@@ -20,15 +27,14 @@ const SESSION_SETUP: &str = "SET lock_timeout = '10s'; SET statement_timeout = '
 const IDLE_IN_TRANSACTION: &str =
     "SELECT pg_catalog.set_config('idle_in_transaction_session_timeout', $1, false)";
 const CLAIM: &str = "SELECT id, execution_id, organization_id, remaining, attempt
-                       FROM @extschema@.outbox_claim($1, $2::text::interval, $3::text::timestamptz)";
-const NOW: &str = "SELECT pg_catalog.now()::text";
-const LOCK: &str =
-    "SELECT verdict, remaining FROM @extschema@.recovery_lock($1, $2, $3::text::interval)";
+                       FROM @extschema@.outbox_claim($1, $2::interval, $3::timestamptz)";
+const NOW: &str = "SELECT pg_catalog.now()";
+const LOCK: &str = "SELECT verdict, remaining FROM @extschema@.recovery_lock($1, $2, $3::interval)";
 const RESOLVE: &str = "SELECT @extschema@.outbox_resolve($1, $2, $3)";
-const FAIL: &str = "SELECT @extschema@.outbox_fail($1, $2, $3, $4::text::interval, $5)";
+const FAIL: &str = "SELECT @extschema@.outbox_fail($1, $2, $3, $4::interval, $5)";
 const RELEASE: &str = "SELECT @extschema@.outbox_release($1, $2)";
-const DEFER: &str = "SELECT @extschema@.outbox_defer($1, $2, $3, $4::text::interval)";
-const MARK_SENDING: &str = "SELECT @extschema@.outbox_mark_sending($1, $2, $3::text::interval)";
+const DEFER: &str = "SELECT @extschema@.outbox_defer($1, $2, $3, $4::interval)";
+const MARK_SENDING: &str = "SELECT @extschema@.outbox_mark_sending($1, $2, $3::interval)";
 /// The database side of the metrics; its role needs SELECT on the view and EXECUTE on
 /// reaper_status().
 const STATUS: &str = "SELECT outbox_pending, outbox_in_flight, outbox_dead, outbox_done,
@@ -38,100 +44,122 @@ const STATUS: &str = "SELECT outbox_pending, outbox_in_flight, outbox_dead, outb
                              failed_ticks
                         FROM @extschema@.pg_reaper_status";
 
-/// One claimed intent; `attempt` is the claim's fencing token.
-#[derive(Debug, Clone)]
-pub struct Intent {
-    pub id: i64,
-    pub execution_id: String,
-    pub organization_id: String,
-    pub remaining: i32,
-    pub attempt: i32,
-}
+/// A Postgres `interval` from a Duration, sent in the binary form (microseconds, no days or
+/// months), so no text ever stands for a time span.
+#[derive(Debug, Clone, Copy)]
+pub struct Interval(pub Duration);
 
-impl Intent {
-    /// The execution id as log lines show it: whole up to 128 bytes, else its start and its
-    /// length (ids come from the platform's rows; one line must not carry a 150 kB id).
-    pub fn log_id(&self) -> String {
-        const SHOWN: usize = 128;
-        let id = &self.execution_id;
-        if id.len() <= SHOWN {
-            return id.clone();
-        }
-        let mut end = SHOWN;
-        while !id.is_char_boundary(end) {
-            end -= 1;
-        }
-        format!("{}… ({} bytes)", &id[..end], id.len())
+impl ToSql for Interval {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        let micros = i64::try_from(self.0.as_micros())?;
+        out.extend_from_slice(&micros.to_be_bytes());
+        out.extend_from_slice(&0i32.to_be_bytes()); // days
+        out.extend_from_slice(&0i32.to_be_bytes()); // months
+        Ok(IsNull::No)
     }
+
+    accepts!(INTERVAL);
+    to_sql_checked!();
 }
 
-/// A failed call to Postgres, described with what Postgres said: its message and SQLSTATE.
-#[derive(Debug)]
-pub enum StoreError {
-    Db(tokio_postgres::Error),
-    /// The extension answered something this relay does not understand.
-    Protocol(String),
+/// Column `i` of `row`, or an error naming it: a column whose type drifted (a newer
+/// extension?) fails this attempt instead of panicking its task.
+fn column<'a, T: FromSql<'a>>(row: &'a Row, i: usize) -> Result<T, Error> {
+    row.try_get(i).map_err(|e| {
+        let name = row.columns().get(i).map_or("?", |c| c.name());
+        Error::Protocol(format!("column {i} ({name}): {e}"))
+    })
 }
 
-impl From<Unknown> for StoreError {
-    fn from(e: Unknown) -> StoreError {
-        StoreError::Protocol(e.0)
-    }
-}
-
-impl From<tokio_postgres::Error> for StoreError {
-    fn from(e: tokio_postgres::Error) -> StoreError {
-        StoreError::Db(e)
-    }
-}
-
-impl std::fmt::Display for StoreError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StoreError::Protocol(m) => f.write_str(m),
-            StoreError::Db(e) => match e.as_db_error() {
-                // Message and SQLSTATE only: a DETAIL can be long (pgrx puts a Rust backtrace
-                // there when the server runs with RUST_BACKTRACE set).
-                Some(db) => write!(f, "{} (SQLSTATE {})", db.message(), db.code().code()),
-                // Not a server error (a closed connection, a timeout): its own words and cause.
-                None => {
-                    write!(f, "{e}")?;
-                    if let Some(cause) = std::error::Error::source(e) {
-                        write!(f, ": {cause}")?;
-                    }
-                    Ok(())
-                }
-            },
-        }
-    }
-}
-
-/// Postgres intervals from a Duration, in the text form the functions cast.
-fn interval(d: Duration) -> String {
-    format!("{} milliseconds", d.as_millis())
-}
-
-/// A connection with the statements bound to the extension's schema, each prepared once on
-/// it (a recovery runs four or five of them: preparing each time would double the round trips
-/// and the server's parsing).
-pub struct Store {
-    pub client: Client,
+/// The statements bound to the extension's schema, each prepared once per connection (a
+/// recovery runs four or five of them: preparing each time would double the round trips and
+/// the server's parsing).
+struct Prepared {
     schema: String,
-    prepared: std::sync::Mutex<std::collections::HashMap<&'static str, Statement>>,
+    cache: Mutex<HashMap<&'static str, Statement>>,
+}
+
+impl Prepared {
+    async fn get<C: GenericClient + Sync>(
+        &self,
+        client: &C,
+        statement: &'static str,
+    ) -> Result<Statement, Error> {
+        let cached = self
+            .cache
+            .lock()
+            .ok()
+            .and_then(|p| p.get(statement).cloned());
+        if let Some(s) = cached {
+            return Ok(s);
+        }
+        let s = client
+            .prepare(&statement.replace("@extschema@", &self.schema))
+            .await?;
+        if let Ok(mut p) = self.cache.lock() {
+            p.insert(statement, s.clone());
+        }
+        Ok(s)
+    }
+
+    async fn one<C: GenericClient + Sync>(
+        &self,
+        client: &C,
+        statement: &'static str,
+        args: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, Error> {
+        let s = self.get(client, statement).await?;
+        Ok(client.query_one(&s, args).await?)
+    }
+}
+
+async fn resolve_on<C: GenericClient + Sync>(
+    prepared: &Prepared,
+    client: &C,
+    intent: &Intent,
+    outcome: Outcome,
+) -> Result<bool, Error> {
+    let row = prepared
+        .one(
+            client,
+            RESOLVE,
+            &[&intent.id, &intent.attempt, &outcome.as_str()],
+        )
+        .await?;
+    column(&row, 0)
+}
+
+/// A connection to the extension's database.
+pub struct Store {
+    client: Client,
+    prepared: Prepared,
+}
+
+/// The open recovery transaction; dropped uncommitted, it rolls back.
+pub struct StoreTx<'a> {
+    tx: Transaction<'a>,
+    prepared: &'a Prepared,
 }
 
 impl Store {
     /// Connects, finds the extension's schema and sets the session up. The connection's
-    /// driver runs as a task; `on_message` gets every NOTIFY (for the listener connection).
+    /// driver runs as a task; `on_notify` gets every NOTIFY (for the listener connection).
     pub async fn connect(
         target: &Target,
         on_notify: Option<tokio::sync::mpsc::UnboundedSender<()>>,
         transaction_idle: Duration,
-    ) -> Result<Store, String> {
+    ) -> Result<Store, Error> {
+        let setup = |what: &str, e: tokio_postgres::Error| {
+            Error::Connect(format!("{what}: {}", Error::Db(e)))
+        };
         let (client, mut connection) = target
             .connect()
             .await
-            .map_err(|e| format!("connecting to Postgres: {}", StoreError::from(e)))?;
+            .map_err(|e| setup("connecting to Postgres", e))?;
         tokio::spawn(async move {
             use futures_util::StreamExt;
             let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -157,209 +185,187 @@ impl Store {
         let schema: String = client
             .query_opt(FIND_SCHEMA, &[])
             .await
-            .map_err(|e| {
-                format!(
-                    "looking for the pg_reaper extension: {}",
-                    StoreError::from(e)
-                )
-            })?
-            .ok_or_else(|| "the pg_reaper extension is not created in this database".to_string())?
-            .get(0);
+            .map_err(|e| setup("looking for the pg_reaper extension", e))?
+            .ok_or_else(|| {
+                Error::Connect("the pg_reaper extension is not created in this database".into())
+            })
+            .and_then(|row| column(&row, 0))?;
         client
             .batch_execute(SESSION_SETUP)
             .await
-            .map_err(|e| format!("session setup: {}", StoreError::from(e)))?;
+            .map_err(|e| setup("session setup", e))?;
         client
             .execute(
                 IDLE_IN_TRANSACTION,
                 &[&format!("{}ms", transaction_idle.as_millis())],
             )
             .await
-            .map_err(|e| format!("session setup: {}", StoreError::from(e)))?;
+            .map_err(|e| setup("session setup", e))?;
         Ok(Store {
             client,
-            schema,
-            prepared: Default::default(),
+            prepared: Prepared {
+                schema,
+                cache: Mutex::default(),
+            },
         })
     }
 
-    /// `statement` bound to the extension's schema, prepared on this connection once.
-    async fn sql(&self, statement: &'static str) -> Result<Statement, tokio_postgres::Error> {
-        let cached = self
-            .prepared
-            .lock()
-            .ok()
-            .and_then(|p| p.get(statement).cloned());
-        if let Some(s) = cached {
-            return Ok(s);
-        }
-        let s = self
+    async fn one(
+        &self,
+        statement: &'static str,
+        args: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, Error> {
+        self.prepared.one(&self.client, statement, args).await
+    }
+
+    pub async fn listen(&self) -> Result<(), Error> {
+        Ok(self
             .client
-            .prepare(&statement.replace("@extschema@", &self.schema))
-            .await?;
-        if let Ok(mut p) = self.prepared.lock() {
-            p.insert(statement, s.clone());
-        }
-        Ok(s)
-    }
-
-    pub async fn listen(&self) -> Result<(), tokio_postgres::Error> {
-        self.client
             .batch_execute(&format!("LISTEN {CHANNEL}"))
-            .await
+            .await?)
     }
 
-    /// Claims up to `n` intents due by `due_by` (a time read with `now`; None: now).
+    /// Claims up to `n` intents due by `due_by` (None: now).
     pub async fn claim(
         &self,
         n: i32,
         lease: Duration,
-        due_by: Option<&str>,
-    ) -> Result<Vec<Intent>, StoreError> {
+        due_by: Option<SystemTime>,
+    ) -> Result<Vec<Intent>, Error> {
+        let statement = self.prepared.get(&self.client, CLAIM).await?;
         let rows = self
             .client
-            .query(&self.sql(CLAIM).await?, &[&n, &interval(lease), &due_by])
+            .query(&statement, &[&n, &Interval(lease), &due_by])
             .await?;
-        Ok(rows
-            .iter()
-            .map(|r| Intent {
-                id: r.get(0),
-                execution_id: r.get(1),
-                organization_id: r.get(2),
-                remaining: r.get(3),
-                attempt: r.get(4),
+        rows.iter()
+            .map(|r| {
+                Ok(Intent {
+                    id: column(r, 0)?,
+                    execution_id: column(r, 1)?,
+                    organization_id: column(r, 2)?,
+                    remaining: column(r, 3)?,
+                    attempt: column(r, 4)?,
+                })
             })
-            .collect())
+            .collect()
     }
 
-    /// The database's clock, as text for `claim`.
-    pub async fn now(&self) -> Result<String, tokio_postgres::Error> {
-        Ok(self.client.query_one(NOW, &[]).await?.get(0))
-    }
-
-    pub async fn begin(&self) -> Result<(), tokio_postgres::Error> {
-        self.client.batch_execute("BEGIN").await
-    }
-
-    pub async fn commit(&self) -> Result<(), tokio_postgres::Error> {
-        self.client.batch_execute("COMMIT").await
-    }
-
-    pub async fn rollback(&self) -> Result<(), tokio_postgres::Error> {
-        self.client.batch_execute("ROLLBACK").await
-    }
-
-    /// In the open transaction: renew the claim, lock the barrier, re-check it.
-    pub async fn lock(&self, intent: &Intent, lease: Duration) -> Result<Verdict, StoreError> {
-        let row = self
-            .client
-            .query_one(
-                &self.sql(LOCK).await?,
-                &[&intent.id, &intent.attempt, &interval(lease)],
-            )
-            .await?;
-        let verdict: &str = row.get(0);
-        Ok(Verdict::parse(verdict, row.get(1))?)
-    }
-
-    /// Records the outcome (and cleans up); false when the claim is no longer ours.
-    pub async fn resolve(
-        &self,
-        intent: &Intent,
-        outcome: Outcome,
-    ) -> Result<bool, tokio_postgres::Error> {
-        let row = self
-            .client
-            .query_one(
-                &self.sql(RESOLVE).await?,
-                &[&intent.id, &intent.attempt, &outcome.as_str()],
-            )
-            .await?;
-        Ok(row.get(0))
-    }
-
-    /// Pushes the intent back with a backoff: pending again, dead, or lost.
-    pub async fn fail(
-        &self,
-        intent: &Intent,
-        error: &str,
-        backoff: Duration,
-        max_attempts: i32,
-    ) -> Result<HandedBack, StoreError> {
-        let row = self
-            .client
-            .query_one(
-                &self.sql(FAIL).await?,
-                &[
-                    &intent.id,
-                    &intent.attempt,
-                    &error,
-                    &interval(backoff),
-                    &max_attempts,
-                ],
-            )
-            .await?;
-        Ok(HandedBack::parse(row.get(0))?)
-    }
-
-    /// Pushes the intent back after a failure that says nothing about the execution: not
-    /// counted, never dead: pending again, or lost.
-    pub async fn defer(
-        &self,
-        intent: &Intent,
-        error: &str,
-        backoff: Duration,
-    ) -> Result<HandedBack, StoreError> {
-        let row = self
-            .client
-            .query_one(
-                &self.sql(DEFER).await?,
-                &[&intent.id, &intent.attempt, &error, &interval(backoff)],
-            )
-            .await?;
-        Ok(HandedBack::parse(row.get(0))?)
-    }
-
-    /// Commits that an ERROR mark may now leave, holding the claim for at least `hold`; false
-    /// when the claim is no longer ours (then no mark may be sent).
-    pub async fn mark_sending(
-        &self,
-        intent: &Intent,
-        hold: Duration,
-    ) -> Result<bool, tokio_postgres::Error> {
-        let row = self
-            .client
-            .query_one(
-                &self.sql(MARK_SENDING).await?,
-                &[&intent.id, &intent.attempt, &interval(hold)],
-            )
-            .await?;
-        Ok(row.get(0))
+    /// The database's clock.
+    pub async fn now(&self) -> Result<SystemTime, Error> {
+        column(&self.client.query_one(NOW, &[]).await?, 0)
     }
 
     /// The gauges of `pg_reaper_status`.
-    pub async fn status(&self) -> Result<crate::metrics::DbGauges, StoreError> {
-        let r = self.client.query_one(&self.sql(STATUS).await?, &[]).await?;
+    pub async fn status(&self) -> Result<crate::metrics::DbGauges, Error> {
+        let r = self.one(STATUS, &[]).await?;
         Ok(crate::metrics::DbGauges {
-            intents: [r.get(0), r.get(1), r.get(2), r.get(3)],
-            oldest_pending_age_seconds: r.get(4),
-            barriers_live: r.get(5),
-            barriers_stranded: r.get(6),
-            worker_leader: r.get(7),
-            worker_last_tick_age_seconds: r.get(8),
-            worker_failed_ticks: r.get(9),
+            intents: [
+                column(&r, 0)?,
+                column(&r, 1)?,
+                column(&r, 2)?,
+                column(&r, 3)?,
+            ],
+            oldest_pending_age_seconds: column(&r, 4)?,
+            barriers_live: column(&r, 5)?,
+            barriers_stranded: column(&r, 6)?,
+            worker_leader: column(&r, 7)?,
+            worker_last_tick_age_seconds: column(&r, 8)?,
+            worker_failed_ticks: column(&r, 9)?,
         })
     }
 
-    pub async fn release(&self, intent: &Intent) -> Result<bool, tokio_postgres::Error> {
-        let row = self
-            .client
-            .query_one(&self.sql(RELEASE).await?, &[&intent.id, &intent.attempt])
-            .await?;
-        Ok(row.get(0))
+    /// Hands a claimed intent back untouched; false when it was not held.
+    pub async fn release(&self, intent: &Intent) -> Result<bool, Error> {
+        column(&self.one(RELEASE, &[&intent.id, &intent.attempt]).await?, 0)
     }
 
     pub fn is_closed(&self) -> bool {
         self.client.is_closed()
+    }
+
+    async fn handed_back(
+        &self,
+        statement: &'static str,
+        args: &[&(dyn ToSql + Sync)],
+    ) -> Result<HandedBack, Error> {
+        let row = self.one(statement, args).await?;
+        HandedBack::parse(column(&row, 0)?)
+    }
+}
+
+impl Outbox for Store {
+    type Tx<'a> = StoreTx<'a>;
+
+    async fn resolve(&mut self, intent: &Intent, outcome: Outcome) -> Result<bool, Error> {
+        resolve_on(&self.prepared, &self.client, intent, outcome).await
+    }
+
+    async fn mark_sending(&mut self, intent: &Intent, hold: Duration) -> Result<bool, Error> {
+        let row = self
+            .one(MARK_SENDING, &[&intent.id, &intent.attempt, &Interval(hold)])
+            .await?;
+        column(&row, 0)
+    }
+
+    async fn begin(&mut self) -> Result<StoreTx<'_>, Error> {
+        Ok(StoreTx {
+            tx: self.client.transaction().await?,
+            prepared: &self.prepared,
+        })
+    }
+
+    async fn fail(
+        &mut self,
+        intent: &Intent,
+        error: &str,
+        backoff: Duration,
+        max_attempts: i32,
+    ) -> Result<HandedBack, Error> {
+        self.handed_back(
+            FAIL,
+            &[
+                &intent.id,
+                &intent.attempt,
+                &error,
+                &Interval(backoff),
+                &max_attempts,
+            ],
+        )
+        .await
+    }
+
+    async fn defer(
+        &mut self,
+        intent: &Intent,
+        error: &str,
+        backoff: Duration,
+    ) -> Result<HandedBack, Error> {
+        self.handed_back(
+            DEFER,
+            &[&intent.id, &intent.attempt, &error, &Interval(backoff)],
+        )
+        .await
+    }
+}
+
+impl RecoveryTx for StoreTx<'_> {
+    async fn lock(&mut self, intent: &Intent, lease: Duration) -> Result<Verdict, Error> {
+        let row = self
+            .prepared
+            .one(
+                &self.tx,
+                LOCK,
+                &[&intent.id, &intent.attempt, &Interval(lease)],
+            )
+            .await?;
+        Verdict::parse(column(&row, 0)?, column(&row, 1)?)
+    }
+
+    async fn resolve(&mut self, intent: &Intent, outcome: Outcome) -> Result<bool, Error> {
+        resolve_on(self.prepared, &self.tx, intent, outcome).await
+    }
+
+    async fn commit(self) -> Result<(), Error> {
+        Ok(self.tx.commit().await?)
     }
 }

@@ -695,7 +695,7 @@ fn metrics_healthz_and_sigterm_leave_nothing_in_flight() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("pg_reaper_relay_http_request_duration_seconds_count 12"),
+        metrics.contains("pg_reaper_relay_http_request_duration_seconds_count{result=\"answered\"} 12"),
         "{metrics}"
     );
     assert!(metrics.contains("pg_reaper_relay_in_flight 0"), "{metrics}");
@@ -831,4 +831,46 @@ fn https_to_the_api_with_a_custom_ca() {
         .unwrap_or("")
         .to_string();
     assert!(first.contains("--api-ca-file"), "{first}");
+}
+
+/// An id the URL would change (a tab, a newline: the URL standard drops them) never reaches the
+/// API as another execution. The platform's own SQL can write such a row (barrier_enqueue
+/// refuses it); the relay fails the intent as a bad request, marks nothing, keeps the barrier.
+#[test]
+fn ids_a_url_would_change_are_never_sent() {
+    let env = Env::new("rctlid", false);
+    let mut c = env.db();
+    env.api.execution("ab", "org-a", "EXECUTING");
+    env.api.execution("ctl\u{1}", "org-a", "EXECUTING");
+    for id in ["a\tb", "ctl\u{1}\n"] {
+        c.execute(
+            "INSERT INTO pg_barrier_state (execution_id, organization_id, remaining, results,
+                                           created_at, expires_at, last_progress_at)
+             VALUES ($1, 'org-a', 1, '[]', now() - interval '2 hours', now() - interval '1 hour',
+                     now() - interval '2 hours')",
+            &[&id],
+        )
+        .expect("platform-written barrier");
+    }
+    assert_eq!(env.reap(&mut c), 2);
+    env.relay_once(&[]);
+    let calls = env.api.calls();
+    assert!(calls.is_empty(), "no request for either id: {calls:?}");
+    let api = env.api.executions();
+    assert_eq!(api["ab"]["status"], json!("EXECUTING"));
+    assert_eq!(api["ctl\u{1}"]["status"], json!("EXECUTING"));
+    for id in ["a\tb", "ctl\u{1}\n"] {
+        let row: Value = c
+            .query_one(
+                "SELECT jsonb_build_object('state', o.state, 'failures', o.failures,
+                        'error', o.last_error, 'barrier', EXISTS (SELECT 1 FROM pg_barrier_state b
+                                                             WHERE b.execution_id = o.execution_id))
+                   FROM pg_reaper_outbox o WHERE o.execution_id = $1",
+                &[&id],
+            )
+            .expect("intent")
+            .get(0);
+        assert_eq!((&row["state"], &row["failures"], &row["barrier"]), (&json!("pending"), &json!(1), &json!(true)), "{id:?}: {row}");
+        assert!(row["error"].as_str().is_some_and(|e| e.contains("cannot be a URL path segment")), "{row}");
+    }
 }
