@@ -186,15 +186,21 @@ mod tests {
              BEGIN EXECUTE sql; RETURN 'ok';
              EXCEPTION WHEN others THEN RETURN SQLSTATE || ' ' || SQLERRM; END $$",
         );
-        for (id, code) in [("a' || chr(9) || 'b", 9), ("ctl' || chr(1) || chr(10) || '", 1), ("x' || chr(13) || '", 13), ("d' || chr(127) || '", 127)] {
+        for (id, code) in [
+            ("a' || chr(9) || 'b", 9),
+            ("ctl' || chr(1) || chr(10) || '", 1),
+            ("x' || chr(13) || '", 13),
+            ("d' || chr(127) || '", 127),
+        ] {
             let seen = Spi::get_one::<String>(&format!(
                 "SELECT pg_reaper_try($q$SELECT barrier_enqueue('{id}', 'org', 1)$q$)"
             ))
             .unwrap()
             .unwrap();
             assert!(
-                seen.starts_with("22023 barrier_enqueue: execution_id must not contain control characters")
-                    && seen.contains(&format!("U+{code:04X}")),
+                seen.starts_with(
+                    "22023 barrier_enqueue: execution_id must not contain control characters"
+                ) && seen.contains(&format!("U+{code:04X}")),
                 "{id}: {seen}"
             );
             let seen = Spi::get_one::<String>(&format!(
@@ -202,7 +208,10 @@ mod tests {
             ))
             .unwrap()
             .unwrap();
-            assert!(seen.starts_with("22023 barrier_recover: execution_id must not contain control"), "{seen}");
+            assert!(
+                seen.starts_with("22023 barrier_recover: execution_id must not contain control"),
+                "{seen}"
+            );
         }
         assert_eq!(count("SELECT count(*) FROM pg_barrier_state"), 0);
         assert_eq!(count("SELECT count(*) FROM pg_reaper_outbox"), 0);

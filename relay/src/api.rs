@@ -258,7 +258,6 @@ impl Api {
         .await;
         (answer, started.elapsed())
     }
-
 }
 
 impl StatusApi for Api {
@@ -337,12 +336,19 @@ struct Answer {
 
 /// `Retry-After` as delta-seconds or an HTTP date (RFC 9110 §10.2.3); anything else is ignored.
 fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
     if let Ok(seconds) = value.parse::<u64>() {
         return Some(Duration::from_secs(seconds));
     }
     let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO))
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 /// Bytes a header token carries as they are (RFC 3986's unreserved); the rest is encoded.
@@ -486,7 +492,10 @@ mod tests {
             }
             // Other control characters and anything else are carried, encoded.
             for sendable in ["ctl\x01", "a b", "%2F", "é", "\x7f"] {
-                assert!(api(base).url(sendable, Some("update_status")).is_ok(), "{sendable:?}");
+                assert!(
+                    api(base).url(sendable, Some("update_status")).is_ok(),
+                    "{sendable:?}"
+                );
             }
         }
         assert!(Api::new("ftp://h/", ApiKey("k".into()), Duration::from_secs(1), None).is_err());

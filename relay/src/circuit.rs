@@ -3,23 +3,24 @@
 //!
 //! A systemic failure says nothing about the execution it happened on: every intent would fail
 //! the same way. Those are refused or broken connections, timeouts, 502/503/504, 401/403 (the
-//! key), 429 (the API sheds load), and a 500 once it is the answer for many executions at once
-//! (see [`STORM`]). The first one opens an episode; from then on the relay claims no more than
+//! key), 429 (the API sheds load), and a 500 when the API answers 500 about any execution (see
+//! [`CANARY`]). The first one opens an episode; from then on the relay claims no more than
 //! one intent per backoff step (the probe), never before a 429's `Retry-After`, until an answer
 //! that is about an execution (any 2xx, a 404 `not found`, another status) ends the episode.
 //! The intents themselves wait in the outbox, uncounted, and proceed once it is over.
 
 use crate::api::Failure;
 use crate::backoff::backoff;
-use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-/// A 500 is about its execution, and counts toward `--max-attempts`, until this many distinct
-/// executions got one in a row with no usable answer in between: then the API itself is
-/// failing (the platform's backend answers 500 for its own database trouble), and 500s are
-/// systemic until it answers again. An outage's onset so costs at most `STORM - 1` intents one
-/// counted failure each.
-pub const STORM: usize = 3;
+/// The execution asked about when a 500 needs telling apart: an id that never exists (the nil
+/// UUID, so that it matches the platform's URL pattern). The platform's backend answers 500
+/// for its own trouble (its database down, its key missing) whatever the execution, and 404
+/// `not found` for this one when it is well. So a 500 about an execution is that execution's
+/// own (counted toward `--max-attempts`) when the canary gets any other answer, and systemic
+/// when the canary gets a 500 or no answer: one extra GET per 500, and the rule holds with one
+/// waiting execution as with thousands. During an episode every 500 is systemic, unasked.
+pub const CANARY: &str = "00000000-0000-0000-0000-000000000000";
 
 /// What the drain loop may claim now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,8 +64,6 @@ pub struct Circuit {
     max: Duration,
     rng: fastrand::Rng,
     episode: Option<Episode>,
-    /// Executions answered 500 since the last usable answer.
-    errors_500: BTreeSet<String>,
 }
 
 impl Circuit {
@@ -74,7 +73,6 @@ impl Circuit {
             max,
             rng,
             episode: None,
-            errors_500: BTreeSet::new(),
         }
     }
 
@@ -94,32 +92,33 @@ impl Circuit {
     /// The API answered about an execution (a status, a mark, a 404 `not found`, or a failure
     /// that is this execution's own): an episode, if any, is over.
     pub fn answered(&mut self, now: Instant) -> Option<Event> {
-        self.errors_500.clear();
         self.episode.take().map(|e| Event::Closed {
             after: now.saturating_duration_since(e.since),
             probes: e.probes,
         })
     }
 
-    /// A request about `execution_id` failed with `failure`: how it counts, and whether an
-    /// episode began.
+    /// Whether `failure` needs the canary's answer to be classed: a 500 outside an episode.
+    pub fn doubts(&self, failure: &Failure) -> bool {
+        matches!(failure, Failure::Status(500, _)) && self.episode.is_none()
+    }
+
+    /// A request failed with `failure`: how it counts, and whether an episode began.
+    /// `canary_failing`: for a 500 the circuit [`doubts`](Circuit::doubts), whether the canary
+    /// got a 500 or no answer too.
     pub fn failed(
         &mut self,
-        execution_id: &str,
         failure: &Failure,
+        canary_failing: bool,
         now: Instant,
     ) -> (Class, Option<Event>) {
         let systemic = match failure {
-            Failure::Status(500, _) => {
-                self.errors_500.insert(execution_id.to_string());
-                self.episode.is_some() || self.errors_500.len() >= STORM
-            }
-            f if f.is_systemic() => true,
-            // Any other failure is an answer about this execution.
-            _ => return (Class::PerIntent, self.answered(now)),
+            Failure::Status(500, _) => self.episode.is_some() || canary_failing,
+            f => f.is_systemic(),
         };
         if !systemic {
-            return (Class::PerIntent, None);
+            // An answer about this execution: the API works.
+            return (Class::PerIntent, self.answered(now));
         }
         let at_least = failure.retry_after().unwrap_or(Duration::ZERO);
         let step = self.step(self.episode.as_ref().map_or(0, |e| e.probes + 1));
@@ -207,11 +206,16 @@ mod tests {
     fn a_systemic_failure_opens_one_episode_and_an_answer_closes_it() {
         let (mut c, t0) = (circuit(), Instant::now());
         assert_eq!(c.gate(false, t0), Gate::Open);
-        let (class, event) = c.failed("e1", &Failure::Timeout, t0);
-        assert_eq!(class, Class::Systemic { at_least: Duration::ZERO });
+        let (class, event) = c.failed(&Failure::Timeout, false, t0);
+        assert_eq!(
+            class,
+            Class::Systemic {
+                at_least: Duration::ZERO
+            }
+        );
         assert!(matches!(event, Some(Event::Opened { .. })));
         // Others in flight fail too: no second event.
-        assert_eq!(c.failed("e2", &http(503), t0).1, None);
+        assert_eq!(c.failed(&http(503), false, t0).1, None);
         let Gate::WaitUntil(until) = c.gate(false, t0) else {
             panic!("waits")
         };
@@ -233,7 +237,7 @@ mod tests {
     #[test]
     fn failed_probes_back_off_up_to_the_cap() {
         let (mut c, mut now) = (circuit(), Instant::now());
-        c.failed("e", &Failure::Connect("refused".into()), now);
+        c.failed(&Failure::Connect("refused".into()), false, now);
         let mut steps = Vec::new();
         for _ in 0..8 {
             let Gate::WaitUntil(t) = c.gate(false, now) else {
@@ -242,7 +246,7 @@ mod tests {
             steps.push(t - now);
             now = t;
             assert_eq!(c.gate(false, now), Gate::Probe);
-            c.failed("e", &Failure::Connect("refused".into()), now);
+            c.failed(&Failure::Connect("refused".into()), false, now);
         }
         assert!(steps.iter().all(|s| *s <= 8 * S), "{steps:?}");
         assert!(steps[5] >= 4 * S, "grows to the cap: {steps:?}");
@@ -251,33 +255,31 @@ mod tests {
     #[test]
     fn per_intent_failures_count_and_end_an_episode() {
         let (mut c, t0) = (circuit(), Instant::now());
-        assert_eq!(c.failed("e", &http(404), t0), (Class::PerIntent, None));
-        c.failed("e", &http(401), t0);
+        assert_eq!(c.failed(&http(404), false, t0), (Class::PerIntent, None));
+        c.failed(&http(401), false, t0);
         assert!(c.is_open());
-        let (class, event) = c.failed("e", &Failure::Body("not JSON".into()), t0);
+        let (class, event) = c.failed(&Failure::Body("not JSON".into()), false, t0);
         assert_eq!(class, Class::PerIntent);
         assert!(matches!(event, Some(Event::Closed { .. })));
     }
 
     #[test]
-    fn a_500_counts_until_many_executions_get_one_in_a_row() {
+    fn a_500_is_systemic_when_the_canary_gets_one_too() {
         let (mut c, t0) = (circuit(), Instant::now());
-        for e in ["a", "a", "b"] {
-            assert_eq!(c.failed(e, &http(500), t0).0, Class::PerIntent, "{e}");
-        }
-        let (class, event) = c.failed("c", &http(500), t0);
+        assert!(c.doubts(&http(500)));
+        assert!(!c.doubts(&http(503)) && !c.doubts(&http(404)));
+        assert_eq!(c.failed(&http(500), false, t0), (Class::PerIntent, None));
+        let (class, event) = c.failed(&http(500), true, t0);
         assert!(matches!(class, Class::Systemic { .. }));
         assert!(matches!(event, Some(Event::Opened { .. })));
-        assert!(matches!(c.failed("a", &http(500), t0).0, Class::Systemic { .. }));
-        // Back to normal: a 500 is one execution's again.
+        // In the episode, a 500 is systemic without asking.
+        assert!(!c.doubts(&http(500)));
+        assert!(matches!(
+            c.failed(&http(500), false, t0).0,
+            Class::Systemic { .. }
+        ));
         c.answered(t0);
-        assert_eq!(c.failed("d", &http(500), t0).0, Class::PerIntent);
-        // An answer in between breaks the row.
-        c.answered(t0);
-        c.failed("x", &http(500), t0);
-        c.answered(t0);
-        c.failed("y", &http(500), t0);
-        assert_eq!(c.failed("z", &http(500), t0).0, Class::PerIntent);
+        assert_eq!(c.failed(&http(500), false, t0).0, Class::PerIntent);
     }
 
     #[test]
@@ -285,22 +287,24 @@ mod tests {
         let (mut c, t0) = (circuit(), Instant::now());
         let busy = Failure::Throttled(Some(30 * S));
         assert_eq!(
-            c.failed("e", &busy, t0).0,
+            c.failed(&busy, false, t0).0,
             Class::Systemic { at_least: 30 * S }
         );
         assert_eq!(c.gate(false, t0), Gate::WaitUntil(t0 + 30 * S));
         assert_eq!(c.gate(false, t0 + 30 * S), Gate::Probe);
         // A probe answered 429 again without a Retry-After: the backoff step alone.
         assert_eq!(
-            c.failed("e", &Failure::Throttled(None), t0 + 30 * S).0,
-            Class::Systemic { at_least: Duration::ZERO }
+            c.failed(&Failure::Throttled(None), false, t0 + 30 * S).0,
+            Class::Systemic {
+                at_least: Duration::ZERO
+            }
         );
     }
 
     #[test]
     fn a_probe_that_never_reached_the_api_is_written_off() {
         let (mut c, t0) = (circuit(), Instant::now());
-        c.failed("e", &Failure::Timeout, t0);
+        c.failed(&Failure::Timeout, false, t0);
         let later = t0 + 10 * S;
         assert_eq!(c.gate(false, later), Gate::Probe);
         // The probe's task ended on a database error: not busy any more, a new step begins.

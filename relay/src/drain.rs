@@ -158,7 +158,14 @@ impl Shared {
                     "claim taken over by another relay, or already done; leaving it"
                 );
             }
-            (End::Deferred { cause, error, after }, state) => {
+            (
+                End::Deferred {
+                    cause,
+                    error,
+                    after,
+                },
+                state,
+            ) => {
                 m.failure(cause, state.unwrap_or(HandedBack::Lost));
                 // The episode's start and end are logged once (see `circuit`); not every intent.
                 debug!(intent = intent.id, execution_id = %id, %error, retry_in_ms = after.as_millis() as u64,
@@ -438,8 +445,10 @@ impl Drain {
         let s = &self.shared.settings;
         let claimer = self.claimer.as_ref()?;
         // Bounded on this side too: a partitioned server cannot cancel the statement.
-        let claiming =
-            tokio::time::timeout(CLAIM_TIMEOUT, claimer.claim(free as i32, s.policy.lease, self.pass_start));
+        let claiming = tokio::time::timeout(
+            CLAIM_TIMEOUT,
+            claimer.claim(free as i32, s.policy.lease, self.pass_start),
+        );
         let once = s.once;
         let claimed = match unless_stopped(&mut self.shutdown, claiming).await? {
             Ok(claimed) => claimed,
@@ -506,8 +515,7 @@ impl Drain {
         let grace = s.http_timeout * 2 + Duration::from_secs(5);
         let tasks = &mut self.tasks;
         let finished =
-            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
-                .await;
+            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
         if finished.is_err() {
             self.tasks.shutdown().await;
             let left: Vec<Intent> = self

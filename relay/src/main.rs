@@ -53,6 +53,7 @@ fn start(args: config::Args) -> Result<i32, Error> {
         policy: Policy {
             lease: args.lease,
             settle_delay: args.settle_delay.unwrap_or(args.http_timeout * 2),
+            http_timeout: args.http_timeout,
             backoff_base: args.backoff_base,
             backoff_max: args.backoff_max,
             max_attempts: args.max_attempts,
@@ -77,9 +78,8 @@ fn start(args: config::Args) -> Result<i32, Error> {
         // The handlers are installed here, before any work starts: a SIGTERM that arrives while
         // the relay is still connecting must stop it cleanly, not kill it.
         use tokio::signal::unix::{SignalKind, signal};
-        let installing = |kind, name| {
-            signal(kind).map_err(|e| Error::Config(format!("installing {name}: {e}")))
-        };
+        let installing =
+            |kind, name| signal(kind).map_err(|e| Error::Config(format!("installing {name}: {e}")));
         let (mut term, mut int) = (
             installing(SignalKind::terminate(), "SIGTERM")?,
             installing(SignalKind::interrupt(), "SIGINT")?,

@@ -74,10 +74,12 @@ pub enum Cause {
     Indeterminate,
     RefireHook,
     Database,
+    /// The relay itself stalled between holding a claim and its ERROR mark.
+    Stalled,
 }
 
 impl Cause {
-    pub const ALL: [Cause; 12] = [
+    pub const ALL: [Cause; 13] = [
         Cause::HttpStatus,
         Cause::Throttled,
         Cause::BadRequest,
@@ -90,6 +92,7 @@ impl Cause {
         Cause::Indeterminate,
         Cause::RefireHook,
         Cause::Database,
+        Cause::Stalled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -106,6 +109,7 @@ impl Cause {
             Cause::Indeterminate => "indeterminate",
             Cause::RefireHook => "refire_hook",
             Cause::Database => "database",
+            Cause::Stalled => "stalled",
         }
     }
 }
@@ -122,7 +126,10 @@ mod tests {
         );
         assert_eq!(Verdict::parse("lost", None).ok(), Some(Verdict::Lost));
         assert_eq!(Verdict::parse("rearmed", None).ok(), Some(Verdict::Rearmed));
-        assert_eq!(Verdict::parse("refire", Some(0)).ok(), Some(Verdict::Refire));
+        assert_eq!(
+            Verdict::parse("refire", Some(0)).ok(),
+            Some(Verdict::Refire)
+        );
         for unknown in ["MARK", "mark ", "", "refired", "skip"] {
             let e = Verdict::parse(unknown, Some(1)).expect_err(unknown);
             assert!(e.to_string().contains("not marking"), "{e}");

@@ -151,6 +151,9 @@ pub struct Policy {
     pub lease: Duration,
     /// How long after an unanswered ERROR mark the status is read again.
     pub settle_delay: Duration,
+    /// One HTTP request's timeout: also the longest this relay may take from holding its claim
+    /// to sending the ERROR mark (see `recheck_and_mark`).
+    pub http_timeout: Duration,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
     pub max_attempts: i32,
@@ -181,7 +184,9 @@ pub enum Next {
     /// Hold the claim for the settle delay, open the transaction, lock and re-check.
     Recheck,
     /// Send the ERROR mark, its message from the barrier's `remaining` read under the lock.
-    Mark { remaining: Option<i32> },
+    Mark {
+        remaining: Option<i32>,
+    },
     /// A failed HTTP request; the circuit says how it counts. `settle`: it may have applied
     /// (an unanswered mark), so the status is read again only after the settle delay.
     Http {
@@ -233,6 +238,23 @@ pub fn after_verdict(verdict: Result<Verdict, Error>) -> Next {
     }
 }
 
+/// Just before the ERROR mark leaves, `since_hold` after the claim was held: a mark may only
+/// leave within one HTTP timeout of the hold, else the status is read again (uncounted).
+pub fn before_mark(next: Next, since_hold: Duration, http_timeout: Duration) -> Next {
+    if since_hold <= http_timeout {
+        return next;
+    }
+    Next::End(End::Deferred {
+        cause: Cause::Stalled,
+        error: format!(
+            "{} s passed between holding the claim and the ERROR mark (more than the HTTP \
+             timeout): not sending it; the status is read again",
+            since_hold.as_secs()
+        ),
+        after: Duration::ZERO,
+    })
+}
+
 /// After the ERROR mark.
 pub fn after_mark(answer: Result<Mark, Failure>) -> Next {
     match answer {
@@ -257,6 +279,14 @@ pub fn after_resolve(outcome: Outcome, applied: Result<bool, Error>) -> Result<E
             error: format!("re-fire hook: {e}"),
         }),
         Err(e) => Err(e),
+    }
+}
+
+/// Whether the canary's answer says the API itself is failing: a 500, or no answer at all.
+pub fn canary_failing(answer: &Result<Execution, Failure>) -> bool {
+    match answer {
+        Err(f) => matches!(f, Failure::Status(500, _)) || f.is_systemic(),
+        Ok(_) => false,
     }
 }
 
@@ -303,20 +333,40 @@ impl<A: StatusApi, R: Observer> Recovery<'_, A, R> {
 
     /// An HTTP answer: an answer about the execution ends an episode; a failure is classed.
     fn answered<T>(&self, answer: &Result<T, Failure>, took: Duration) {
-        self.observer.http(took, result_label(answer.as_ref().err()));
+        self.observer
+            .http(took, result_label(answer.as_ref().err()));
         if answer.is_ok() {
             self.circuit(|c| c.answered(now()));
         }
     }
 
-    fn classify(&self, intent: &Intent, what: &str, failure: &Failure, settle: bool) -> End {
+    /// Classes a failed request (a 500 after asking the API about the canary, see
+    /// [`CANARY`](crate::circuit::CANARY)) and ends the attempt accordingly.
+    async fn classify(&self, intent: &Intent, what: &str, failure: &Failure, settle: bool) -> End {
+        let doubts = self.circuit.lock().is_ok_and(|c| c.doubts(failure));
+        let canary_failing = if doubts {
+            let (answer, took) = self
+                .api
+                .status(crate::circuit::CANARY, &intent.organization_id)
+                .await;
+            self.observer
+                .http(took, result_label(answer.as_ref().err()));
+            canary_failing(&answer)
+        } else {
+            false
+        };
         let mut class = Class::PerIntent;
         self.circuit(|c| {
-            let (k, event) = c.failed(&intent.execution_id, failure, now());
+            let (k, event) = c.failed(failure, canary_failing, now());
             class = k;
             event
         });
-        after_http(what, failure, class, settle.then_some(self.policy.settle_delay))
+        after_http(
+            what,
+            failure,
+            class,
+            settle.then_some(self.policy.settle_delay),
+        )
     }
 
     /// Carries one intent through its steps; `Err` is a database error outside the recovery
@@ -330,27 +380,39 @@ impl<A: StatusApi, R: Observer> Recovery<'_, A, R> {
         match after_status(status) {
             Next::Resolve(outcome) => after_resolve(outcome, outbox.resolve(intent, outcome).await),
             Next::Recheck => self.recheck_and_mark(outbox, intent).await,
-            Next::Http { what, failure, .. } => Ok(self.classify(intent, what, &failure, false)),
+            Next::Http { what, failure, .. } => {
+                Ok(self.classify(intent, what, &failure, false).await)
+            }
             Next::End(end) => Ok(end),
             Next::Mark { .. } => unreachable!("a status read never asks for a mark"),
         }
     }
 
     /// The non-terminal branch: hold the claim, then re-fire or mark under the row lock.
+    ///
+    /// The claim is held (committed) for the settle delay plus one HTTP timeout before the
+    /// mark may leave, so no other relay reads the status again before a mark sent within that
+    /// timeout had the settle delay to be applied, even if this relay dies with it in flight.
+    /// A relay that stalled for longer between the hold and the POST (paused, say: its
+    /// transaction may have been ended and the intent taken over meanwhile) does not send it.
     async fn recheck_and_mark<O: Outbox>(
         &self,
         outbox: &mut O,
         intent: &Intent,
     ) -> Result<End, Error> {
-        if let Next::End(end) = after_hold(
-            outbox
-                .mark_sending(intent, self.policy.settle_delay)
-                .await?,
-        ) {
+        let p = self.policy;
+        let holding = tokio::time::Instant::now();
+        let held = outbox
+            .mark_sending(intent, p.settle_delay + p.http_timeout)
+            .await?;
+        if let Next::End(end) = after_hold(held) {
             return Ok(end);
         }
         let mut tx = outbox.begin().await?;
-        let mut next = after_verdict(tx.lock(intent, self.policy.lease).await);
+        let mut next = after_verdict(tx.lock(intent, p.lease).await);
+        if let Next::Mark { .. } = next {
+            next = before_mark(next, holding.elapsed(), p.http_timeout);
+        }
         if let Next::Mark { remaining } = next {
             let (mark, took) = self
                 .api
@@ -370,7 +432,7 @@ impl<A: StatusApi, R: Observer> Recovery<'_, A, R> {
                 what,
                 failure,
                 settle,
-            } => self.classify(intent, what, &failure, settle),
+            } => self.classify(intent, what, &failure, settle).await,
             Next::End(end) => end,
             Next::Recheck | Next::Mark { .. } => unreachable!("decided above"),
         };
@@ -394,12 +456,7 @@ pub async fn hand_back<O: Outbox>(
         End::Resolved(_) | End::Lost => return Ok(None),
         End::Deferred { error, after, .. } => outbox.defer(intent, error, *after).await?,
         End::Failed { error, .. } => {
-            let wait = backoff(
-                policy.backoff_base,
-                policy.backoff_max,
-                intent.attempt,
-                rng,
-            );
+            let wait = backoff(policy.backoff_base, policy.backoff_max, intent.attempt, rng);
             outbox
                 .fail(intent, error, wait, policy.max_attempts)
                 .await?
@@ -465,6 +522,34 @@ mod tests {
     }
 
     #[test]
+    fn the_canary_tells_a_failing_api_from_one_executions_500() {
+        assert!(canary_failing(&Err(Failure::Status(500, String::new()))));
+        assert!(canary_failing(&Err(Failure::Timeout)));
+        assert!(canary_failing(&Err(Failure::Status(503, String::new()))));
+        assert!(!canary_failing(&Ok(Execution::Gone)));
+        assert!(!canary_failing(&Err(Failure::Status(
+            404,
+            "Not found.".into()
+        ))));
+        assert!(!canary_failing(&Err(Failure::Status(400, String::new()))));
+    }
+
+    #[test]
+    fn a_mark_leaves_only_within_one_http_timeout_of_the_hold() {
+        let mark = Next::Mark { remaining: Some(1) };
+        let t = Duration::from_secs(30);
+        assert_eq!(before_mark(mark.clone(), t, t), mark);
+        assert!(matches!(
+            before_mark(mark, t + Duration::from_millis(1), t),
+            Next::End(End::Deferred {
+                cause: Cause::Stalled,
+                after: Duration::ZERO,
+                ..
+            })
+        ));
+    }
+
+    #[test]
     fn an_unanswered_mark_settles_and_an_answered_one_resolves() {
         assert_eq!(
             after_mark(Ok(Mark::Marked)),
@@ -493,7 +578,10 @@ mod tests {
             after_resolve(Outcome::Gone, Ok(true)).ok(),
             Some(End::Resolved(Outcome::Gone))
         );
-        assert_eq!(after_resolve(Outcome::Gone, Ok(false)).ok(), Some(End::Lost));
+        assert_eq!(
+            after_resolve(Outcome::Gone, Ok(false)).ok(),
+            Some(End::Lost)
+        );
         assert!(matches!(
             after_resolve(Outcome::Refired, Err(Error::Protocol("hook".into()))),
             Ok(End::Failed {
@@ -519,8 +607,16 @@ mod tests {
             End::Deferred { after, .. } if after == Duration::from_secs(60)
         ));
         assert!(matches!(
-            after_http("status read", &Failure::Status(404, String::new()), Class::PerIntent, None),
-            End::Failed { cause: Cause::HttpStatus, .. }
+            after_http(
+                "status read",
+                &Failure::Status(404, String::new()),
+                Class::PerIntent,
+                None
+            ),
+            End::Failed {
+                cause: Cause::HttpStatus,
+                ..
+            }
         ));
     }
 }

@@ -302,7 +302,10 @@ impl Outbox for Store {
 
     async fn mark_sending(&mut self, intent: &Intent, hold: Duration) -> Result<bool, Error> {
         let row = self
-            .one(MARK_SENDING, &[&intent.id, &intent.attempt, &Interval(hold)])
+            .one(
+                MARK_SENDING,
+                &[&intent.id, &intent.attempt, &Interval(hold)],
+            )
             .await?;
         column(&row, 0)
     }

@@ -695,7 +695,9 @@ fn metrics_healthz_and_sigterm_leave_nothing_in_flight() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("pg_reaper_relay_http_request_duration_seconds_count{result=\"answered\"} 12"),
+        metrics.contains(
+            "pg_reaper_relay_http_request_duration_seconds_count{result=\"answered\"} 12"
+        ),
         "{metrics}"
     );
     assert!(metrics.contains("pg_reaper_relay_in_flight 0"), "{metrics}");
@@ -770,7 +772,7 @@ fn bad_configuration_is_one_clear_line_and_a_failure() {
         (
             &["--once"],
             |c| {
-                c.env("PG_REAPER_HTTP_TIMEOUT", "5");
+                c.env("PG_REAPER_HTTP_TIMEOUT", "0");
             },
             "--http-timeout",
         ),
@@ -780,6 +782,43 @@ fn bad_configuration_is_one_clear_line_and_a_failure() {
         assert_ne!(code, Some(0), "{flag}");
         assert!(line.contains(flag), "{flag}: {line}");
     }
+}
+
+/// The relay shares the platform's env file: its INTERNAL_API_BASE_URL and
+/// INTERNAL_SERVICE_API_KEY when pg_reaper's own are unset (pg_reaper's win when set), and its
+/// durations in bare seconds (INTERNAL_API_TIMEOUT=120 style).
+#[test]
+fn the_platforms_own_variables_and_bare_seconds() {
+    let env = Env::new("rplatform", false);
+    let mut c = env.db();
+    env.api.execution("plat-1", "org", "EXECUTING");
+    pg_reaper_tests::strand(&mut c, "plat-1", "org", 1);
+    env.reap(&mut c);
+    let key = std::fs::read_to_string(&env.key_file).expect("key");
+    let mut cmd = env.relay_command(&["--once"]);
+    cmd.env_remove("PG_REAPER_API_BASE_URL")
+        .env_remove("PG_REAPER_API_KEY_FILE")
+        .env("INTERNAL_API_BASE_URL", env.api.base_url())
+        .env("INTERNAL_SERVICE_API_KEY", key.trim())
+        .env("PG_REAPER_HTTP_TIMEOUT", "120");
+    let out = common::run_ok(&mut cmd);
+    assert!(out.status.success());
+    assert_eq!(
+        common::intent(&mut c, "plat-1")["outcome"],
+        json!("marked_error")
+    );
+    // pg_reaper's own variable wins over the platform's.
+    env.api.execution("plat-2", "org", "EXECUTING");
+    pg_reaper_tests::strand(&mut c, "plat-2", "org", 1);
+    env.reap(&mut c);
+    let mut cmd = env.relay_command(&["--once"]);
+    cmd.env("INTERNAL_API_BASE_URL", "http://127.0.0.1:9/nowhere")
+        .env("INTERNAL_SERVICE_API_KEY", "wrong");
+    common::run_ok(&mut cmd);
+    assert_eq!(
+        common::intent(&mut c, "plat-2")["outcome"],
+        json!("marked_error")
+    );
 }
 
 #[test]
@@ -841,7 +880,6 @@ fn ids_a_url_would_change_are_never_sent() {
     let env = Env::new("rctlid", false);
     let mut c = env.db();
     env.api.execution("ab", "org-a", "EXECUTING");
-    env.api.execution("ctl\u{1}", "org-a", "EXECUTING");
     for id in ["a\tb", "ctl\u{1}\n"] {
         c.execute(
             "INSERT INTO pg_barrier_state (execution_id, organization_id, remaining, results,
@@ -858,7 +896,6 @@ fn ids_a_url_would_change_are_never_sent() {
     assert!(calls.is_empty(), "no request for either id: {calls:?}");
     let api = env.api.executions();
     assert_eq!(api["ab"]["status"], json!("EXECUTING"));
-    assert_eq!(api["ctl\u{1}"]["status"], json!("EXECUTING"));
     for id in ["a\tb", "ctl\u{1}\n"] {
         let row: Value = c
             .query_one(
@@ -870,7 +907,16 @@ fn ids_a_url_would_change_are_never_sent() {
             )
             .expect("intent")
             .get(0);
-        assert_eq!((&row["state"], &row["failures"], &row["barrier"]), (&json!("pending"), &json!(1), &json!(true)), "{id:?}: {row}");
-        assert!(row["error"].as_str().is_some_and(|e| e.contains("cannot be a URL path segment")), "{row}");
+        assert_eq!(
+            (&row["state"], &row["failures"], &row["barrier"]),
+            (&json!("pending"), &json!(1), &json!(true)),
+            "{id:?}: {row}"
+        );
+        assert!(
+            row["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("cannot be a URL path segment")),
+            "{row}"
+        );
     }
 }

@@ -347,6 +347,73 @@ fn an_outage_longer_than_the_failure_budget_kills_nothing_and_needs_no_replay() 
     );
 }
 
+/// The platform's backend answers 500 for its own trouble (its database down) about every
+/// execution. For longer than the whole failure budget, with a single execution waiting (the
+/// case no count of executions can tell from that execution's own 500: the canary request
+/// does) and then with several: nothing dead, nothing counted, and once the backend is well
+/// every execution is marked once, no replay.
+#[test]
+fn a_500_for_everything_longer_than_the_failure_budget_kills_nothing() {
+    let env = Env::new("c500", false);
+    let mut c = env.db();
+    env.api
+        .faults(json!({"fail_status": 500, "fail_count": 1000000}));
+    // The tests' backoff is 50 ms to 200 ms: a budget of 2 is gone within a second.
+    let mut relay = env.spawn_relay(&["--max-attempts", "2"]);
+    let lone = fleet(&env, &mut c, 2); // x0000 COMPLETED, x0001 EXECUTING
+    wait_for(120, "the API asked far past the budget", || {
+        (env.api.calls().len() >= 12).then_some(())
+    });
+    let calls = env.api.calls();
+    assert!(
+        calls.iter().any(|c| c["path"]
+            .as_str()
+            .is_some_and(|p| p.contains(pg_reaper_relay::circuit::CANARY))),
+        "the canary was asked: {calls:?}"
+    );
+    let during = outbox(&mut c);
+    assert_eq!(
+        (&during["dead"], &during["done"], &during["failures"]),
+        (&json!(0), &json!(0), &json!(0)),
+        "nothing dead, nothing counted, nothing done: {during}"
+    );
+    env.api.faults(json!({}));
+    wait_for(120, "both done", || all_done(&mut c, 2).then_some(()));
+    final_invariants(&env, &mut c, &lone);
+    relay.terminate();
+}
+
+/// A 429 is the API shedding load: systemic, and its Retry-After holds every request back.
+#[test]
+fn a_429_holds_the_relay_back_for_its_retry_after() {
+    let env = Env::new("c429", false);
+    let mut c = env.db();
+    let fleet = fleet(&env, &mut c, 4);
+    env.api
+        .faults(json!({"fail_status": 429, "fail_count": 1, "retry_after": 3}));
+    let mut relay = env.spawn_relay(&["--concurrency", "1", "--max-attempts", "1"]);
+    wait_for(120, "every intent done", || {
+        all_done(&mut c, fleet.len()).then_some(())
+    });
+    relay.terminate();
+    final_invariants(&env, &mut c, &fleet);
+    let at: Vec<u64> = env
+        .api
+        .calls()
+        .iter()
+        .filter_map(|c| c["at_ms"].as_u64())
+        .collect();
+    assert!(
+        at.len() >= 2 && at[1] >= at[0] + 3000,
+        "the next request waited out Retry-After (3 s): {at:?}"
+    );
+    assert_eq!(
+        outbox(&mut c)["failures"],
+        json!(0),
+        "a 429 is never counted"
+    );
+}
+
 /// A failure about one execution (a 500 for it alone) still uses up its budget and goes dead,
 /// while the others are recovered.
 #[test]

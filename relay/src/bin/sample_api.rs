@@ -20,7 +20,9 @@
 //!   POST /_admin/faults            {"fail_status": 503, "fail_count": 5, "delay_ms": 5,
 //!                                   "get_delay_ms": 0, "post_delay_ms": 0,
 //!                                   "apply_delay_ms": 0, "fail_ids": [], "fail_ids_status": 500,
-//!                                   "missing_status": false, "pad_bytes": 0}
+//!                                   "missing_status": false, "pad_bytes": 0,
+//!                                   "retry_after": null}
+//!     retry_after: a failure answered with fail_status carries `Retry-After: <seconds>`.
 //!     fail_ids: requests about these executions answer fail_ids_status, every time;
 //!     apply_delay_ms: an ERROR mark is applied this long after it arrived, whether or not the
 //!     caller still waits for the answer (a slow database behind the API).
@@ -77,6 +79,8 @@ struct Call {
 struct Faults {
     #[serde(default)]
     fail_status: Option<u16>,
+    #[serde(default)]
+    retry_after: Option<u64>,
     #[serde(default)]
     fail_count: u32,
     #[serde(default)]
@@ -171,7 +175,7 @@ async fn handle(req: Request<Incoming>, state: Shared, key: Arc<String>) -> Resp
     if id.is_empty() || id.contains('.') || !matches!(action.as_str(), "" | "update_status") {
         return not_found_page();
     }
-    let (delay, fail, apply_delay) = {
+    let (delay, fail, apply_delay, retry_after) = {
         let Ok(mut s) = state.lock() else {
             return reply(500, json!({"error": "state poisoned"}));
         };
@@ -205,7 +209,7 @@ async fn handle(req: Request<Incoming>, state: Shared, key: Arc<String>) -> Resp
             }
             _ => None,
         };
-        (delay, fail, f.apply_delay_ms)
+        (delay, fail, f.apply_delay_ms, f.retry_after)
     };
     if method == Method::POST && action == "update_status" && fail.is_none() && apply_delay > 0 {
         // Applied later by a task of its own: a caller that gave up does not cancel it.
@@ -221,7 +225,14 @@ async fn handle(req: Request<Incoming>, state: Shared, key: Arc<String>) -> Resp
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
     if let Some(code) = fail {
-        return reply(code, json!({"error": "injected fault"}));
+        let mut r = reply(code, json!({"error": "injected fault"}));
+        if let Some(after) = retry_after {
+            r.headers_mut().insert(
+                hyper::header::RETRY_AFTER,
+                hyper::header::HeaderValue::from(after),
+            );
+        }
+        return r;
     }
     match (&method, action.as_str()) {
         (&Method::GET, "") => read_status(&state, &id, organization.as_deref(), with_files),

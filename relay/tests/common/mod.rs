@@ -276,6 +276,8 @@ pub fn relay_command(database_url: &str, api: &SampleApi, key_file: &PathBuf) ->
         .env("PG_REAPER_LEASE", "30s")
         .env("RUST_LOG", "info")
         .env_remove("PG_REAPER_API_KEY")
+        .env_remove("INTERNAL_API_BASE_URL")
+        .env_remove("INTERNAL_SERVICE_API_KEY")
         .args([
             "--poll-interval",
             "200ms",
