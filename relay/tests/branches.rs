@@ -800,7 +800,8 @@ fn the_platforms_own_variables_and_bare_seconds() {
         .env_remove("PG_REAPER_API_KEY_FILE")
         .env("INTERNAL_API_BASE_URL", env.api.base_url())
         .env("INTERNAL_SERVICE_API_KEY", key.trim())
-        .env("PG_REAPER_HTTP_TIMEOUT", "120");
+        .env("PG_REAPER_HTTP_TIMEOUT", "120")
+        .env("PG_REAPER_SETTLE_DELAY", "240");
     let out = common::run_ok(&mut cmd);
     assert!(out.status.success());
     assert_eq!(
