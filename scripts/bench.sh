@@ -20,7 +20,7 @@ fi
 bash scripts/setup.sh
 echo "== building ($PROFILE)"
 cargo pgrx install --pg-config "$PG_CONFIG" $INSTALL_FLAGS >/dev/null
-cargo build --locked -q $BUILD_FLAGS -p pg-reaper-relay
+cargo build --locked -q $BUILD_FLAGS -p pg-reaper-relay -p pg-reaper-sample-api
 RELAY="target/$PROFILE/pg-reaper-relay"; SAMPLE_API="target/$PROFILE/pg-reaper-sample-api"
 PG_PORT="${BENCH_PG_PORT:-25449}"; API_PORT="${BENCH_API_PORT:-25450}"
 throwaway_cluster bench "$PG_PORT" <<CONF

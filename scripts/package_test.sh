@@ -47,7 +47,7 @@ psql -c 'CREATE EXTENSION pg_reaper'
 [ "$(psql -Atc "SELECT extversion FROM pg_extension WHERE extname = 'pg_reaper'")" = "$(dpkg-query -W -f '${Version}' postgresql-15-pg-reaper)" ] \
   || fail "the extension's version is not the package's"
 
-cargo build --locked -q -p pg-reaper-relay
+cargo build --locked -q -p pg-reaper-relay -p pg-reaper-sample-api
 KEY_FILE="$DATA/api.key"
 echo package-test-key > "$KEY_FILE"
 target/debug/pg-reaper-sample-api --listen "127.0.0.1:$API_PORT" --api-key-file "$KEY_FILE" 2>"$DATA/api.log" &

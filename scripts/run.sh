@@ -10,7 +10,7 @@ source scripts/lib.sh
 bash scripts/setup.sh
 echo "== building and installing"
 cargo pgrx install --pg-config "$PG_CONFIG" >/dev/null
-cargo build --locked -q -p pg-reaper-relay
+cargo build --locked -q -p pg-reaper-relay -p pg-reaper-sample-api
 RELAY=target/debug/pg-reaper-relay
 SAMPLE_API=target/debug/pg-reaper-sample-api
 PG_PORT="${PG_REAPER_RUN_PORT:-25439}"

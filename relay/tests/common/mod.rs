@@ -5,30 +5,30 @@
 use pg_reaper_tests::{Cluster, json, strand, wait_for};
 use postgres::Client;
 use serde_json::Value;
-use std::net::TcpStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
 use std::time::Duration;
 
 pub const KEY: &str = "test-key-0f3a9c";
 
+/// The sample status API, served in this test process (the `pg-reaper-sample-api` crate).
 pub struct SampleApi {
     pub port: u16,
     /// `https` when started with TLS.
     pub scheme: &'static str,
-    child: Child,
+    running: pg_reaper_sample_api::Running,
 }
 
 /// The test CA's directory: `ca.pem` signs `server.pem` (for 127.0.0.1 and localhost).
 pub const TLS_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tls");
 
 impl SampleApi {
-    pub fn start(key_file: &PathBuf, port: u16) -> SampleApi {
+    pub fn start(key_file: &Path, port: u16) -> SampleApi {
         SampleApi::start_with(key_file, port, &[])
     }
 
     /// Serving HTTPS with the test CA's server certificate.
-    pub fn start_tls(key_file: &PathBuf, port: u16) -> SampleApi {
+    pub fn start_tls(key_file: &Path, port: u16) -> SampleApi {
         let (cert, key) = (
             format!("{TLS_DIR}/server.pem"),
             format!("{TLS_DIR}/server.key"),
@@ -36,34 +36,30 @@ impl SampleApi {
         SampleApi::start_with(key_file, port, &["--tls-cert", &cert, "--tls-key", &key])
     }
 
-    /// Started with more flags (`--faults JSON`: in force from its first request).
-    pub fn start_with(key_file: &PathBuf, port: u16, flags: &[&str]) -> SampleApi {
-        let child = Command::new(env!("CARGO_BIN_EXE_pg-reaper-sample-api"))
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--api-key-file"])
-            .arg(key_file)
-            .args(flags)
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the sample API");
-        let scheme = if flags.contains(&"--tls-cert") {
-            "https"
-        } else {
-            "http"
-        };
-        let mut api = SampleApi {
+    /// Started with more of the binary's flags (`--faults JSON`: in force from its first
+    /// request).
+    pub fn start_with(key_file: &Path, port: u16, flags: &[&str]) -> SampleApi {
+        use clap::Parser;
+        let listen = format!("127.0.0.1:{port}");
+        let key = key_file.to_string_lossy();
+        let args = pg_reaper_sample_api::Args::try_parse_from(
+            [
+                "pg-reaper-sample-api",
+                "--listen",
+                &listen,
+                "--api-key-file",
+                &key,
+            ]
+            .into_iter()
+            .chain(flags.iter().copied()),
+        )
+        .expect("the sample API's flags");
+        let running = pg_reaper_sample_api::start(args).expect("start the sample API");
+        SampleApi {
             port,
-            scheme,
-            child,
-        };
-        // Listening, and it is this process that listens (one that could not bind has exited).
-        wait_for(60, "the sample API", || {
-            TcpStream::connect(("127.0.0.1", port)).ok()
-        });
-        assert!(
-            matches!(api.child.try_wait(), Ok(None)),
-            "the sample API exited at start (port {port} taken?)"
-        );
-        api
+            scheme: running.scheme,
+            running,
+        }
     }
 
     /// The base URL the relay is given.
@@ -71,9 +67,9 @@ impl SampleApi {
         format!("{}://127.0.0.1:{}/internal", self.scheme, self.port)
     }
 
+    /// Ends it as a killed process ends: the port closed, connections cut, state gone.
     pub fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.running.stop();
     }
 
     /// One request to the API with bearer `key` (None: no Authorization header) and the
@@ -158,12 +154,6 @@ fn http() -> reqwest::blocking::Client {
                 .expect("an HTTP client")
         })
         .clone()
-}
-
-impl Drop for SampleApi {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 pub use pg_reaper_tests::free_port;
