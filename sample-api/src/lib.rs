@@ -29,7 +29,7 @@
 //! caller still waits for the answer (a slow database behind the API).
 
 use axum::body::Bytes;
-use axum::extract::{Path, RawQuery, Request, State};
+use axum::extract::{OriginalUri, Path, RawQuery, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
@@ -319,12 +319,12 @@ async fn read_status(
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-    request: axum::http::Uri,
+    OriginalUri(uri): OriginalUri,
 ) -> Response {
     let Some(asked) = asked(
         Method::GET,
         id,
-        request.path().to_string(),
+        uri.path().to_string(),
         query,
         headers,
         &Bytes::new(),
@@ -378,7 +378,7 @@ async fn mark(
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-    uri: axum::http::Uri,
+    OriginalUri(uri): OriginalUri,
     body: Bytes,
 ) -> Response {
     let Some(asked) = asked(
