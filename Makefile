@@ -1,31 +1,39 @@
-# pg_reaper: `make test` runs every test (`make test PG=17`: all of them on one major); `make run`
-# is the demo. Both install what they need.
-.PHONY: test run bench soak setup install lint audit package
+# pg_reaper's entry points. Each installs what it uses when it is missing (scripts/setup.sh).
+.PHONY: help test check run bench soak setup install lint audit package
 
-test:
+help: ## this list
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{ printf "  make %-8s %s\n", $$1, $$2 }'
+
+test: ## every test, on PostgreSQL 15 then 14, 16, 17, 18 (PG=N: everything on one major)
 	bash scripts/test.sh
 
-run:
+check: ## the inner loop: format, clippy, the relay's unit tests and simulation, the pg_tests
+	bash scripts/check.sh
+
+run: ## a throwaway cluster, worker, relay and sample API recovering stranded executions
 	bash scripts/run.sh
 
-setup:
+bench: ## the benchmarks, as ratios against baselines of the same run (docs/benchmarks.md)
+	bash scripts/bench.sh
+
+soak: ## producers, crashing workers, the worker and two relays for SOAK_SECONDS, then the invariants
+	bash scripts/soak.sh
+
+setup: ## install what building and testing need
 	bash scripts/setup.sh
 
-install: setup
+install: ## build the extension and install it into Debian's PostgreSQL 15 (PG_CONFIG: another)
+	SETUP_FOR=build bash scripts/setup.sh
 	cargo pgrx install --pg-config $${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
 
-lint: setup
+lint: ## rustfmt and clippy
+	SETUP_FOR=build bash scripts/setup.sh
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 
-audit: setup
+audit: ## cargo-deny over the lock file, and clippy
+	SETUP_FOR=build bash scripts/setup.sh
 	bash scripts/audit.sh
 
-bench:
-	bash scripts/bench.sh
-
-soak:
-	bash scripts/soak.sh
-
-package:
+package: ## the Debian packages of the extension and the relay
 	bash scripts/package.sh

@@ -9,7 +9,7 @@
 set -euo pipefail
 export PATH="$HOME/.cargo/bin:$PATH"
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+SETUP_FOR=build bash scripts/setup.sh
 PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 VERSION="$(sed -nE 's/^version = "([0-9.]+)"$/\1/p' Cargo.toml | head -1)"
 ARCH="$(dpkg --print-architecture)"
@@ -27,7 +27,7 @@ mkdir -p "$ext/DEBIAN" "$ext/usr/share/doc/postgresql-15-pg-reaper"
 cp -r "$OUT/pgrx/usr" "$ext/"
 # pgrx puts the SQL of this version in; the upgrade scripts come from sql/.
 cp sql/pg_reaper--*--*.sql "$ext/usr/share/postgresql/15/extension/"
-cp README.md "$ext/usr/share/doc/postgresql-15-pg-reaper/"
+cp -r README.md ARCHITECTURE.md docs "$ext/usr/share/doc/postgresql-15-pg-reaper/"
 cat > "$ext/DEBIAN/control" <<CONTROL
 Package: postgresql-15-pg-reaper
 Version: $VERSION
@@ -50,6 +50,7 @@ install -D -m 0755 "target/$PROFILE/pg-reaper-relay" "$relay/usr/bin/pg-reaper-r
 install -D -m 0644 deploy/debian/pg-reaper-relay.service "$relay/lib/systemd/system/pg-reaper-relay.service"
 install -D -m 0644 deploy/debian/relay.env "$relay/etc/pg-reaper-relay/relay.env"
 install -D -m 0644 README.md "$relay/usr/share/doc/pg-reaper-relay/README.md"
+install -D -m 0644 docs/relay.md "$relay/usr/share/doc/pg-reaper-relay/relay.md"
 mkdir -p "$relay/DEBIAN"
 echo /etc/pg-reaper-relay/relay.env > "$relay/DEBIAN/conffiles"
 cat > "$relay/DEBIAN/control" <<CONTROL

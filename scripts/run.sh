@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
-bash scripts/setup.sh
+SETUP_FOR=build bash scripts/setup.sh
 echo "== building and installing"
 cargo pgrx install --pg-config "$PG_CONFIG" >/dev/null
 cargo build --locked -q -p pg-reaper-relay -p pg-reaper-sample-api

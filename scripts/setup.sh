@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# Installs what building and testing pg_reaper needs, and nothing that is already there:
-# Debian's PostgreSQL 15 with server headers, clang for bindgen, sudo and runuser (to run
-# Postgres as the postgres OS user when we are root), openssl (the tests make certificates),
-# prometheus (promtool and a real server for the alerting-rule and dashboard tests), pgbouncer,
-# patroni and etcd-server (the failover test), a Python virtualenv with psycopg (the
-# platform-worker test), cargo-pgrx 0.18.1, and its config for every PostgreSQL major in
-# PG_MAJORS (default 15; the others from scripts/pg.sh).
+# Installs what building and testing pg_reaper needs, and nothing that is already there.
+# `SETUP_FOR=build` (make run, lint, check, install, package) installs what building and running
+# it takes: Debian's PostgreSQL 15 with server headers, clang for bindgen, sudo and runuser (to
+# run Postgres as the postgres OS user when we are root), cargo-pgrx 0.18.1 and its config.
+# The default, `SETUP_FOR=test` (make test, bench, soak), adds what the tests start: openssl
+# (they make certificates), prometheus (promtool and a real server for the alerting-rule and
+# dashboard tests), pgbouncer, patroni and etcd-server (the failover test), a Python
+# virtualenv with psycopg (the platform-worker test), and every PostgreSQL major in PG_MAJORS
+# (default 15; the others from scripts/pg.sh).
 set -euo pipefail
 export PATH="$HOME/.cargo/bin:$PATH"
 cd "$(dirname "$0")/.."
-packages=(postgresql-15 postgresql-server-dev-15 postgresql-client-15 libclang-dev clang sudo util-linux openssl prometheus
-          pgbouncer python3 python3-venv patroni etcd-server)
+FOR="${SETUP_FOR:-test}"
+packages=(postgresql-15 postgresql-server-dev-15 postgresql-client-15 libclang-dev clang sudo util-linux)
+if [ "$FOR" = test ]; then
+  packages+=(openssl prometheus pgbouncer python3 python3-venv patroni etcd-server)
+fi
 
 missing=()
 for p in "${packages[@]}"; do
@@ -36,7 +41,7 @@ cargo fetch --locked
 # psycopg for the platform-worker test, pinned by hash, in target/python (Debian's Python).
 venv="$PWD/target/python"
 requirements="tests/python/requirements.txt"
-if ! cmp -s "$requirements" "$venv/requirements.txt" 2>/dev/null; then
+if [ "$FOR" = test ] && ! cmp -s "$requirements" "$venv/requirements.txt" 2>/dev/null; then
   echo "setup: installing psycopg into $venv"
   rm -rf "$venv"
   /usr/bin/python3 -m venv "$venv"

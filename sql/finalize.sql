@@ -4,7 +4,7 @@ CREATE VIEW @extschema@.pg_reaper_status AS
     SELECT * FROM @extschema@.reaper_status();
 
 -- Nothing is granted to PUBLIC: revoke the default EXECUTE on every function of this
--- extension (the README lists the grants an application, relay and monitoring role need).
+-- extension (docs/security.md lists the grants an application, relay and monitoring role need).
 DO $$
 DECLARE
     f regprocedure;

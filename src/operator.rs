@@ -132,7 +132,7 @@ fn advice(state: &str, org: &str, intents: &Value) -> String {
     }
 }
 
-/// The whole story of one execution, for a person: see the README for every key.
+/// The whole story of one execution, for a person: docs/sql.md lists every key.
 #[pg_extern(security_definer, parallel_unsafe, stable)]
 #[search_path(pg_catalog, pg_temp)]
 fn barrier_explain(execution_id: Option<&str>, fcinfo: pg_sys::FunctionCallInfo) -> pgrx::JsonB {

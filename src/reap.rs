@@ -305,7 +305,7 @@ pub fn warn_no_org(count: i32, sample: &[String]) {
     );
 }
 
-/// Queues one recovery intent per stranded barrier; see the README for the counters.
+/// Queues one recovery intent per stranded barrier; docs/sql.md explains the counters.
 #[pg_extern(security_definer, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn reap_expired(
