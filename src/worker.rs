@@ -418,6 +418,56 @@ struct Worker {
     last_report: Option<std::time::Instant>,
 }
 
+/// The leader's chores, in the order a tick runs them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Chore {
+    /// A step of the walk over the strands (see `reap::walk_step`).
+    Reap,
+    /// While catching up: the outbox's statistics, for the relays' claims.
+    AnalyzeOutbox,
+    /// Once the walk caught up: the strands nobody can recover.
+    CountOrgless,
+    ReofferLeases,
+    SweepMarkers,
+    PruneDone,
+}
+
+impl Chore {
+    /// What it is called in the log.
+    fn name(self) -> &'static str {
+        match self {
+            Chore::Reap => "reap",
+            Chore::AnalyzeOutbox => "analyze the outbox",
+            Chore::CountOrgless => "count org-less strands",
+            Chore::ReofferLeases => "re-offer expired leases",
+            Chore::SweepMarkers => "sweep dedup markers",
+            Chore::PruneDone => "prune done intents",
+        }
+    }
+
+    /// What `pg_stat_activity` shows while it runs.
+    fn activity(self) -> &'static std::ffi::CStr {
+        match self {
+            Chore::Reap => c"pg_reaper: reap",
+            Chore::AnalyzeOutbox => c"pg_reaper: analyze the outbox",
+            Chore::CountOrgless => c"pg_reaper: count org-less strands",
+            Chore::ReofferLeases => c"pg_reaper: re-offer expired leases",
+            Chore::SweepMarkers => c"pg_reaper: sweep dedup markers",
+            Chore::PruneDone => c"pg_reaper: prune done intents",
+        }
+    }
+}
+
+/// What one leader tick's chores did.
+#[derive(Default)]
+struct Done {
+    work: Work,
+    /// The walk over the strands reached its end: the worker may nap.
+    caught_up: bool,
+    /// A chore failed (rolled back and logged).
+    failed: bool,
+}
+
 /// What leader ticks did.
 #[derive(Default)]
 struct Work {
@@ -448,8 +498,8 @@ impl Worker {
                 return true;
             }
         };
-        let work = schema.map(|schema| self.chores(schema));
-        let ok = work.as_ref().is_none_or(|(_, _, failed)| !failed);
+        let done = schema.map(|schema| self.chores(schema));
+        let ok = done.as_ref().is_none_or(|d| !d.failed);
         if ok && self.consecutive_failures > 0 {
             log!(
                 "pg_reaper: ticks succeed again after {} failure(s)",
@@ -458,90 +508,84 @@ impl Worker {
             self.consecutive_failures = 0;
         }
         self.enter(state);
-        match work {
-            Some((work, caught_up, failed)) => {
-                self.report(work, caught_up);
+        match done {
+            Some(done) => {
+                self.report(done.work, done.caught_up);
                 // A failed chore naps like a caught-up walk: a failing statement must not spin.
-                caught_up || failed
+                done.caught_up || done.failed
             }
             None => true,
         }
     }
 
+    /// Runs one chore in a transaction of its own, with the chores' lock and statement
+    /// timeouts, shown in `pg_stat_activity` while it runs. None when it failed: rolled back,
+    /// counted and logged (the other chores still run).
+    fn run_chore<R>(&mut self, chore: Chore, work: impl FnOnce() -> R) -> Option<R> {
+        report_activity(Some(chore.activity()));
+        let result = in_transaction(AssertUnwindSafe(|| {
+            Spi::run(CHORE_TIMEOUTS).unwrap_or_else(|e| error!("{e}"));
+            work()
+        }));
+        // SAFETY: flushes this backend's pending table statistics (rate-limited inside).
+        unsafe { pg_sys::pgstat_report_stat(false) };
+        result
+            .map_err(|message| self.failed(chore.name(), &message))
+            .ok()
+    }
+
     /// The leader's chores, each in its own transaction: one failing (a lock timeout, a
-    /// dropped table) neither undoes nor stops the others. Returns what they did, whether the
-    /// walk over the strands caught up, and whether any chore failed.
-    fn chores(&mut self, schema: pg_sys::Oid) -> (Work, bool, bool) {
-        let mut work = Work::default();
-        let mut failed = false;
+    /// dropped table) neither undoes nor stops the others.
+    fn chores(&mut self, schema: pg_sys::Oid) -> Done {
+        let mut done = Done::default();
         let housekeeping = self
             .last_housekeeping
             .is_none_or(|t| t.elapsed() >= naptime());
         let analyze_due = self.last_analyze.is_none_or(|t| t.elapsed() >= naptime());
-        let mut analyzed = false;
-        let current = self.walk.clone();
-        let mut step = reap::Step::default();
-        let mut walk = None;
         let seconds = |g: &pgrx::GucSetting<i32>| Interval::from_seconds(f64::from(g.get()));
         let batch = i64::from(guc::BATCH_SIZE.get());
-        let mut chore = |name: &'static std::ffi::CStr, run: &mut dyn FnMut()| -> bool {
-            report_activity(Some(name));
-            let result = in_transaction(AssertUnwindSafe(|| {
-                Spi::run(CHORE_TIMEOUTS).unwrap_or_else(|e| error!("{e}"));
-                run();
-            }));
-            // SAFETY: flushes this backend's pending table statistics (rate-limited inside).
-            unsafe { pg_sys::pgstat_report_stat(false) };
-            match result {
-                Ok(()) => true,
-                Err(message) => {
-                    failed = true;
-                    let what = name.to_string_lossy();
-                    self.failed(what.trim_start_matches("pg_reaper: "), &message);
-                    false
-                }
-            }
-        };
+
         // The walk moves on only once its step committed: a rolled-back step is walked again.
-        let reaped = chore(c"pg_reaper: reap", &mut || {
-            let (s, next) = reap::walk_step(schema, &current, batch);
-            (step, walk) = (s, Some(next));
-        });
-        if !reaped {
-            (step, walk) = (reap::Step::default(), None);
-        }
+        let current = self.walk.clone();
+        let walked = self.run_chore(Chore::Reap, || reap::walk_step(schema, &current, batch));
+        done.failed |= walked.is_none();
+        let (step, next) = walked.map_or((reap::Step::default(), None), |(s, n)| (s, Some(n)));
         // Catching up on a backlog, the relays' claims need statistics that know the outbox
         // is full: autovacuum would take up to a minute to notice.
         if step.queued > 0 && !step.caught_up && analyze_due {
-            analyzed = chore(c"pg_reaper: analyze the outbox", &mut || {
-                outbox::analyze(schema)
-            });
+            let analyzed = self.run_chore(Chore::AnalyzeOutbox, || outbox::analyze(schema));
+            done.failed |= analyzed.is_none();
+            if analyzed.is_some() {
+                self.last_analyze = Some(std::time::Instant::now());
+            }
         }
         if step.caught_up {
-            chore(c"pg_reaper: count org-less strands", &mut || {
-                work.no_org = Some(reap::orgless(schema));
-            });
+            done.work.no_org = self.run_chore(Chore::CountOrgless, || reap::orgless(schema));
+            done.failed |= done.work.no_org.is_none();
         }
-        chore(c"pg_reaper: re-offer expired leases", &mut || {
-            work.reoffered = outbox::reoffer_expired_leases(schema);
+        let reoffered = self.run_chore(Chore::ReofferLeases, || {
+            outbox::reoffer_expired_leases(schema)
         });
+        done.failed |= reoffered.is_none();
+        done.work.reoffered = reoffered.unwrap_or(0);
         if housekeeping {
-            chore(c"pg_reaper: sweep dedup markers", &mut || {
-                work.swept = claim::sweep_orphan_markers(schema, seconds(&guc::DEDUP_RETENTION));
+            let retention = seconds(&guc::DEDUP_RETENTION);
+            let swept = self.run_chore(Chore::SweepMarkers, || {
+                claim::sweep_orphan_markers(schema, retention)
             });
-            chore(c"pg_reaper: prune done intents", &mut || {
-                work.pruned = outbox::prune_done(schema, seconds(&guc::OUTBOX_RETENTION));
-            });
+            let retention = seconds(&guc::OUTBOX_RETENTION);
+            let pruned = self.run_chore(Chore::PruneDone, || outbox::prune_done(schema, retention));
+            done.failed |= swept.is_none() || pruned.is_none();
+            done.work.swept = swept.unwrap_or(0);
+            done.work.pruned = pruned.unwrap_or(0);
             self.last_housekeeping = Some(std::time::Instant::now());
         }
-        if analyzed {
-            self.last_analyze = Some(std::time::Instant::now());
-        }
-        if let Some(next) = walk {
+        if let Some(next) = next {
             self.walk = next;
         }
-        work.queued = i64::from(step.queued);
-        (work, step.caught_up, failed)
+        done.work.queued = i64::from(step.queued);
+        done.caught_up = step.caught_up;
+        done
     }
 
     /// Counts and logs a failure (the first, then ever rarer ones: a table dropped under the

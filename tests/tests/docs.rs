@@ -100,7 +100,9 @@ fn every_relative_link_resolves() {
             let file = if path.is_empty() {
                 root().join(doc)
             } else {
-                root().join(doc.parent().unwrap_or(Path::new(""))).join(path)
+                root()
+                    .join(doc.parent().unwrap_or(Path::new("")))
+                    .join(path)
             };
             if !file.exists() {
                 broken.push(format!("{}: {target}: no such file", doc.display()));
@@ -161,5 +163,8 @@ fn the_architecture_lists_every_source_file() {
             gone.push(span.to_string());
         }
     }
-    assert!(gone.is_empty(), "ARCHITECTURE.md lists files that do not exist: {gone:?}");
+    assert!(
+        gone.is_empty(),
+        "ARCHITECTURE.md lists files that do not exist: {gone:?}"
+    );
 }
