@@ -223,8 +223,8 @@ drain() { # N CONCURRENCY -> "seconds http_seconds_sum http_count"
   local m; m="$(exec 3<>"/dev/tcp/127.0.0.1/$port"; printf 'GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n' >&3; cat <&3)"
   kill "$pid"; wait "$pid" 2>/dev/null || true
   echo "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') \
-$(echo "$m" | sed -n 's/^pg_reaper_relay_http_request_duration_seconds_sum \(.*\)/\1/p') \
-$(echo "$m" | sed -n 's/^pg_reaper_relay_http_request_duration_seconds_count \(.*\)/\1/p')"
+$(echo "$m" | sed -n 's/^pg_reaper_relay_http_request_duration_seconds_sum{result="answered"} \(.*\)/\1/p') \
+$(echo "$m" | sed -n 's/^pg_reaper_relay_http_request_duration_seconds_count{result="answered"} \(.*\)/\1/p')"
 }
 api POST /_admin/faults '{"delay_ms": 5}' >/dev/null
 read -r S16 H16 C16 <<<"$(drain "$DRAIN_N" 16)"
