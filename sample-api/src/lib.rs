@@ -242,56 +242,72 @@ impl Asked {
     }
 }
 
-/// Records the call and applies the faults in force: Some(response) when a fault answers.
-async fn faults(app: &App, asked: &Asked) -> Option<Response> {
-    let (delay, fail, retry_after) = {
-        let mut w = app.world();
-        let at_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        w.calls.push(Call {
-            at_ms,
-            method: asked.method.to_string(),
-            path: asked.path.clone(),
-            query: asked.query.clone(),
-            authorization: header_value(&asked.headers, header::AUTHORIZATION),
-            organization: asked.organization(),
-            content_type: header_value(&asked.headers, header::CONTENT_TYPE),
-            idempotency_key: asked
-                .headers
-                .get("idempotency-key")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string),
-            body: asked.body.clone(),
-        });
-        let f = &mut w.faults;
-        let delay = f.delay_ms
-            + match asked.method {
-                Method::GET => f.get_delay_ms,
-                Method::POST => f.post_delay_ms,
-                _ => 0,
-            };
-        let fail = match f.fail_status {
-            _ if f.fail_ids.contains(&asked.id) => Some(f.fail_ids_status.unwrap_or(500)),
-            Some(code) if f.fail_count > 0 => {
-                f.fail_count -= 1;
-                Some(code)
-            }
-            _ => None,
+/// What the faults in force do to one request: how long it waits before its answer, and the
+/// answer a fault gives instead of the real one.
+struct Faulted {
+    delay: Duration,
+    answer: Option<Response>,
+}
+
+impl Faulted {
+    /// Waits out the delay; then the fault's answer, if any.
+    async fn answer(self) -> Option<Response> {
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        self.answer
+    }
+}
+
+/// Records the call and decides what the faults in force do to it.
+fn faults(app: &App, asked: &Asked) -> Faulted {
+    let mut w = app.world();
+    let at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    w.calls.push(Call {
+        at_ms,
+        method: asked.method.to_string(),
+        path: asked.path.clone(),
+        query: asked.query.clone(),
+        authorization: header_value(&asked.headers, header::AUTHORIZATION),
+        organization: asked.organization(),
+        content_type: header_value(&asked.headers, header::CONTENT_TYPE),
+        idempotency_key: asked
+            .headers
+            .get("idempotency-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+        body: asked.body.clone(),
+    });
+    let f = &mut w.faults;
+    let delay = f.delay_ms
+        + match asked.method {
+            Method::GET => f.get_delay_ms,
+            Method::POST => f.post_delay_ms,
+            _ => 0,
         };
-        (delay, fail, f.retry_after)
+    let fail = match f.fail_status {
+        _ if f.fail_ids.contains(&asked.id) => Some(f.fail_ids_status.unwrap_or(500)),
+        Some(code) if f.fail_count > 0 => {
+            f.fail_count -= 1;
+            Some(code)
+        }
+        _ => None,
     };
-    if delay > 0 {
-        tokio::time::sleep(Duration::from_millis(delay)).await;
+    let answer = fail.map(|code| {
+        let mut r = reply(code, json!({"error": "injected fault"}));
+        if let Some(after) = f.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(after));
+        }
+        r
+    });
+    Faulted {
+        delay: Duration::from_millis(delay),
+        answer,
     }
-    let code = fail?;
-    let mut r = reply(code, json!({"error": "injected fault"}));
-    if let Some(after) = retry_after {
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, header::HeaderValue::from(after));
-    }
-    Some(r)
 }
 
 /// The router's id pattern is `[^/.]+`: an id with a dot matches no route.
@@ -331,7 +347,7 @@ async fn read_status(
     ) else {
         return not_found_page().await;
     };
-    if let Some(fault) = faults(&app, &asked).await {
+    if let Some(fault) = faults(&app, &asked).answer().await {
         return fault;
     }
     let with_files = !asked.query.as_deref().is_some_and(|q| {
@@ -392,17 +408,20 @@ async fn mark(
         return not_found_page().await;
     };
     let apply_delay = app.world().faults.apply_delay_ms;
-    if let Some(fault) = faults(&app, &asked).await {
-        return fault;
-    }
-    if apply_delay > 0 {
-        // Applied later by a task of its own: a caller that gave up does not cancel it.
-        let app = app.clone();
+    let faulted = faults(&app, &asked);
+    if apply_delay > 0 && faulted.answer.is_none() {
+        // Applied later by a task of its own, counted from the request's arrival: a caller
+        // that gave up does not cancel it, and a slow answer does not delay it.
+        let (app, delay) = (app.clone(), faulted.delay);
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(apply_delay)).await;
             let _ = update_status(&app, &asked);
         });
+        tokio::time::sleep(delay).await;
         return reply(200, json!({"status": "accepted"}));
+    }
+    if let Some(fault) = faulted.answer().await {
+        return fault;
     }
     let (code, body) = update_status(&app, &asked);
     reply(code, body)
