@@ -21,6 +21,16 @@ mod tests {
             .unwrap_or(serde_json::Value::Null)
     }
 
+    /// `pg_reaper_try(sql)`: runs a statement in a subtransaction; its SQLSTATE and message,
+    /// or 'ok'.
+    fn create_try() {
+        run(
+            "CREATE FUNCTION pg_reaper_try(sql text) RETURNS text LANGUAGE plpgsql AS $$
+             BEGIN EXECUTE sql; RETURN 'ok';
+             EXCEPTION WHEN others THEN RETURN SQLSTATE || ' ' || SQLERRM; END $$",
+        );
+    }
+
     fn count(sql: &str) -> i64 {
         one::<i64>(sql).expect("count is never NULL")
     }
@@ -181,11 +191,7 @@ mod tests {
     /// mark another execution. Every control character is refused, and nothing is written.
     #[pg_test]
     fn enqueue_rejects_control_characters_and_changes_nothing() {
-        run(
-            "CREATE FUNCTION pg_reaper_try(sql text) RETURNS text LANGUAGE plpgsql AS $$
-             BEGIN EXECUTE sql; RETURN 'ok';
-             EXCEPTION WHEN others THEN RETURN SQLSTATE || ' ' || SQLERRM; END $$",
-        );
+        create_try();
         for (id, code) in [
             ("a' || chr(9) || 'b", 9),
             ("ctl' || chr(1) || chr(10) || '", 1),
@@ -1264,12 +1270,7 @@ mod tests {
 
     #[pg_test]
     fn recover_refuses_what_it_cannot_do_and_changes_nothing() {
-        // Runs a statement in a subtransaction: its SQLSTATE and message, or 'ok'.
-        run(
-            "CREATE FUNCTION pg_reaper_try(sql text) RETURNS text LANGUAGE plpgsql AS $$
-             BEGIN EXECUTE sql; RETURN 'ok';
-             EXCEPTION WHEN others THEN RETURN SQLSTATE || ' ' || SQLERRM; END $$",
-        );
+        create_try();
         run("SELECT barrier_enqueue('plain', 'org', 2)");
         run("SELECT barrier_enqueue('noorg', '', 2)");
         for (sql, message) in [

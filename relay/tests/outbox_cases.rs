@@ -9,7 +9,7 @@ mod common;
 mod model;
 
 use common::Env;
-use model::{Db, Defects, State, lock};
+use model::{Db, Defects, lock};
 use pg_reaper_relay::protocol::{Outcome, Verdict};
 use pg_reaper_relay::recovery::Intent;
 use postgres::Client;
@@ -184,15 +184,7 @@ impl Side for Model {
         let rows: Vec<String> = db
             .rows
             .values()
-            .map(|r| {
-                let state = match r.state {
-                    State::Pending => "pending",
-                    State::InFlight => "in_flight",
-                    State::Done => "done",
-                    State::Dead => "dead",
-                };
-                row_line(state, r.attempts, r.failures, r.outcome.map(|o| o.as_str()))
-            })
+            .map(|r| row_line(r.state.as_str(), r.attempts, r.failures, r.outcome.map(|o| o.as_str())))
             .collect();
         format!("{rows:?} barrier {}", db.barriers.contains_key("e1"))
     }

@@ -551,7 +551,9 @@ fn router(app: App) -> Router {
         .route("/faults", post(set_faults))
         .route("/reset", post(reset))
         .fallback(no_admin_endpoint)
-        .layer(middleware::from_fn_with_state(app.clone(), admin_key));
+        .layer(middleware::from_fn_with_state(app.clone(), admin_key))
+        // A benchmark registers 100,000 executions in one call (axum's default: 2 MB).
+        .layer(axum::extract::DefaultBodyLimit::max(256 << 20));
     Router::new()
         .nest("/internal", internal)
         .nest("/_admin", admin)

@@ -14,13 +14,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::time::Instant;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
-    Pending,
-    InFlight,
-    Done,
-    Dead,
-}
+/// An intent's state: the protocol's words.
+pub use pg_reaper_protocol::State;
 
 /// One outbox row.
 #[derive(Debug, Clone)]
