@@ -184,7 +184,14 @@ impl Side for Model {
         let rows: Vec<String> = db
             .rows
             .values()
-            .map(|r| row_line(r.state.as_str(), r.attempts, r.failures, r.outcome.map(|o| o.as_str())))
+            .map(|r| {
+                row_line(
+                    r.state.as_str(),
+                    r.attempts,
+                    r.failures,
+                    r.outcome.map(|o| o.as_str()),
+                )
+            })
             .collect();
         format!("{rows:?} barrier {}", db.barriers.contains_key("e1"))
     }
