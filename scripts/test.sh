@@ -25,6 +25,7 @@ cargo fmt --all --check
 bash scripts/audit.sh
 
 LOG="$(mktemp /tmp/pg-reaper-test.XXXXXX)"
+skip=()
 trap 'rm -f "$LOG"' EXIT
 echo "== PostgreSQL $FULL: $("$PG_CONFIG" --version)"
 echo "== pg_tests (in-database)"
@@ -40,13 +41,11 @@ echo "== alerting rules: promtool unit tests"
 echo "== integration tests: throwaway clusters, concurrent sessions, the worker, the relay and the sample API"
 # The upgrade test builds 0.1.0, which supported PostgreSQL 15 to 17 only.
 case "$FULL" in
-  15|16|17) suites=(-p pg_reaper_tests) ;;
-  *) suites=(-p pg_reaper_tests --test foundation --test worker)
+  15|16|17) ;;
+  *) skip=(--skip-binary "tests test upgrade")
      echo "== (no upgrade test on PostgreSQL $FULL: 0.1.0 was never built for it)" ;;
 esac
-cargo test --locked -p pg_reaper_protocol 2>&1 | tee -a "$LOG"
-cargo test --locked "${suites[@]}" 2>&1 | tee -a "$LOG"
-cargo test --locked -p pg-reaper-relay 2>&1 | tee -a "$LOG"
+python3 scripts/tests.py "${skip[@]}" -p pg_reaper_protocol -p pg_reaper_tests -p pg-reaper-relay 2>&1 | tee -a "$LOG"
 
 echo "== benchmark smoke run (tiny sizes; the real run is make bench)"
 BENCH_SMOKE=1 bash scripts/bench.sh
@@ -62,7 +61,7 @@ for n in $OTHERS; do
   echo "== PostgreSQL $n: $("$config" --version): pg_tests, then the SQL and worker integration tests"
   cargo pgrx test "pg$n" --runas postgres --pgdata "$PGRX_PGDATA" 2>&1 | tee -a "$LOG"
   cargo pgrx install --pg-config "$config"
-  PG_CONFIG="$config" cargo test --locked -p pg_reaper_tests --test foundation --test worker 2>&1 | tee -a "$LOG"
+  PG_CONFIG="$config" python3 scripts/tests.py -p pg_reaper_tests --test foundation --test worker 2>&1 | tee -a "$LOG"
   echo "== PostgreSQL $n took $((SECONDS - part)) s"
 done
 

@@ -22,7 +22,7 @@ fn calls_for<'a>(calls: &'a [Value], id: &str) -> Vec<&'a Value> {
 
 #[test]
 fn mark_terminal_gone_and_no_org_branches() {
-    let env = Env::new("rbranch", false);
+    let env = Env::shared("rbranch");
     let mut c = env.db();
     env.api.execution("exec-mark", "org-a", "EXECUTING");
     env.api.execution("exec-zero", "org-a", "PENDING");
@@ -128,7 +128,7 @@ fn mark_terminal_gone_and_no_org_branches() {
 
 #[test]
 fn skipped_mark_means_it_turned_terminal_meanwhile() {
-    let env = Env::new("rskip", false);
+    let env = Env::shared("rskip");
     let mut c = env.db();
     env.stranded_executing(&mut c, "e");
     env.api.faults(json!({"post_delay_ms": 1500}));
@@ -156,7 +156,7 @@ fn skipped_mark_means_it_turned_terminal_meanwhile() {
 
 #[test]
 fn failures_keep_the_barrier_and_retry_with_backoff_until_dead_then_replay() {
-    let env = Env::new("rfail", false);
+    let env = Env::shared("rfail");
     let mut c = env.db();
     env.api.execution("http", "org", "EXECUTING");
     env.api.execution("weird", "org", "ON_FIRE");
@@ -205,7 +205,7 @@ fn failures_keep_the_barrier_and_retry_with_backoff_until_dead_then_replay() {
 
 #[test]
 fn an_oversized_body_is_a_failure_not_read_whole() {
-    let env = Env::new("rbig", false);
+    let env = Env::shared("rbig");
     let mut c = env.db();
     env.stranded_executing(&mut c, "e");
     env.api.faults(json!({"pad_bytes": 2 << 20}));
@@ -228,7 +228,7 @@ fn an_oversized_body_is_a_failure_not_read_whole() {
 
 #[test]
 fn a_missing_status_is_indeterminate_and_never_marked() {
-    let env = Env::new("rindet", false);
+    let env = Env::shared("rindet");
     let mut c = env.db();
     env.stranded_executing(&mut c, "e");
     env.api.faults(json!({"missing_status": true}));
@@ -249,7 +249,7 @@ fn a_missing_status_is_indeterminate_and_never_marked() {
 
 #[test]
 fn a_wrong_key_is_a_retried_failure_reported_as_configuration() {
-    let env = Env::new("rkey", false);
+    let env = Env::shared("rkey");
     let mut c = env.db();
     env.stranded_executing(&mut c, "e");
     let out = env
@@ -278,7 +278,7 @@ fn a_wrong_key_is_a_retried_failure_reported_as_configuration() {
 
 #[test]
 fn a_rearmed_execution_is_not_marked_and_its_new_run_is_untouched() {
-    let env = Env::new("rrearm", false);
+    let env = Env::shared("rrearm");
     let mut c = env.db();
     env.stranded_executing(&mut c, "e");
     env.api.faults(json!({"get_delay_ms": 1500}));
@@ -309,7 +309,7 @@ fn a_rearmed_execution_is_not_marked_and_its_new_run_is_untouched() {
 
 #[test]
 fn refire_hook_instead_of_a_mark_and_a_raising_hook_is_a_failure() {
-    let env = Env::new("rrefire", false);
+    let env = Env::shared("rrefire");
     let mut c = env.db();
     c.batch_execute(
         "CREATE TABLE refired (execution_id text, organization_id text, callback jsonb, results jsonb);
@@ -317,10 +317,10 @@ fn refire_hook_instead_of_a_mark_and_a_raising_hook_is_a_failure() {
          BEGIN
              IF e = 'bad' THEN RAISE EXCEPTION 'queue unavailable'; END IF;
              INSERT INTO public.refired VALUES (e, o, c, r);
-         END $$;
-         ALTER DATABASE q SET pg_reaper.refire_function = 'public.refire';",
+         END $$;",
     )
     .expect("hook");
+    env.alter_database("pg_reaper.refire_function = 'public.refire'");
     for id in ["good", "bad", "partial"] {
         env.api.execution(id, "org", "EXECUTING");
     }
@@ -366,15 +366,15 @@ fn refire_hook_instead_of_a_mark_and_a_raising_hook_is_a_failure() {
 /// superuser.
 #[test]
 fn the_refire_hook_runs_as_its_owner_and_cannot_escalate() {
-    let env = Env::new("rhookowner", false);
+    let env = Env::shared("rhookowner");
     let mut c = env.db();
     c.batch_execute(
         "CREATE ROLE app_owner LOGIN;
-         CREATE SCHEMA app AUTHORIZATION app_owner;
-         ALTER DATABASE q SET pg_reaper.refire_function = 'app.refire';",
+         CREATE SCHEMA app AUTHORIZATION app_owner;",
     )
     .expect("roles");
-    let mut owner = env.cluster.client_as("q", "app_owner");
+    env.alter_database("pg_reaper.refire_function = 'app.refire'");
+    let mut owner = env.cluster.client_as(&env.db, "app_owner");
     owner
         .batch_execute(
             "CREATE TABLE app.jobs (execution_id text, ran_as text);
@@ -425,10 +425,9 @@ fn the_refire_hook_runs_as_its_owner_and_cannot_escalate() {
 /// as a bare "db error".
 #[test]
 fn database_errors_are_reported_with_their_message_and_sqlstate() {
-    let env = Env::new("rsqlstate", false);
+    let env = Env::shared("rsqlstate");
     let mut c = env.db();
-    c.batch_execute("ALTER DATABASE q SET pg_reaper.refire_function = 'public.missing'")
-        .expect("a hook that does not exist");
+    env.alter_database("pg_reaper.refire_function = 'public.missing'");
     env.api.execution("lost-callback", "org", "EXECUTING");
     pg_reaper_tests::strand(&mut c, "lost-callback", "org", 3);
     env.reap(&mut c);
@@ -447,7 +446,7 @@ fn database_errors_are_reported_with_their_message_and_sqlstate() {
 /// length only.
 #[test]
 fn huge_execution_ids_are_bounded_in_the_log() {
-    let env = Env::new("rhugeid", false);
+    let env = Env::shared("rhugeid");
     let mut c = env.db();
     // Written as the platform's own SQL would (pg_reaper's functions refuse ids over 1 kB).
     c.batch_execute(
@@ -472,7 +471,7 @@ fn huge_execution_ids_are_bounded_in_the_log() {
 /// another relay's claim takes them over once their lease has expired.
 #[test]
 fn without_the_worker_a_killed_relays_claims_are_taken_over_after_the_lease() {
-    let env = Env::new("rtakeover", false);
+    let env = Env::shared("rtakeover");
     let mut c = env.db();
     let ids = ["k0", "k1", "k2", "k3"];
     for id in ids {
@@ -534,7 +533,7 @@ fn without_the_worker_a_killed_relays_claims_are_taken_over_after_the_lease() {
 /// (asked without it, the API would send every file execution: megabytes, over the limit).
 #[test]
 fn a_large_run_is_read_without_its_file_executions() {
-    let env = Env::new("rbigrun", false);
+    let env = Env::shared("rbigrun");
     let mut c = env.db();
     env.api.admin(
         "PUT",
@@ -571,15 +570,15 @@ fn a_large_run_is_read_without_its_file_executions() {
 /// callback as asked, and removes the barrier; a second request returns the live intent.
 #[test]
 fn barrier_recover_is_carried_out_by_the_relay_with_every_rule_but_the_stranded_check() {
-    let env = Env::new("rrecover", false);
+    let env = Env::shared("rrecover");
     let mut c = env.db();
     c.batch_execute(
         "CREATE TABLE refired (execution_id text, results jsonb);
          CREATE FUNCTION public.refire(e text, o text, c jsonb, r jsonb) RETURNS void
-         LANGUAGE sql AS $$ INSERT INTO public.refired VALUES (e, r) $$;
-         ALTER DATABASE q SET pg_reaper.refire_function = 'public.refire';",
+         LANGUAGE sql AS $$ INSERT INTO public.refired VALUES (e, r) $$;",
     )
     .expect("hook");
+    env.alter_database("pg_reaper.refire_function = 'public.refire'");
     let mut c = env.db(); // a session that has the database's setting
     for (id, status) in [
         ("err", Some("EXECUTING")),
@@ -656,7 +655,7 @@ fn barrier_recover_is_carried_out_by_the_relay_with_every_rule_but_the_stranded_
 
 #[test]
 fn metrics_healthz_and_sigterm_leave_nothing_in_flight() {
-    let env = Env::new("rmetrics", false);
+    let env = Env::shared("rmetrics");
     let mut c = env.db();
     for i in 0..6 {
         let id = format!("e{i}");
@@ -734,7 +733,7 @@ fn metrics_healthz_and_sigterm_leave_nothing_in_flight() {
 
 #[test]
 fn bad_configuration_is_one_clear_line_and_a_failure() {
-    let env = Env::new("rconfig", false);
+    let env = Env::shared("rconfig");
     let run = |args: &[&str], env_changes: &dyn Fn(&mut std::process::Command)| {
         let mut cmd = env.relay_command(args);
         env_changes(&mut cmd);
@@ -789,7 +788,7 @@ fn bad_configuration_is_one_clear_line_and_a_failure() {
 /// durations in bare seconds (INTERNAL_API_TIMEOUT=120 style).
 #[test]
 fn the_platforms_own_variables_and_bare_seconds() {
-    let env = Env::new("rplatform", false);
+    let env = Env::shared("rplatform");
     let mut c = env.db();
     env.api.execution("plat-1", "org", "EXECUTING");
     pg_reaper_tests::strand(&mut c, "plat-1", "org", 1);
@@ -824,7 +823,7 @@ fn the_platforms_own_variables_and_bare_seconds() {
 
 #[test]
 fn https_to_the_api_with_a_custom_ca() {
-    let env = Env::new("rtls", false);
+    let env = Env::shared("rtls");
     let mut c = env.db();
     // An execution the API does not know: its recovery is one GET (404 → gone), over TLS.
     pg_reaper_tests::strand(&mut c, "over-tls", "org", 1);
@@ -878,7 +877,7 @@ fn https_to_the_api_with_a_custom_ca() {
 /// refuses it); the relay fails the intent as a bad request, marks nothing, keeps the barrier.
 #[test]
 fn ids_a_url_would_change_are_never_sent() {
-    let env = Env::new("rctlid", false);
+    let env = Env::shared("rctlid");
     let mut c = env.db();
     env.api.execution("ab", "org-a", "EXECUTING");
     for id in ["a\tb", "ctl\u{1}\n"] {

@@ -268,7 +268,7 @@ fn outbox(c: &mut Client) -> Value {
 /// once, and every execution is recovered by itself, with exactly one mark, no replay.
 #[test]
 fn an_outage_longer_than_the_failure_budget_kills_nothing_and_needs_no_replay() {
-    let mut env = Env::new("coutage", false);
+    let mut env = Env::shared("coutage");
     let mut c = env.db();
     let fleet = fleet(&env, &mut c, 12);
     let port = env.api.port;
@@ -354,7 +354,7 @@ fn an_outage_longer_than_the_failure_budget_kills_nothing_and_needs_no_replay() 
 /// every execution is marked once, no replay.
 #[test]
 fn a_500_for_everything_longer_than_the_failure_budget_kills_nothing() {
-    let env = Env::new("c500", false);
+    let env = Env::shared("c500");
     let mut c = env.db();
     env.api
         .faults(json!({"fail_status": 500, "fail_count": 1000000}));
@@ -386,7 +386,7 @@ fn a_500_for_everything_longer_than_the_failure_budget_kills_nothing() {
 /// A 429 is the API shedding load: systemic, and its Retry-After holds every request back.
 #[test]
 fn a_429_holds_the_relay_back_for_its_retry_after() {
-    let env = Env::new("c429", false);
+    let env = Env::shared("c429");
     let mut c = env.db();
     let fleet = fleet(&env, &mut c, 4);
     env.api
@@ -418,7 +418,7 @@ fn a_429_holds_the_relay_back_for_its_retry_after() {
 /// while the others are recovered.
 #[test]
 fn a_per_execution_failure_still_goes_dead_while_the_others_recover() {
-    let env = Env::new("cperexec", false);
+    let env = Env::shared("cperexec");
     let mut c = env.db();
     let fleet = fleet(&env, &mut c, 6);
     env.api
@@ -448,7 +448,7 @@ fn a_per_execution_failure_still_goes_dead_while_the_others_recover() {
 /// applied mark per execution, never a second, and every mark carried an Idempotency-Key.
 #[test]
 fn marks_applied_after_the_http_timeout_are_never_sent_twice() {
-    let env = Env::new("clate", false);
+    let env = Env::shared("clate");
     let mut c = env.db();
     let ids: Vec<String> = (0..5).map(|i| format!("late{i}")).collect();
     for id in &ids {
@@ -489,7 +489,7 @@ fn marks_applied_after_the_http_timeout_are_never_sent_twice() {
 /// the status after the mark landed and does not mark again.
 #[test]
 fn a_relay_killed_with_its_mark_in_flight_is_not_followed_by_a_second_mark() {
-    let env = Env::new("ckillpost", false);
+    let env = Env::shared("ckillpost");
     let mut c = env.db();
     env.stranded_executing(&mut c, "inflight");
     env.api

@@ -534,7 +534,7 @@ fn cases() -> Vec<(&'static str, Vec<Op>)> {
 
 #[test]
 fn the_simulations_outbox_answers_as_the_extensions_does() {
-    let env = Env::new("rcases", false);
+    let env = Env::shared("rcases");
     let mut admin = env.db();
     admin
         .batch_execute(

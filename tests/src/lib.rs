@@ -1,7 +1,9 @@
 //! Throwaway PostgreSQL clusters (of the installation `PG_CONFIG` names; Debian's 15 by
-//! default) for the integration tests: each test starts its own on a
-//! free loopback port in a fresh directory (as the `postgres` OS user when run as root, since
-//! Postgres refuses root) and the cluster is stopped and removed when the value is dropped.
+//! default) for the integration tests, on free loopback ports in fresh directories (as the
+//! `postgres` OS user when run as root, since Postgres refuses root). A test that needs no
+//! worker and changes nothing cluster-wide (settings, restarts, signals, `pg_hba.conf`) takes a
+//! database of its own in the test binary's [`shared`] cluster; the others start their own
+//! cluster, stopped and removed when the value is dropped.
 //! The extension must be installed (`cargo pgrx install`) before these tests run; a test that
 //! needs other versions of its files runs its cluster from an [`Installation`] of its own.
 
@@ -11,6 +13,7 @@ use postgres::{Client, NoTls};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// The reference platform's queue schema (schema `unstract`), as its own migration creates it.
@@ -404,21 +407,61 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            let log = self.log();
-            let tail: Vec<&str> = log.lines().rev().take(60).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            eprintln!(
-                "--- server log of {} (last lines) ---\n{}",
-                self.dir.display(),
-                tail.join("\n")
-            );
+            self.print_log_tail();
         }
+        self.remove();
+    }
+}
+
+impl Cluster {
+    fn print_log_tail(&self) {
+        let log = self.log();
+        let tail: Vec<&str> = log.lines().rev().take(60).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        eprintln!(
+            "--- server log of {} (last lines) ---\n{}",
+            self.dir.display(),
+            tail.join("\n")
+        );
+    }
+
+    /// Stops the server at once and deletes its directory.
+    fn remove(&self) {
         let d = self.dir.to_str().unwrap_or_default().to_string();
         let _ = as_pg_user(
             &self.bindir.join("pg_ctl"),
             &["-D", &d, "-m", "immediate", "-w", "stop"],
         );
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+
+    /// A name for a new database, never the same twice in this test process.
+    pub fn unique_name(prefix: &str) -> String {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        format!("{prefix}_{}", SEQ.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+static SHARED: OnceLock<Cluster> = OnceLock::new();
+
+/// The test binary's shared cluster (no worker, default settings), started by the first test
+/// that asks for it and removed when the test process exits. Its tests each work in a database
+/// of their own ([`Cluster::unique_name`], [`Cluster::create_db`]), so they run side by side
+/// without an `initdb` each; roles are cluster-wide, so a test creating one picks a name no
+/// other test of its binary uses.
+pub fn shared() -> &'static Cluster {
+    SHARED.get_or_init(|| {
+        let cluster = Cluster::start("shared", &[]);
+        // SAFETY: registers a plain function without arguments, run once at process exit
+        // (libtest ends with `exit`, whether tests passed or failed).
+        unsafe { libc::atexit(remove_shared) };
+        cluster
+    })
+}
+
+extern "C" fn remove_shared() {
+    if let Some(cluster) = SHARED.get() {
+        cluster.remove();
     }
 }
 

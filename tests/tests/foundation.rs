@@ -1,7 +1,7 @@
 //! The extension over real, concurrent connections: what a single rolled-back pg_test cannot
 //! show (races between sessions, NOTIFY at commit, privileges, another schema, dump/restore).
 
-use pg_reaper_tests::{Cluster, json, strand_many};
+use pg_reaper_tests::{Cluster, json, shared, strand_many};
 use postgres::Client;
 use postgres::fallible_iterator::FallibleIterator;
 use serde_json::json;
@@ -34,10 +34,11 @@ fn race<T: Send + 'static>(
 
 #[test]
 fn eight_concurrent_claimers_exactly_one_wins_every_time() {
-    let cluster = Cluster::start("claim", &[]);
-    cluster.create_db("q", None);
+    let cluster = shared();
+    let q = Cluster::unique_name("claim");
+    cluster.create_db(&q, None);
     for trial in 0..10 {
-        let wins = race(&cluster, "q", 8, move |_, c| {
+        let wins = race(cluster, &q, 8, move |_, c| {
             c.query_one("SELECT barrier_claim('exec', $1)", &[&trial])
                 .expect("claim")
                 .get::<_, bool>(0)
@@ -48,7 +49,7 @@ fn eight_concurrent_claimers_exactly_one_wins_every_time() {
             "trial {trial}: {wins:?}"
         );
     }
-    let mut c = cluster.client("q");
+    let mut c = cluster.client(&q);
     assert_eq!(
         json(&mut c, "SELECT to_jsonb(count(*)) FROM pg_batch_dedup"),
         json!(10)
@@ -57,12 +58,13 @@ fn eight_concurrent_claimers_exactly_one_wins_every_time() {
 
 #[test]
 fn thirty_two_concurrent_decrements_give_exactly_one_complete() {
-    let cluster = Cluster::start("decr", &[]);
-    let mut c = cluster.create_db("q", None);
+    let cluster = shared();
+    let q = Cluster::unique_name("decr");
+    let mut c = cluster.create_db(&q, None);
     for round in 0..3 {
         c.execute("SELECT barrier_enqueue('exec', 'org', 32)", &[])
             .expect("enqueue");
-        let statuses = race(&cluster, "q", 32, |i, c| {
+        let statuses = race(cluster, &q, 32, |i, c| {
             c.query_one(
                 "SELECT status FROM barrier_decrement('exec', to_jsonb($1::int))",
                 &[&(i as i32)],
@@ -85,12 +87,13 @@ fn thirty_two_concurrent_decrements_give_exactly_one_complete() {
 
 #[test]
 fn concurrent_reapers_queue_each_strand_once() {
-    let cluster = Cluster::start("reap", &[]);
-    let mut c = cluster.create_db("q", None);
+    let cluster = shared();
+    let q = Cluster::unique_name("reap");
+    let mut c = cluster.create_db(&q, None);
     for round in 0..3 {
         let prefix = format!("r{round}-");
         strand_many(&mut c, &prefix, "org", 200);
-        let queued = race(&cluster, "q", 2, |_, c| {
+        let queued = race(cluster, &q, 2, |_, c| {
             c.query_one("SELECT queued FROM reap_expired()", &[])
                 .expect("reap")
                 .get::<_, i32>(0)
@@ -108,9 +111,10 @@ fn concurrent_reapers_queue_each_strand_once() {
 
 #[test]
 fn reap_notifies_the_relay_channel_only_when_it_queued() {
-    let cluster = Cluster::start("notify", &[]);
-    let mut c = cluster.create_db("q", None);
-    let mut listener = cluster.client("q");
+    let cluster = shared();
+    let q = Cluster::unique_name("notify");
+    let mut c = cluster.create_db(&q, None);
+    let mut listener = cluster.client(&q);
     listener
         .batch_execute("LISTEN pg_reaper_outbox")
         .expect("listen");
@@ -139,8 +143,9 @@ fn reap_notifies_the_relay_channel_only_when_it_queued() {
 
 #[test]
 fn bad_input_names_the_argument_and_changes_nothing() {
-    let cluster = Cluster::start("badinput", &[]);
-    let mut c = cluster.create_db("q", None);
+    let cluster = shared();
+    let q = Cluster::unique_name("badinput");
+    let mut c = cluster.create_db(&q, None);
     c.batch_execute("SELECT barrier_enqueue('e', 'org', 3); SELECT barrier_claim('e', 0)")
         .expect("arm");
     let snapshot = |c: &mut Client| {
@@ -205,8 +210,9 @@ fn bad_input_names_the_argument_and_changes_nothing() {
 
 #[test]
 fn works_in_a_schema_that_needs_quoting_whatever_the_search_path() {
-    let cluster = Cluster::start("schema", &[]);
-    let mut c = cluster.create_db("q", Some("Queue Schema"));
+    let cluster = shared();
+    let q = Cluster::unique_name("schema");
+    let mut c = cluster.create_db(&q, Some("Queue Schema"));
     c.batch_execute("SET search_path = public")
         .expect("search_path");
     let s = "\"Queue Schema\"";
@@ -260,8 +266,9 @@ fn works_in_a_schema_that_needs_quoting_whatever_the_search_path() {
 
 #[test]
 fn nothing_is_granted_to_public_and_documented_grants_suffice() {
-    let cluster = Cluster::start("privs", &[]);
-    let mut admin = cluster.create_db("q", None);
+    let cluster = shared();
+    let q = Cluster::unique_name("privs");
+    let mut admin = cluster.create_db(&q, None);
     admin
         .batch_execute(
             "CREATE ROLE nobody LOGIN;
@@ -275,7 +282,7 @@ fn nothing_is_granted_to_public_and_documented_grants_suffice() {
              GRANT SELECT ON pg_reaper_status TO ops;",
         )
         .expect("roles");
-    let mut nobody = cluster.client_as("q", "nobody");
+    let mut nobody = cluster.client_as(&q, "nobody");
     for sql in [
         "SELECT barrier_enqueue('e', 'org', 1)",
         "SELECT barrier_claim('e', 0)",
@@ -295,7 +302,7 @@ fn nothing_is_granted_to_public_and_documented_grants_suffice() {
         let err = nobody.batch_execute(sql).expect_err(sql);
         assert_eq!(err.code().map(|c| c.code()), Some("42501"), "{sql}: {err}");
     }
-    let mut app = cluster.client_as("q", "app");
+    let mut app = cluster.client_as(&q, "app");
     app.batch_execute(
         "SELECT barrier_enqueue('e', 'org', 1); SELECT barrier_claim('e', 0);
          SELECT barrier_decrement('e'); SELECT barrier_finish('e'); SELECT barrier_abort('e');",
@@ -331,7 +338,7 @@ fn nothing_is_granted_to_public_and_documented_grants_suffice() {
         let err = nobody.batch_execute(sql).expect_err(sql);
         assert_eq!(err.code().map(|c| c.code()), Some("42501"), "{sql}: {err}");
     }
-    let mut relay = cluster.client_as("q", "relay");
+    let mut relay = cluster.client_as(&q, "relay");
     relay
         .batch_execute(
             "SELECT * FROM outbox_claim(); SELECT * FROM recovery_lock(1, 1);
@@ -394,7 +401,7 @@ fn nothing_is_granted_to_public_and_documented_grants_suffice() {
     // Only a superuser may point the relay at a function. Before the library is loaded in a
     // session, Postgres accepts a SET of the name as a placeholder, and discards it (WARNING)
     // the moment the library loads; after that, and for ALTER ROLE, it refuses.
-    let mut app = cluster.client_as("q", "app"); // a session where the library is not loaded yet
+    let mut app = cluster.client_as(&q, "app"); // a session where the library is not loaded yet
     app.batch_execute("SET pg_reaper.refire_function = 'public.evil'")
         .expect("placeholder");
     app.batch_execute("SELECT barrier_claim('load-the-library', 0)")
@@ -411,7 +418,7 @@ fn nothing_is_granted_to_public_and_documented_grants_suffice() {
         let err = app.batch_execute(sql).expect_err(sql);
         assert_eq!(err.code().map(|c| c.code()), Some("42501"), "{sql}: {err}");
     }
-    let mut ops = cluster.client_as("q", "ops");
+    let mut ops = cluster.client_as(&q, "ops");
     ops.batch_execute(
         "SELECT * FROM reap_expired(); SELECT * FROM pg_reaper_status;
          SELECT barrier_explain('e');",
@@ -421,8 +428,10 @@ fn nothing_is_granted_to_public_and_documented_grants_suffice() {
 
 #[test]
 fn pg_dump_and_restore_keep_barriers_markers_and_intents() {
-    let cluster = Cluster::start("dump", &[]);
-    let mut c = cluster.create_db("src", None);
+    let cluster = shared();
+    let q = Cluster::unique_name("dump");
+    let (src, dst) = (format!("{q}_src"), format!("{q}_dst"));
+    let mut c = cluster.create_db(&src, None);
     strand_many(&mut c, "s", "org", 3);
     c.batch_execute(
         "SELECT barrier_enqueue('live', 'org', 5, '1 hour', '{\"cb\": true}');
@@ -435,23 +444,20 @@ fn pg_dump_and_restore_keep_barriers_markers_and_intents() {
                    (SELECT jsonb_agg(d ORDER BY execution_id, batch_index) FROM pg_batch_dedup d),
                    (SELECT jsonb_agg(o ORDER BY id) FROM pg_reaper_outbox o))";
     let before = json(&mut c, all);
-    let file = cluster.dir.join("dump.custom");
+    let file = cluster.dir.join(format!("{q}.custom"));
     let file = file.to_str().expect("utf-8");
     let port = cluster.port.to_string();
     let conn = ["-h", "127.0.0.1", "-p", &port, "-U", "postgres"];
-    cluster.tool(
-        "pg_dump",
-        &[&conn[..], &["-Fc", "-f", file, "src"]].concat(),
-    );
+    cluster.tool("pg_dump", &[&conn[..], &["-Fc", "-f", file, &src]].concat());
     cluster
         .client("postgres")
-        .batch_execute("CREATE DATABASE dst")
+        .batch_execute(&format!("CREATE DATABASE {dst}"))
         .expect("create dst");
     cluster.tool(
         "pg_restore",
-        &[&conn[..], &["-d", "dst", "--exit-on-error", file]].concat(),
+        &[&conn[..], &["-d", &dst, "--exit-on-error", file]].concat(),
     );
-    let mut d = cluster.client("dst");
+    let mut d = cluster.client(&dst);
     assert_eq!(json(&mut d, all), before);
     // The identity sequence came along: a new intent does not collide with restored ids.
     strand_many(&mut d, "after", "org", 1);
@@ -463,8 +469,9 @@ fn pg_dump_and_restore_keep_barriers_markers_and_intents() {
 
 #[test]
 fn a_hostile_search_path_cannot_redirect_the_hot_path() {
-    let cluster = Cluster::start("hostile", &[]);
-    let mut c = cluster.create_db("q", None);
+    let cluster = shared();
+    let q = Cluster::unique_name("hostile");
+    let mut c = cluster.create_db(&q, None);
     // Operators that would hijack `remaining - 1`, `execution_id = $1`, `results || …` and the
     // claim if the hot path resolved names through the caller's search_path.
     c.batch_execute(

@@ -158,19 +158,49 @@ fn http() -> reqwest::blocking::Client {
 
 pub use pg_reaper_tests::free_port;
 
-/// A cluster (optionally with the worker preloaded), database `q` with the extension, the
-/// sample API, and a key file.
+/// A database with the extension (`q` in a cluster of its own, or a database of its own in the
+/// test binary's shared cluster), the sample API, and a key file.
 pub struct Env {
-    pub cluster: Cluster,
+    pub cluster: Held,
+    /// The database's name.
+    pub db: String,
     pub api: SampleApi,
     pub key_file: PathBuf,
 }
 
+/// The cluster an [`Env`] works in: its own, or the test binary's shared one.
+pub enum Held {
+    Own(Cluster),
+    Shared(&'static Cluster),
+}
+
+impl std::ops::Deref for Held {
+    type Target = Cluster;
+
+    fn deref(&self) -> &Cluster {
+        match self {
+            Held::Own(cluster) => cluster,
+            Held::Shared(cluster) => cluster,
+        }
+    }
+}
+
 impl Env {
+    /// A cluster of its own (with the worker preloaded when `worker`), database `q`: for a
+    /// test that needs the worker, restarts or signals the server, or changes its settings.
     pub fn new(name: &str, worker: bool) -> Env {
         Env::with_database(name, worker, |cluster| {
             cluster.create_db("q", None);
         })
+    }
+
+    /// A database of its own in the test binary's shared cluster (no worker): for a test that
+    /// drives the extension and the relay without touching anything cluster-wide.
+    pub fn shared(name: &str) -> Env {
+        let cluster = pg_reaper_tests::shared();
+        let db = Cluster::unique_name(name);
+        cluster.create_db(&db, None);
+        Env::around(Held::Shared(cluster), db)
     }
 
     /// The worker preloaded, and `q` the reference platform's queue database: its own schema
@@ -205,22 +235,35 @@ impl Env {
         };
         let cluster = Cluster::start(name, &conf);
         create(&cluster);
-        let key_file = cluster.dir.join("api.key");
+        Env::around(Held::Own(cluster), "q".to_string())
+    }
+
+    /// The sample API and its key file, next to database `db` of `cluster`.
+    fn around(cluster: Held, db: String) -> Env {
+        let key_file = cluster.dir.join(format!("{db}-api.key"));
         std::fs::write(&key_file, format!("{KEY}\n")).expect("key file");
         let api = SampleApi::start(&key_file, free_port());
         Env {
             cluster,
+            db,
             api,
             key_file,
         }
     }
 
     pub fn db(&self) -> Client {
-        self.cluster.client("q")
+        self.cluster.client(&self.db)
+    }
+
+    /// `ALTER DATABASE <this database> SET <setting>`: in force for the sessions opened after.
+    pub fn alter_database(&self, setting: &str) {
+        self.db()
+            .batch_execute(&format!("ALTER DATABASE \"{}\" SET {setting}", self.db))
+            .unwrap_or_else(|e| panic!("ALTER DATABASE … SET {setting}: {e}"));
     }
 
     pub fn relay_command(&self, args: &[&str]) -> Command {
-        let mut c = relay_command(&self.cluster.url("q"), &self.api, &self.key_file);
+        let mut c = relay_command(&self.cluster.url(&self.db), &self.api, &self.key_file);
         c.args(args);
         c
     }
