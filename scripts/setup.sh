@@ -39,11 +39,11 @@ fi
 
 cargo fetch --locked
 
-# psycopg for the platform-worker test, pinned by hash, in target/python (Debian's Python).
+# psycopg2 for the platform-worker test, pinned by hash, in target/python (Debian's Python).
 venv="$PWD/target/python"
 requirements="tests/python/requirements.txt"
 if [ "$FOR" = test ] && ! cmp -s "$requirements" "$venv/requirements.txt" 2>/dev/null; then
-  echo "setup: installing psycopg into $venv"
+  echo "setup: installing psycopg2 into $venv"
   rm -rf "$venv"
   /usr/bin/python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps --require-hashes -r "$requirements"

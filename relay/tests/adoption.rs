@@ -400,11 +400,11 @@ fn a_table_that_cannot_be_adopted_fails_create_extension_and_changes_nothing() {
     }
 }
 
-/// The platform's worker flow of docs/unstract.md, run by a real Python client (psycopg, as
-/// the platform's workers use it) through PgBouncer in transaction pooling mode, which is how
+/// The platform's worker flow of docs/unstract.md, run by a real Python client (psycopg2 2.9.9,
+/// the driver and version the platform's workers pin) through PgBouncer in transaction pooling mode, which is how
 /// those workers connect, against the adopted tables.
 #[test]
-fn the_platforms_worker_flow_runs_through_pgbouncer_with_psycopg() {
+fn the_platforms_worker_flow_runs_through_pgbouncer_with_psycopg2() {
     let cluster = Cluster::start("adoptpy", &[]);
     let mut c = platform_db(&cluster);
     adopt(&mut c);
@@ -415,7 +415,7 @@ fn the_platforms_worker_flow_runs_through_pgbouncer_with_psycopg() {
         .unwrap_or_else(|_| root.join("target/python/bin/python"));
     assert!(
         python.exists(),
-        "{} is missing: scripts/setup.sh installs psycopg there",
+        "{} is missing: scripts/setup.sh installs psycopg2 there",
         python.display()
     );
     let out = std::process::Command::new(&python)

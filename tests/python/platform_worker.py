@@ -1,5 +1,5 @@
 """The reference platform's barrier flow, run through pg_reaper's functions the way a platform
-worker runs it: psycopg, one transaction per step, every connection through PgBouncer in
+worker runs it: psycopg2 (the driver and version the platform pins), one transaction per step, every connection through PgBouncer in
 transaction pooling mode, against the platform's own (adopted) tables in schema `unstract`.
 
 The steps are those of docs/unstract.md: enqueue arms the barrier with the callback
@@ -14,26 +14,33 @@ import os
 import sys
 import threading
 
-import psycopg
-from psycopg.types.json import Jsonb
+import psycopg2
+from psycopg2.extras import Json
 
 DSN = os.environ["PLATFORM_DSN"]
 
 
 def connect():
     # Transaction pooling gives each transaction whichever server connection is free, so no
-    # session state may be relied on: no server-side prepared statements (psycopg prepares a
-    # statement after five executions unless told not to), no SET search_path (every call
-    # below names its schema).
-    return psycopg.connect(DSN, prepare_threshold=None)
+    # session state may be relied on: no server-side prepared statements (psycopg2 never
+    # makes any), no SET search_path (every call below names its schema).
+    return psycopg2.connect(DSN)
+
+
+def one(conn, sql, args=()):
+    """Runs one statement in a transaction of its own (committed as the platform commits each
+    step); its first row."""
+    with conn, conn.cursor() as cur:
+        cur.execute(sql, args)
+        return cur.fetchone()
 
 
 def enqueue(conn, execution_id, org, total, ttl_seconds, callback):
-    with conn.transaction():
-        return conn.execute(
-            "SELECT unstract.barrier_enqueue(%s, %s, %s, make_interval(secs => %s), %s)",
-            (execution_id, org, total, ttl_seconds, Jsonb(callback)),
-        ).fetchone()[0]
+    return one(
+        conn,
+        "SELECT unstract.barrier_enqueue(%s, %s, %s, make_interval(secs => %s), %s)",
+        (execution_id, org, total, ttl_seconds, Json(callback)),
+    )[0]
 
 
 def fire_callback(conn, callback, results):
@@ -43,46 +50,49 @@ def fire_callback(conn, callback, results):
         "args": [results],
         "kwargs": {**callback["kwargs"], "_pg_transport": True},
     }
-    with conn.transaction():
-        conn.execute(
-            """INSERT INTO unstract.pg_queue_message
-                   (queue_name, message, org_id, enqueued_at, vt, read_ct, priority, state)
-               VALUES (%s, %s, %s, now(), now(), 0, 5, 'ready')""",
-            (callback["queue"], Jsonb(message), callback["kwargs"]["organization_id"]),
-        )
+    one(
+        conn,
+        """INSERT INTO unstract.pg_queue_message
+               (queue_name, message, org_id, enqueued_at, vt, read_ct, priority, state)
+           VALUES (%s, %s, %s, now(), now(), 0, 5, 'ready')
+           RETURNING msg_id""",
+        (callback["queue"], Json(message), callback["kwargs"]["organization_id"]),
+    )
 
 
 def run_batch(execution_id, batch_index, work, callback):
     """run_batch_with_barrier: claim, work, decrement; the last batch fires the callback."""
-    with connect() as conn:
-        with conn.transaction():
-            first = conn.execute(
-                "SELECT unstract.barrier_claim(%s, %s)", (execution_id, batch_index)
-            ).fetchone()[0]
-        if not first:
-            return {"status": "skipped_redelivery"}
-        try:
-            result = work()
-        except Exception:
-            # The platform marks the execution ERROR through its API first; then it tears the
-            # barrier down keeping the markers, so that a redelivery is skipped.
-            with conn.transaction():
-                status = conn.execute(
-                    "SELECT unstract.barrier_abort(%s, preserve_dedup => true)", (execution_id,)
-                ).fetchone()[0]
-            return {"status": status}
-        with conn.transaction():
-            status, remaining, results = conn.execute(
-                "SELECT status, remaining, results FROM unstract.barrier_decrement(%s, %s)",
-                (execution_id, Jsonb(result)),
-            ).fetchone()
-        if status == "complete":
-            fire_callback(conn, callback, results)
-            # Only after the callback is safely enqueued: a crash before this line leaves
-            # the barrier for pg_reaper, which re-fires or marks the execution.
-            with conn.transaction():
-                conn.execute("SELECT unstract.barrier_finish(%s)", (execution_id,))
-        return {"status": status, "remaining": remaining}
+    conn = connect()
+    try:
+        return batch(conn, execution_id, batch_index, work, callback)
+    finally:
+        conn.close()
+
+
+def batch(conn, execution_id, batch_index, work, callback):
+    first = one(conn, "SELECT unstract.barrier_claim(%s, %s)", (execution_id, batch_index))[0]
+    if not first:
+        return {"status": "skipped_redelivery"}
+    try:
+        result = work()
+    except Exception:
+        # The platform marks the execution ERROR through its API first; then it tears the
+        # barrier down keeping the markers, so that a redelivery is skipped.
+        status = one(
+            conn, "SELECT unstract.barrier_abort(%s, preserve_dedup => true)", (execution_id,)
+        )[0]
+        return {"status": status}
+    status, remaining, results = one(
+        conn,
+        "SELECT status, remaining, results FROM unstract.barrier_decrement(%s, %s)",
+        (execution_id, Json(result)),
+    )
+    if status == "complete":
+        fire_callback(conn, callback, results)
+        # Only after the callback is safely enqueued: a crash before this line leaves
+        # the barrier for pg_reaper, which re-fires or marks the execution.
+        one(conn, "SELECT unstract.barrier_finish(%s)", (execution_id,))
+    return {"status": status, "remaining": remaining}
 
 
 def descriptor(execution_id):
@@ -97,7 +107,8 @@ def descriptor(execution_id):
 
 def main():
     out = {}
-    with connect() as conn:
+    conn = connect()
+    try:
         # 1. Four batches, one of them redelivered: the last decrement fires the callback.
         cb = descriptor("exec-fanout")
         enqueue(conn, "exec-fanout", "org-a", 4, 21600, cb)
@@ -140,18 +151,18 @@ def main():
         #    stays at remaining 0 for pg_reaper.
         cb = descriptor("exec-crashed")
         enqueue(conn, "exec-crashed", "org-a", 1, 21600, cb)
-        with conn.transaction():
-            conn.execute("SELECT unstract.barrier_claim('exec-crashed', 0)")
-        with conn.transaction():
-            out["crashed"] = conn.execute(
-                "SELECT status FROM unstract.barrier_decrement('exec-crashed', '{\"file\": 0}')"
-            ).fetchone()[0]
+        one(conn, "SELECT unstract.barrier_claim('exec-crashed', 0)")
+        out["crashed"] = one(
+            conn, "SELECT status FROM unstract.barrier_decrement('exec-crashed', '{\"file\": 0}')"
+        )[0]
 
-        with conn.transaction():
-            out["callbacks"] = conn.execute(
-                """SELECT coalesce(jsonb_agg(message ORDER BY msg_id), '[]')
-                     FROM unstract.pg_queue_message"""
-            ).fetchone()[0]
+        out["callbacks"] = one(
+            conn,
+            """SELECT coalesce(jsonb_agg(message ORDER BY msg_id), '[]')
+                 FROM unstract.pg_queue_message""",
+        )[0]
+    finally:
+        conn.close()
     json.dump(out, sys.stdout)
 
 

@@ -199,6 +199,34 @@ fn upgrade_from_0_1_0_keeps_every_row_grant_and_call() {
          SELECT barrier_enqueue('window-strand', 'org', 2);",
     )
     .expect("the 0.1.0 barrier API with the 0.2.0 library");
+    // The decrement in every form the docs show, from a session of its own (its first call
+    // into the library), over a barrier the 0.1.0 function armed.
+    let mut other = cluster.client("q");
+    other
+        .batch_execute("SELECT barrier_enqueue('window-forms', 'org', 3)")
+        .expect("enqueue");
+    assert_eq!(
+        json(
+            &mut other,
+            "SELECT to_jsonb(d) FROM (SELECT status, remaining, results
+                                        FROM barrier_decrement('window-forms', '1')) d"
+        ),
+        json!({"status": "pending", "remaining": 2, "results": null}),
+        "the guide's form"
+    );
+    assert_eq!(
+        json(&mut other, "SELECT to_jsonb(barrier_decrement('window-forms', '2'))"),
+        json!({"status": "pending", "remaining": 1, "results": null}),
+        "the scalar form"
+    );
+    assert_eq!(
+        json(&mut other, "SELECT to_jsonb(d) FROM barrier_decrement('window-forms', '3') d"),
+        json!({"status": "complete", "remaining": 0, "results": [1, 2, 3]}),
+        "the FROM form"
+    );
+    other
+        .batch_execute("SELECT barrier_finish('window-forms')")
+        .expect("finish");
     expire(&mut c, "window-strand");
     let reaped = json(&mut c, "SELECT to_jsonb(r) FROM reap_expired() r");
     assert_eq!(reaped["queued"], json!(1), "{reaped}");
