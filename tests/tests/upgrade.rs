@@ -215,12 +215,18 @@ fn upgrade_from_0_1_0_keeps_every_row_grant_and_call() {
         "the guide's form"
     );
     assert_eq!(
-        json(&mut other, "SELECT to_jsonb(barrier_decrement('window-forms', '2'))"),
+        json(
+            &mut other,
+            "SELECT to_jsonb(barrier_decrement('window-forms', '2'))"
+        ),
         json!({"status": "pending", "remaining": 1, "results": null}),
         "the scalar form"
     );
     assert_eq!(
-        json(&mut other, "SELECT to_jsonb(d) FROM barrier_decrement('window-forms', '3') d"),
+        json(
+            &mut other,
+            "SELECT to_jsonb(d) FROM barrier_decrement('window-forms', '3') d"
+        ),
         json!({"status": "complete", "remaining": 0, "results": [1, 2, 3]}),
         "the FROM form"
     );
