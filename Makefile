@@ -1,5 +1,5 @@
 # pg_reaper's entry points. Each installs what it uses when it is missing (scripts/setup.sh).
-.PHONY: help test check run bench soak setup install lint audit package
+.PHONY: help test check run bench soak setup install lint audit package portable
 
 help: ## this list
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{ printf "  make %-8s %s\n", $$1, $$2 }'
@@ -34,6 +34,9 @@ lint: ## rustfmt and clippy
 audit: ## cargo-deny over the lock file, and clippy
 	SETUP_FOR=build bash scripts/setup.sh
 	bash scripts/audit.sh
+
+portable: ## the extension-free edition: one SQL file, target/portable/pg_reaper.sql
+	python3 scripts/sql.py portable
 
 package: ## the Debian packages of the extension and the relay
 	bash scripts/package.sh

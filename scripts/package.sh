@@ -28,6 +28,9 @@ cp -r "$OUT/pgrx/usr" "$ext/"
 # pgrx puts the SQL of this version in; the upgrade scripts come from sql/.
 cp sql/pg_reaper--*--*.sql "$ext/usr/share/postgresql/15/extension/"
 cp -r README.md ARCHITECTURE.md docs "$ext/usr/share/doc/postgresql-15-pg-reaper/"
+# The extension-free edition, for databases where the library cannot be loaded.
+python3 scripts/sql.py portable >/dev/null
+cp target/portable/pg_reaper.sql "$ext/usr/share/doc/postgresql-15-pg-reaper/pg_reaper-extension-free.sql"
 cat > "$ext/DEBIAN/control" <<CONTROL
 Package: postgresql-15-pg-reaper
 Version: $VERSION

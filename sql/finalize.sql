@@ -1,10 +1,11 @@
 -- One-row status view over reaper_status(), which gathers the worker's shared-memory stats and
 -- the table gauges in one place.
-CREATE VIEW @extschema@.pg_reaper_status AS
+CREATE OR REPLACE VIEW @extschema@.pg_reaper_status AS
     SELECT * FROM @extschema@.reaper_status();
 
--- Nothing is granted to PUBLIC: revoke the default EXECUTE on every function of this
--- extension (docs/security.md lists the grants an application, relay and monitoring role need).
+-- Nothing is granted to PUBLIC: revoke the default EXECUTE on every function of this extension,
+-- or, installed without one, of pg_reaper's in this schema (docs/security.md lists the grants an
+-- application, relay and monitoring role need).
 DO $$
 DECLARE
     f regprocedure;
@@ -16,8 +17,17 @@ BEGIN
           AND d.refobjid = (SELECT oid FROM pg_catalog.pg_extension WHERE extname = 'pg_reaper')
           AND d.classid = 'pg_catalog.pg_proc'::regclass
           AND d.deptype = 'e'
+        UNION
+        SELECT p.oid::regprocedure
+        FROM pg_catalog.pg_proc p
+        WHERE p.pronamespace = '@extschema@'::regnamespace
+          AND NOT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'pg_reaper')
+          AND (p.proname LIKE 'pg\_reaper\_%' OR p.proname LIKE 'barrier\_%'
+               OR p.proname LIKE 'outbox\_%'
+               OR p.proname IN ('reap_expired', 'recovery_lock', 'reaper_status'))
     LOOP
         EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
     END LOOP;
 END
 $$;
+REVOKE ALL ON @extschema@.pg_reaper_status FROM PUBLIC;

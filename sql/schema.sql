@@ -46,6 +46,8 @@ DECLARE
     found_type text;
     barrier_adopted boolean;
     dedup_adopted boolean;
+    -- CREATE EXTENSION, or the extension-free edition's file.
+    in_extension CONSTANT boolean := EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'pg_reaper');
 BEGIN
     -- Check both tables before changing either: an ERROR here leaves the database as it was.
     FOREACH tbl IN ARRAY ARRAY['pg_barrier_state', 'pg_batch_dedup'] LOOP
@@ -123,8 +125,11 @@ BEGIN
             CONSTRAINT pg_barrier_expires_after_created CHECK (expires_at > created_at),
             CONSTRAINT pg_barrier_results_is_array CHECK (jsonb_typeof(results) = 'array')
         ) WITH (fillfactor = 70);
-        -- Keep the rows through pg_dump / pg_restore.
-        PERFORM pg_catalog.pg_extension_config_dump('@extschema@.pg_barrier_state', '');
+        -- Keep the rows through pg_dump / pg_restore (an extension's tables are not dumped
+        -- otherwise; without the extension they are ordinary tables).
+        IF in_extension THEN
+            PERFORM pg_catalog.pg_extension_config_dump('@extschema@.pg_barrier_state', '');
+        END IF;
     END IF;
 
     -- One marker per claimed batch. No foreign key to the barrier on purpose: a marker may
@@ -137,7 +142,9 @@ BEGIN
             CONSTRAINT pg_batch_dedup_pkey PRIMARY KEY (execution_id, batch_index),
             CONSTRAINT pg_batch_dedup_batch_index_non_negative CHECK (batch_index >= 0)
         );
-        PERFORM pg_catalog.pg_extension_config_dump('@extschema@.pg_batch_dedup', '');
+        IF in_extension THEN
+            PERFORM pg_catalog.pg_extension_config_dump('@extschema@.pg_batch_dedup', '');
+        END IF;
     END IF;
 
     -- The indexes reaping and the marker sweep scan, unless a plain index already starts with
@@ -232,5 +239,11 @@ AS $$
 $$;
 
 -- Keep the outbox through pg_dump / pg_restore (the barrier tables: above, when created here).
-SELECT pg_catalog.pg_extension_config_dump('@extschema@.pg_reaper_outbox', '');
-SELECT pg_catalog.pg_extension_config_dump('@extschema@.pg_reaper_outbox_id_seq', '');
+DO $dump$
+BEGIN
+    IF EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'pg_reaper') THEN
+        PERFORM pg_catalog.pg_extension_config_dump('@extschema@.pg_reaper_outbox', '');
+        PERFORM pg_catalog.pg_extension_config_dump('@extschema@.pg_reaper_outbox_id_seq', '');
+    END IF;
+END
+$dump$;

@@ -130,8 +130,3 @@ pub fn init() {
         pg_sys::EmitWarningsOnPlaceholders(c"pg_reaper".as_ptr())
     };
 }
-
-/// The stuck timeout as an interval, the form the stranded predicate takes.
-pub fn stuck_timeout() -> Interval {
-    Interval::from_seconds(f64::from(STUCK_TIMEOUT.get()))
-}

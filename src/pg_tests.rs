@@ -583,12 +583,17 @@ mod tests {
 
     // ---- the worker's walk over the strands --------------------------------------------
 
-    /// One step of the walk with `budget`: (queued, caught up), the walk moved on.
+    /// One step of the walk with `budget` (pg_reaper.batch_size from the settings table):
+    /// (queued, caught up), the walk moved on.
     fn walk_step(walk: &mut crate::reap::Walk, budget: i64) -> (i32, bool) {
         let schema =
             one::<pg_sys::Oid>("SELECT extnamespace FROM pg_extension WHERE extname = 'pg_reaper'")
                 .expect("the extension's schema");
-        let (step, next) = crate::reap::walk_step(schema, walk, budget);
+        run(&format!(
+            "INSERT INTO pg_reaper_settings VALUES ('pg_reaper.batch_size', '{budget}')
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+        ));
+        let (step, next) = crate::reap::walk_step(schema, walk);
         *walk = next;
         (step.queued, step.caught_up)
     }
@@ -630,12 +635,9 @@ mod tests {
                    WHERE NOT EXISTS (SELECT 1 FROM pg_reaper_outbox o WHERE o.execution_id = b.execution_id)"),
             json!(["live", "x01", "x02", "x03"])
         );
-        let schema =
-            one::<pg_sys::Oid>("SELECT extnamespace FROM pg_extension WHERE extname = 'pg_reaper'")
-                .expect("schema");
         assert_eq!(
-            crate::reap::orgless(schema),
-            (3, vec!["x01".to_string(), "x02".into(), "x03".into()])
+            json("SELECT to_jsonb(o) FROM pg_reaper_orgless() o"),
+            json!({"n": 3, "sample": ["x01", "x02", "x03"]})
         );
     }
 
@@ -1050,12 +1052,18 @@ mod tests {
 
     #[pg_test]
     fn refire_hook_names_are_identifiers_only() {
-        for (name, ok) in [
-            ("f", true),
-            ("public.record_refire", true),
-            ("\"Queue Schema\".\"Re \"\"fire\"\"\"", true),
-            ("_x$1", true),
-            ("", false),
+        // Only (qualified, quoted) identifiers reach to_regprocedure, which raises a syntax
+        // error for anything else: every other setting is "does not name a function" (42883),
+        // and a name that exists resolves.
+        create_try();
+        run(
+            "CREATE FUNCTION public.\"Re \"\"fire\"\"\"(text, text, jsonb, jsonb) RETURNS void
+             LANGUAGE sql AS ''",
+        );
+        for (name, resolves) in [
+            ("f", false),
+            ("public.\"Re \"\"fire\"\"\"", true),
+            ("_x$1", false),
             ("a.b.c", false),
             ("1f", false),
             ("f()", false),
@@ -1065,7 +1073,20 @@ mod tests {
             ("f; DROP TABLE x", false),
             ("a.", false),
         ] {
-            assert_eq!(crate::recovery::is_function_name(name), ok, "{name}");
+            run(&format!(
+                "SET LOCAL pg_reaper.refire_function = '{}'",
+                name.replace('\'', "''")
+            ));
+            let got = one::<String>("SELECT pg_reaper_try('SELECT pg_reaper_hook()')")
+                .unwrap_or_default();
+            if resolves {
+                assert_eq!(got, "ok", "{name}");
+            } else {
+                assert!(
+                    got.starts_with("42883 pg_reaper.refire_function = "),
+                    "{name}: {got}"
+                );
+            }
         }
     }
 

@@ -11,7 +11,7 @@
 //! sees its deletes), and SIGTERM interrupts it even inside a statement. Leadership only avoids
 //! duplicate work; every write is a compare-and-set on rows, so two leaders would be harmless.
 
-use crate::{claim, guc, outbox, reap};
+use crate::{guc, outbox, reap};
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
 };
@@ -475,8 +475,6 @@ struct Work {
     reoffered: usize,
     swept: usize,
     pruned: usize,
-    /// The org-less strands, counted when a walk reached its end.
-    no_org: Option<(i32, Vec<String>)>,
 }
 
 impl Worker {
@@ -542,12 +540,10 @@ impl Worker {
             .last_housekeeping
             .is_none_or(|t| t.elapsed() >= naptime());
         let analyze_due = self.last_analyze.is_none_or(|t| t.elapsed() >= naptime());
-        let seconds = |g: &pgrx::GucSetting<i32>| Interval::from_seconds(f64::from(g.get()));
-        let batch = i64::from(guc::BATCH_SIZE.get());
 
         // The walk moves on only once its step committed: a rolled-back step is walked again.
         let current = self.walk.clone();
-        let walked = self.run_chore(Chore::Reap, || reap::walk_step(schema, &current, batch));
+        let walked = self.run_chore(Chore::Reap, || reap::walk_step(schema, &current));
         done.failed |= walked.is_none();
         let (step, next) = walked.map_or((reap::Step::default(), None), |(s, n)| (s, Some(n)));
         // Catching up on a backlog, the relays' claims need statistics that know the outbox
@@ -560,8 +556,11 @@ impl Worker {
             }
         }
         if step.caught_up {
-            done.work.no_org = self.run_chore(Chore::CountOrgless, || reap::orgless(schema));
-            done.failed |= done.work.no_org.is_none();
+            // Named in a WARNING when their number changes, not every time.
+            let last = self.last_no_org;
+            let counted = self.run_chore(Chore::CountOrgless, || reap::orgless(schema, last));
+            done.failed |= counted.is_none();
+            self.last_no_org = counted.unwrap_or(last);
         }
         let reoffered = self.run_chore(Chore::ReofferLeases, || {
             outbox::reoffer_expired_leases(schema)
@@ -569,12 +568,9 @@ impl Worker {
         done.failed |= reoffered.is_none();
         done.work.reoffered = reoffered.unwrap_or(0);
         if housekeeping {
-            let retention = seconds(&guc::DEDUP_RETENTION);
-            let swept = self.run_chore(Chore::SweepMarkers, || {
-                claim::sweep_orphan_markers(schema, retention)
-            });
-            let retention = seconds(&guc::OUTBOX_RETENTION);
-            let pruned = self.run_chore(Chore::PruneDone, || outbox::prune_done(schema, retention));
+            let swept =
+                self.run_chore(Chore::SweepMarkers, || outbox::sweep_orphan_markers(schema));
+            let pruned = self.run_chore(Chore::PruneDone, || outbox::prune_done(schema));
             done.failed |= swept.is_none() || pruned.is_none();
             done.work.swept = swept.unwrap_or(0);
             done.work.pruned = pruned.unwrap_or(0);
@@ -735,13 +731,6 @@ impl Worker {
             );
             self.unreported = Work::default();
             self.last_report = Some(std::time::Instant::now());
-        }
-        // Name the strands nobody can recover when their number changes, not every time.
-        if let Some((count, sample)) = work.no_org
-            && count != self.last_no_org
-        {
-            self.last_no_org = count;
-            reap::warn_no_org(count, &sample);
         }
     }
 }

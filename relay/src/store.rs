@@ -14,10 +14,19 @@ use std::time::{Duration, SystemTime};
 use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, accepts, to_sql_checked};
 use tokio_postgres::{Client, GenericClient, Row, Statement, Transaction};
 
+/// The extension's schema or, without the extension, the schema the extension-free edition was
+/// installed into (the one with its tick function); more than one of those is an error.
 const FIND_SCHEMA: &str = "SELECT pg_catalog.quote_ident(n.nspname)
                              FROM pg_catalog.pg_extension e
                              JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
-                            WHERE e.extname = 'pg_reaper'";
+                            WHERE e.extname = 'pg_reaper'
+                           UNION ALL
+                           SELECT pg_catalog.quote_ident(n.nspname)
+                             FROM pg_catalog.pg_proc p
+                             JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+                            WHERE p.proname = 'pg_reaper_tick'
+                              AND NOT EXISTS (SELECT FROM pg_catalog.pg_extension
+                                               WHERE extname = 'pg_reaper')";
 /// A recovery transaction must not wait forever behind a row lock, nor a statement run for
 /// ever; either fails and is retried. The idle-in-transaction timeout (set per connection, just
 /// above the HTTP timeout) makes the server end the recovery transaction of a relay that was
@@ -182,14 +191,27 @@ impl Store {
                 }
             }
         });
-        let schema: String = client
-            .query_opt(FIND_SCHEMA, &[])
+        let schema = client
+            .query(FIND_SCHEMA, &[])
             .await
-            .map_err(|e| setup("looking for the pg_reaper extension", e))?
-            .ok_or_else(|| {
-                Error::Connect("the pg_reaper extension is not created in this database".into())
-            })
-            .and_then(|row| column(&row, 0))?;
+            .map_err(|e| setup("looking for the pg_reaper extension", e))?;
+        let schema = match schema.as_slice() {
+            [row] => column(row, 0)?,
+            [] => {
+                return Err(Error::Connect(
+                    "pg_reaper is not installed in this database (neither CREATE EXTENSION \
+                     pg_reaper nor the extension-free edition)"
+                        .into(),
+                ));
+            }
+            _ => {
+                return Err(Error::Connect(
+                    "the extension-free edition of pg_reaper is installed in more than one \
+                     schema of this database; keep one"
+                        .into(),
+                ));
+            }
+        };
         client
             .batch_execute(SESSION_SETUP)
             .await

@@ -135,7 +135,10 @@ fn adoption_keeps_the_platforms_rows_and_both_dialects_share_every_execution() {
     }
     assert_eq!(rows(&mut c, "pg_barrier_state"), expected);
     assert_eq!(rows(&mut c, "pg_batch_dedup"), markers_before);
-    assert_eq!(member_tables(&mut c), ["unstract.pg_reaper_outbox"]);
+    assert_eq!(
+        member_tables(&mut c),
+        ["unstract.pg_reaper_outbox", "unstract.pg_reaper_settings"]
+    );
     let shape = json(
         &mut c,
         "SELECT jsonb_build_object(
@@ -258,7 +261,10 @@ fn adoption_keeps_the_platforms_rows_and_both_dialects_share_every_execution() {
     c.batch_execute("CREATE EXTENSION pg_reaper SCHEMA unstract")
         .expect("adopt again");
     assert_eq!(rows(&mut c, "pg_barrier_state"), barriers);
-    assert_eq!(member_tables(&mut c), ["unstract.pg_reaper_outbox"]);
+    assert_eq!(
+        member_tables(&mut c),
+        ["unstract.pg_reaper_outbox", "unstract.pg_reaper_settings"]
+    );
 }
 
 #[test]
@@ -582,5 +588,8 @@ fn a_dump_of_an_adopted_database_restores_with_the_documented_steps() {
 
     let mut c = cluster.client("queue");
     assert_eq!(snapshot(&mut c), before);
-    assert_eq!(member_tables(&mut c), ["unstract.pg_reaper_outbox"]);
+    assert_eq!(
+        member_tables(&mut c),
+        ["unstract.pg_reaper_outbox", "unstract.pg_reaper_settings"]
+    );
 }

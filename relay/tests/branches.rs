@@ -920,3 +920,40 @@ fn ids_a_url_would_change_are_never_sent() {
         );
     }
 }
+
+/// The relay cannot tell the editions apart: over the extension-free edition (installed by an
+/// ordinary role, ticked by `pg_reaper_tick()`), the same recoveries, the same calls.
+#[test]
+fn the_extension_free_edition_is_recovered_the_same_way() {
+    let env = Env::portable("rportable");
+    let mut c = env.db();
+    env.api.execution("p-mark", "org", "EXECUTING");
+    env.api.execution("p-done", "org", "COMPLETED");
+    pg_reaper_tests::strand(&mut c, "p-mark", "org", 1);
+    pg_reaper_tests::strand(&mut c, "p-done", "org", 1);
+    assert_eq!(
+        json(&mut c, "SELECT to_jsonb(pg_reaper_tick())"),
+        json!(2),
+        "one tick queues both strands"
+    );
+    env.relay_once(&[]);
+    let calls = env.api.calls();
+    let marks: Vec<&Value> = calls.iter().filter(|c| c["method"] == "POST").collect();
+    assert_eq!(marks.len(), 1, "one ERROR mark: {calls:?}");
+    assert_eq!(
+        marks[0]["path"],
+        json!("/internal/v1/workflow-execution/p-mark/update_status/")
+    );
+    assert_eq!(
+        json(
+            &mut c,
+            "SELECT jsonb_object_agg(execution_id, outcome) FROM pg_reaper_outbox"
+        ),
+        json!({"p-mark": "marked_error", "p-done": "already_terminal"})
+    );
+    assert_eq!(
+        json(&mut c, "SELECT to_jsonb(count(*)) FROM pg_barrier_state"),
+        json!(0),
+        "both recovery handles went once recovery was confirmed"
+    );
+}

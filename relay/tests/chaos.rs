@@ -631,7 +631,7 @@ fn drop_extension_under_a_running_relay_and_worker_then_create_it_again() {
     wait_for(60, "the relay finding the extension gone", || {
         relay
             .log()
-            .contains("the pg_reaper extension is not created in this database")
+            .contains("pg_reaper is not installed in this database")
             .then_some(())
     });
     c.batch_execute("CREATE EXTENSION pg_reaper")
@@ -643,7 +643,7 @@ fn drop_extension_under_a_running_relay_and_worker_then_create_it_again() {
     let (status, log) = relay.terminate();
     assert!(status.success(), "the relay survived: {status:?}");
     assert!(
-        log.contains("pg_reaper extension is not created"),
+        log.contains("pg_reaper is not installed in this database"),
         "it said why it waited: {log}"
     );
     assert!(!env.cluster.log().contains("PANIC"));

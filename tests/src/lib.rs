@@ -638,3 +638,19 @@ pub fn json(c: &mut Client, sql: &str) -> serde_json::Value {
     row.get::<_, Option<serde_json::Value>>(0)
         .unwrap_or(serde_json::Value::Null)
 }
+
+/// The extension-free edition's SQL file, as `make portable` writes it (`scripts/sql.py`).
+pub fn portable_sql() -> String {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new("python3")
+        .arg(root.join("scripts/sql.py"))
+        .arg("portable")
+        .output()
+        .expect("run scripts/sql.py");
+    assert!(
+        out.status.success(),
+        "scripts/sql.py portable: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read_to_string(root.join("target/portable/pg_reaper.sql")).expect("the edition's file")
+}

@@ -135,6 +135,13 @@ fn the_architecture_lists_every_source_file() {
     ] {
         files(Path::new(dir), ".rs", &mut sources);
     }
+    let mut sql = Vec::new();
+    files(Path::new("sql"), ".sql", &mut sql);
+    // The upgrade scripts pgrx installs are built from sql/upgrade/ (see the next test).
+    sources.extend(sql.into_iter().filter(|p| {
+        !p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("pg_reaper--"))
+    }));
     let missing: Vec<String> = sources
         .iter()
         .map(|p| p.display().to_string())
@@ -159,12 +166,30 @@ fn the_architecture_lists_every_source_file() {
     // And no file it lists is gone.
     let mut gone = Vec::new();
     for span in text.split('`').skip(1).step_by(2) {
-        if span.ends_with(".rs") && span.contains('/') && !root().join(span).exists() {
+        if (span.ends_with(".rs") || span.ends_with(".sql"))
+            && span.contains('/')
+            && !span.contains('*')
+            && !root().join(span).exists()
+        {
             gone.push(span.to_string());
         }
     }
     assert!(
         gone.is_empty(),
         "ARCHITECTURE.md lists files that do not exist: {gone:?}"
+    );
+}
+
+#[test]
+fn the_upgrade_scripts_are_built_from_the_sql_files() {
+    let out = std::process::Command::new("python3")
+        .arg(root().join("scripts/sql.py"))
+        .arg("check")
+        .output()
+        .expect("run scripts/sql.py");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }

@@ -400,12 +400,18 @@ fn nothing_is_granted_to_public_and_documented_grants_suffice() {
     }
     // Only a superuser may point the relay at a function. Before the library is loaded in a
     // session, Postgres accepts a SET of the name as a placeholder, and discards it (WARNING)
-    // the moment the library loads; after that, and for ALTER ROLE, it refuses.
-    let mut app = cluster.client_as(&q, "app"); // a session where the library is not loaded yet
+    // the moment the library loads, which every reader of the settings does first; after
+    // that, and for ALTER ROLE, it refuses.
+    admin
+        .batch_execute(
+            "GRANT SELECT ON pg_reaper_status TO relay; GRANT EXECUTE ON FUNCTION reaper_status() TO relay",
+        )
+        .expect("the relay's monitoring grants");
+    let mut app = cluster.client_as(&q, "relay"); // a session where the library is not loaded yet
     app.batch_execute("SET pg_reaper.refire_function = 'public.evil'")
         .expect("placeholder");
-    app.batch_execute("SELECT barrier_claim('load-the-library', 0)")
-        .expect("loads pg_reaper");
+    app.batch_execute("SELECT * FROM pg_reaper_status")
+        .expect("reads the settings, which loads pg_reaper");
     let shown: String = app
         .query_one("SHOW pg_reaper.refire_function", &[])
         .expect("show")
@@ -413,7 +419,7 @@ fn nothing_is_granted_to_public_and_documented_grants_suffice() {
     assert_eq!(shown, "", "the placeholder was discarded");
     for sql in [
         "SET pg_reaper.refire_function = 'public.evil'",
-        "ALTER ROLE app SET pg_reaper.refire_function = 'public.evil'",
+        "ALTER ROLE relay SET pg_reaper.refire_function = 'public.evil'",
     ] {
         let err = app.batch_execute(sql).expect_err(sql);
         assert_eq!(err.code().map(|c| c.code()), Some("42501"), "{sql}: {err}");

@@ -203,6 +203,34 @@ impl Env {
         Env::around(Held::Shared(cluster), db)
     }
 
+    /// A database of its own in the test binary's shared cluster with the extension-free edition
+    /// (`make portable`) installed into schema `queue` by its owner, an ordinary role; the
+    /// relay finds the schema by itself.
+    pub fn portable(name: &str) -> Env {
+        let cluster = pg_reaper_tests::shared();
+        let db = Cluster::unique_name(name);
+        let owner = format!("{db}_owner");
+        let mut admin = cluster.client("postgres");
+        admin
+            .batch_execute(&format!("CREATE ROLE {owner} LOGIN"))
+            .expect("owner");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .expect("database");
+        cluster
+            .client(&db)
+            .batch_execute(&format!(
+                "CREATE SCHEMA queue AUTHORIZATION {owner};
+                 ALTER DATABASE {db} SET search_path = queue"
+            ))
+            .expect("schema");
+        cluster
+            .client_as(&db, &owner)
+            .batch_execute(&pg_reaper_tests::portable_sql())
+            .expect("the extension-free edition");
+        Env::around(Held::Shared(cluster), db)
+    }
+
     /// The worker preloaded, and `q` the reference platform's queue database: its own schema
     /// `unstract` with the barrier tables, adopted by `CREATE EXTENSION pg_reaper SCHEMA
     /// unstract`, and `unstract` first on the database's search_path.

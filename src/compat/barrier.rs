@@ -1,12 +1,10 @@
-//! The fan-in barrier: arm it with the number of batches, count batches down, and tear it down
-//! once the callback was enqueued (finish) or the execution failed (abort).
-//!
-//! Every function is SECURITY DEFINER with a fixed search_path so that an application role needs
-//! only EXECUTE on these functions, never rights on the tables.
+//! 0.1.0's barrier functions (enqueue, decrement, finish, abort), for its SQL objects in the
+//! window between a package upgrade and `ALTER EXTENSION pg_reaper UPDATE`. Since 0.2.0 the
+//! barrier API is SQL (`sql/barrier.sql`); these keep 0.1.0's behaviour, frozen.
 
+use super::raw_jsonb::RawJsonb;
+use super::validate::{self, invalid};
 use crate::plan::{self, Statement};
-use crate::raw_jsonb::RawJsonb;
-use crate::validate::{self, invalid};
 use pgrx::PgTupleDesc;
 use pgrx::prelude::*;
 
@@ -87,7 +85,7 @@ const TEAR_DOWN: Statement = Statement {
 /// Deletes the barrier of `execution_id` and its markers (see [`TEAR_DOWN`]): only while it is
 /// stranded under `if_stranded_after` when given, the markers kept when `keep_markers`.
 /// Returns whether this call deleted the barrier.
-pub(crate) fn tear_down(
+fn tear_down(
     client: &mut pgrx::spi::SpiClient<'_>,
     schema: pg_sys::Oid,
     execution_id: &str,
@@ -106,8 +104,7 @@ pub(crate) fn tear_down(
 }
 
 /// Arms (or re-arms) the barrier of an execution for `total` batches.
-#[pg_extern(security_definer, parallel_unsafe)]
-#[search_path(pg_catalog, pg_temp)]
+#[pg_extern(sql = false)]
 fn barrier_enqueue(
     execution_id: Option<&str>,
     organization_id: Option<&str>,
@@ -150,7 +147,7 @@ fn barrier_enqueue(
 }
 
 /// Counts one batch down and appends its result as one array element.
-#[pg_extern(security_definer, parallel_unsafe)]
+#[pg_extern(sql = false)]
 fn barrier_decrement(
     execution_id: Option<&str>,
     result: default!(Option<RawJsonb>, "NULL"),
@@ -194,8 +191,7 @@ fn barrier_decrement(
 }
 
 /// Deletes the barrier and its dedup markers once the callback was enqueued.
-#[pg_extern(security_definer, parallel_unsafe)]
-#[search_path(pg_catalog, pg_temp)]
+#[pg_extern(sql = false)]
 fn barrier_finish(execution_id: Option<&str>, fcinfo: pg_sys::FunctionCallInfo) -> bool {
     const F: &str = "barrier_finish";
     let id = validate::execution_id(F, execution_id);
@@ -205,8 +201,7 @@ fn barrier_finish(execution_id: Option<&str>, fcinfo: pg_sys::FunctionCallInfo) 
 }
 
 /// Tears the barrier down after a failed batch; exactly one caller sees `aborted`.
-#[pg_extern(security_definer, parallel_unsafe)]
-#[search_path(pg_catalog, pg_temp)]
+#[pg_extern(sql = false)]
 fn barrier_abort(
     execution_id: Option<&str>,
     preserve_dedup: default!(Option<bool>, false),

@@ -1,8 +1,7 @@
-//! Argument checks shared by every SQL function. Each one either returns the value or raises
-//! an ERROR (SQLSTATE 22023) whose message names the function, the argument and the rule it
-//! broke. They run before any statement, so a rejected call has changed nothing.
+//! The argument checks of 0.1.0's entry points (see `compat`): each returns the value or raises
+//! 22023 naming the function, the argument and the rule, before any statement ran.
 
-use crate::raw_jsonb::RawJsonb;
+use super::raw_jsonb::RawJsonb;
 use pgrx::prelude::*;
 
 /// Longest execution id, in bytes. Ids are keys of btree indexes, whose entries must fit in a
@@ -61,11 +60,6 @@ pub fn required<T>(func: &'static str, arg: &str, value: Option<T>) -> T {
     value.unwrap_or_else(|| invalid(func, arg, "must not be NULL"))
 }
 
-/// The claim a relay-facing function acts on: the intent's id and the claim's attempt token.
-pub fn claim(func: &'static str, id: Option<i64>, attempt: Option<i32>) -> (i64, i32) {
-    (required(func, "id", id), required(func, "attempt", attempt))
-}
-
 /// An interval that moves the clock forward: `now() + value > now()`. Checked on the clock,
 /// because an interval mixes months, days and microseconds (`-1 mon 30 days 1 hour` is
 /// negative in a 31-day month and positive in a 30-day one), exactly as the table's
@@ -74,15 +68,6 @@ pub fn positive_interval(func: &'static str, arg: &str, value: Option<Interval>)
     let value = required(func, arg, value);
     if !moves_forward(value, false) {
         invalid(func, arg, "must be a positive interval");
-    }
-    value
-}
-
-/// Like [`positive_interval`], but zero is allowed.
-pub fn non_negative_interval(func: &'static str, arg: &str, value: Option<Interval>) -> Interval {
-    let value = required(func, arg, value);
-    if !moves_forward(value, true) {
-        invalid(func, arg, "must be a non-negative interval");
     }
     value
 }

@@ -1,0 +1,218 @@
+-- Reaping: every stranded barrier becomes exactly one live outbox intent. The barrier row is
+-- left alone: it is the recovery handle, removed only once the recovery was confirmed.
+-- Concurrent reapers (the worker, an operator in psql, a second node) are harmless: the partial
+-- unique index on live intents makes each INSERT a compare-and-set, and a loser's row simply
+-- counts as already queued.
+
+-- The stuck timeout in force (pg_reaper.stuck_timeout).
+CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_stuck_timeout()
+RETURNS interval
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT @extschema@.pg_reaper_duration('pg_reaper.stuck_timeout') $$;
+
+-- reap_expired(max_rows, dry_run): queues one recovery intent per stranded barrier that has an
+-- organization and no live intent (at most max_rows, oldest deadline first; NULL: all). A dry
+-- run writes nothing and reports what it would have queued. Returns the counters:
+-- `stranded` (all stranded barriers), `queued` (by this call), `already_queued` (a live intent
+-- existed, or another reaper queued it first), `skipped_no_org` (no organization: the
+-- org-scoped status API cannot recover them; named in a WARNING).
+--
+--   SELECT * FROM reap_expired();
+CREATE OR REPLACE FUNCTION @extschema@.reap_expired(max_rows integer DEFAULT NULL, dry_run boolean DEFAULT false)
+RETURNS TABLE (stranded integer, queued integer, already_queued integer, skipped_no_org integer)
+LANGUAGE plpgsql SECURITY DEFINER PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    f CONSTANT text := 'reap_expired';
+    r record;
+BEGIN
+    IF max_rows < 1 THEN
+        PERFORM @extschema@.pg_reaper_invalid(f, 'max_rows', 'must be at least 1 (NULL: no limit)');
+    ELSIF dry_run IS NULL THEN
+        PERFORM @extschema@.pg_reaper_invalid(f, 'dry_run', 'must not be NULL');
+    ELSIF pg_is_in_recovery() THEN
+        RAISE EXCEPTION '%: the server is a standby (in recovery); reap on the primary', f
+            USING ERRCODE = 'read_only_sql_transaction';
+    END IF;
+    WITH strands AS (
+        SELECT b.execution_id, b.organization_id, b.remaining, b.expires_at,
+               EXISTS (SELECT 1 FROM @extschema@.pg_reaper_outbox o
+                        WHERE o.execution_id = b.execution_id AND o.state <> 'done') AS has_live
+          FROM @extschema@.pg_barrier_state b
+         WHERE @extschema@.barrier_is_stranded(b.expires_at, b.last_progress_at, b.created_at,
+                                              @extschema@.pg_reaper_stuck_timeout())
+    ), todo AS (
+        SELECT s.execution_id, s.organization_id, s.remaining FROM strands s
+         WHERE NOT s.has_live AND s.organization_id <> ''
+         ORDER BY s.expires_at
+         LIMIT max_rows
+    ), inserted AS (
+        INSERT INTO @extschema@.pg_reaper_outbox (execution_id, organization_id, remaining)
+        SELECT t.execution_id, t.organization_id, t.remaining FROM todo t WHERE NOT dry_run
+        ON CONFLICT (execution_id) WHERE state <> 'done' DO NOTHING
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM strands)::int AS all_,
+           (CASE WHEN dry_run THEN (SELECT count(*) FROM todo)
+                 ELSE (SELECT count(*) FROM inserted) END)::int AS new_,
+           (SELECT count(*) FROM todo)::int AS candidates,
+           (SELECT count(*) FROM strands s WHERE s.has_live AND s.organization_id <> '')::int AS had_live,
+           (SELECT count(*) FROM strands s WHERE s.organization_id = '')::int AS orgless,
+           (SELECT array_agg(x.execution_id ORDER BY x.execution_id)
+              FROM (SELECT s.execution_id FROM strands s WHERE s.organization_id = ''
+                     ORDER BY s.execution_id LIMIT 10) x) AS sample
+      INTO r;
+    IF r.new_ > 0 AND NOT dry_run THEN
+        PERFORM @extschema@.pg_reaper_wake_relays();
+    END IF;
+    PERFORM @extschema@.pg_reaper_warn_no_org(r.orgless, r.sample);
+    stranded := r.all_;
+    queued := r.new_;
+    -- Candidates another reaper queued first were already queued too.
+    already_queued := r.had_live + (r.candidates - r.new_);
+    skipped_no_org := r.orgless;
+    RETURN NEXT;
+END
+$$;
+
+-- The WARNING that names the strands nobody can recover: `n` of them, `sample` their first ids.
+CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_warn_no_org(n integer, sample text[])
+RETURNS void
+LANGUAGE plpgsql PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF n > 0 THEN
+        RAISE WARNING '%', format(
+            'pg_reaper: %s stranded barrier(s) have no organization_id and are left untouched (the org-scoped status API cannot recover them): %s%s',
+            n, array_to_string(sample, ', '),
+            CASE WHEN n > cardinality(sample) THEN format(' and %s more', n - cardinality(sample)) ELSE '' END);
+    END IF;
+END
+$$;
+
+-- The strands nobody can recover (no organization): how many, and up to ten ids.
+CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_orgless(OUT n integer, OUT sample text[])
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH orgless AS (
+        SELECT b.execution_id FROM @extschema@.pg_barrier_state b
+         WHERE b.organization_id = ''
+           AND @extschema@.barrier_is_stranded(b.expires_at, b.last_progress_at, b.created_at,
+                                              @extschema@.pg_reaper_stuck_timeout())
+    )
+    SELECT (SELECT count(*) FROM orgless)::int,
+           coalesce((SELECT array_agg(x.execution_id ORDER BY x.execution_id)
+                       FROM (SELECT execution_id FROM orgless ORDER BY execution_id LIMIT 10) x), '{}')
+$$;
+
+-- One step of the worker's walk over the strands: the next strands after the last ones it
+-- queued, in index order, at most `budget` in all, those already queued (or without an
+-- organization) skipped. Expired barriers go by (expires_at, execution_id) from
+-- (expired_at, expired_id); the others that are stranded (no progress for the stuck timeout) by
+-- (created_at, execution_id) from (stale_at, stale_id), with what the expired ones left of the
+-- budget. Each kind is one index range with a limit, and no barrier is in both: resuming after
+-- the last key makes a step cost the same however many strands are already queued ahead of it.
+-- Whether a strand has a live intent is one probe of the outbox's unique index per strand (a
+-- lateral subquery with a limit, which the planner cannot turn into a join over the whole
+-- outbox). Returns how many it queued, the positions the next step starts from (the start
+-- again for a kind walked to its end), and whether both kinds were walked to their end.
+--
+-- Each kind must be read in its index's order, stopping at the limit: statistics taken before a
+-- mass strand (a few strands among many live barriers, an empty outbox) make the planner prefer
+-- sorting every strand, or scanning the outbox for each. With sorts and sequential scans ruled
+-- out for this function's statements, the intended plan is the only one left.
+CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_walk(
+    budget bigint, expired_at timestamptz, expired_id text, stale_at timestamptz, stale_id text,
+    OUT queued integer, OUT caught_up boolean,
+    OUT next_expired_at timestamptz, OUT next_expired_id text,
+    OUT next_stale_at timestamptz, OUT next_stale_id text)
+LANGUAGE plpgsql PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+SET enable_sort = off
+SET enable_seqscan = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    stuck CONSTANT interval := @extschema@.pg_reaper_stuck_timeout();
+    expired bigint;
+    stale bigint;
+    le_at timestamptz;
+    le_id text;
+    ls_at timestamptz;
+    ls_id text;
+BEGIN
+    IF pg_is_in_recovery() THEN
+        RAISE EXCEPTION 'pg_reaper: the server is a standby (in recovery)'
+            USING ERRCODE = 'read_only_sql_transaction';
+    END IF;
+    WITH exp AS (
+        SELECT b.execution_id, b.organization_id, b.remaining, b.expires_at AS key
+          FROM @extschema@.pg_barrier_state b
+          LEFT JOIN LATERAL (SELECT o.id FROM @extschema@.pg_reaper_outbox o
+                              WHERE o.execution_id = b.execution_id AND o.state <> 'done'
+                              LIMIT 1) live ON true
+         WHERE b.expires_at < now()
+           AND (b.expires_at, b.execution_id) > (expired_at, expired_id)
+           AND b.organization_id <> ''
+           AND @extschema@.barrier_is_stranded(b.expires_at, b.last_progress_at, b.created_at, stuck)
+           AND live.id IS NULL
+         ORDER BY b.expires_at, b.execution_id
+         LIMIT budget
+    ), stl AS (
+        SELECT b.execution_id, b.organization_id, b.remaining, b.created_at AS key
+          FROM @extschema@.pg_barrier_state b
+          LEFT JOIN LATERAL (SELECT o.id FROM @extschema@.pg_reaper_outbox o
+                              WHERE o.execution_id = b.execution_id AND o.state <> 'done'
+                              LIMIT 1) live ON true
+         WHERE b.created_at < now() - stuck
+           AND (b.created_at, b.execution_id) > (stale_at, stale_id)
+           AND b.expires_at >= now()
+           AND b.organization_id <> ''
+           AND @extschema@.barrier_is_stranded(b.expires_at, b.last_progress_at, b.created_at, stuck)
+           AND live.id IS NULL
+         ORDER BY b.created_at, b.execution_id
+         LIMIT budget - (SELECT count(*) FROM exp)
+    ), ins AS (
+        INSERT INTO @extschema@.pg_reaper_outbox (execution_id, organization_id, remaining)
+        SELECT e.execution_id, e.organization_id, e.remaining FROM exp e
+        UNION ALL
+        SELECT s.execution_id, s.organization_id, s.remaining FROM stl s
+        ON CONFLICT (execution_id) WHERE state <> 'done' DO NOTHING
+        RETURNING 1
+    ), le AS (
+        SELECT e.key, e.execution_id FROM exp e ORDER BY e.key DESC, e.execution_id DESC LIMIT 1
+    ), ls AS (
+        SELECT s.key, s.execution_id FROM stl s ORDER BY s.key DESC, s.execution_id DESC LIMIT 1
+    )
+    SELECT (SELECT count(*) FROM exp), (SELECT count(*) FROM stl), (SELECT count(*) FROM ins)::int,
+           (SELECT key FROM le), (SELECT execution_id FROM le),
+           (SELECT key FROM ls), (SELECT execution_id FROM ls)
+      INTO expired, stale, queued, le_at, le_id, ls_at, ls_id;
+    IF queued > 0 THEN
+        PERFORM @extschema@.pg_reaper_wake_relays();
+    END IF;
+    -- A kind that gave fewer than it was asked for is walked to its end: it starts over next
+    -- time. The stale kind is asked only for what the expired one left; a kind that picked
+    -- none without being walked to its end (it was not asked for any) stays where it was.
+    IF expired < budget THEN
+        next_expired_at := '-infinity'; next_expired_id := '';
+    ELSIF le_id IS NOT NULL THEN
+        next_expired_at := le_at; next_expired_id := le_id;
+    ELSE
+        next_expired_at := expired_at; next_expired_id := expired_id;
+    END IF;
+    IF budget - expired > 0 AND stale < budget - expired THEN
+        next_stale_at := '-infinity'; next_stale_id := '';
+    ELSIF ls_id IS NOT NULL THEN
+        next_stale_at := ls_at; next_stale_id := ls_id;
+    ELSE
+        next_stale_at := stale_at; next_stale_id := stale_id;
+    END IF;
+    caught_up := expired < budget AND budget - expired > 0 AND stale < budget - expired;
+END
+$$;

@@ -1,0 +1,158 @@
+-- Recovery of one claimed intent, the part of the relay's work that happens in Postgres.
+--
+-- After its status read, a relay that may have to mark the execution ERROR opens a transaction
+-- and calls recovery_lock: it renews the claim (fenced by `attempt`), locks the barrier row FOR
+-- UPDATE and re-checks the stranded predicate. The relay keeps that transaction open across its
+-- HTTP mark and commits it with outbox_resolve, so a re-enqueue or a decrement can never slip
+-- between the check and the mark, and a second relay blocks on the same row instead of marking
+-- twice. outbox_resolve records the outcome and, for every outcome that confirms the recovery,
+-- deletes the barrier (guarded by the same predicate) and its markers: the handle is never
+-- deleted before that.
+
+-- The configured re-fire hook (pg_reaper.refire_function), a function
+-- f(execution_id text, organization_id text, callback jsonb, results jsonb); NULL when the
+-- setting is empty. The setting is parsed as a name, never as SQL, so nothing in it can run; one
+-- that names no such function is an ERROR naming the setting.
+CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_hook()
+RETURNS regprocedure
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    setting CONSTANT text := btrim(@extschema@.pg_reaper_setting('pg_reaper.refire_function'));
+    ident CONSTANT text := '("([^"]|"")+"|[[:alpha:]_][[:alnum:]_$]*)';
+    hook regprocedure;
+BEGIN
+    IF setting IS NULL OR setting = '' THEN
+        RETURN NULL;
+    END IF;
+    -- Anything but a (qualified) name would be a syntax error for to_regprocedure.
+    IF setting ~ ('^' || ident || '(\.' || ident || ')?$') THEN
+        hook := to_regprocedure(setting || '(text, text, jsonb, jsonb)');
+    END IF;
+    IF hook IS NULL THEN
+        RAISE EXCEPTION 'pg_reaper.refire_function = ''%'' does not name a function f(text, text, jsonb, jsonb); fix the setting (or set it to '''' to mark ERROR instead)', setting
+            USING ERRCODE = 'undefined_function';
+    END IF;
+    RETURN hook;
+END
+$$;
+
+-- recovery_lock(id, attempt, lease): renews the claim, locks the barrier and decides: `lost`
+-- (the claim is no longer the caller's), `rearmed` (no barrier, or not stranded any more),
+-- `refire` (every batch done, a callback and a hook) or `mark`. Call it in the transaction that
+-- will run outbox_resolve: the row lock is held until then.
+--
+--   BEGIN; SELECT * FROM recovery_lock(42, 3, '60 seconds'); … COMMIT;
+CREATE OR REPLACE FUNCTION @extschema@.recovery_lock(id bigint, attempt integer, lease interval DEFAULT '60 seconds')
+RETURNS TABLE (verdict text, remaining integer)
+LANGUAGE plpgsql SECURITY DEFINER PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    f CONSTANT text := 'recovery_lock';
+    intent record;
+    b record;
+BEGIN
+    PERFORM @extschema@.pg_reaper_claim(f, id, attempt);
+    PERFORM @extschema@.pg_reaper_interval(f, 'lease', lease);
+    SELECT * INTO intent FROM @extschema@.pg_reaper_hold(id, attempt, lease, false);
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT 'lost', NULL::integer;
+        RETURN;
+    END IF;
+    -- An operator's intent (barrier_recover) skips the stranded check.
+    SELECT s.remaining AS left_, s.callback IS NOT NULL AS has_callback,
+           @extschema@.barrier_is_stranded(s.expires_at, s.last_progress_at, s.created_at,
+                                           @extschema@.pg_reaper_stuck_timeout())
+           OR intent.action IS NOT NULL AS stranded
+      INTO b
+      FROM @extschema@.pg_barrier_state s
+     WHERE s.execution_id = intent.execution_id
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT 'rearmed', NULL::integer;
+        RETURN;
+    END IF;
+    -- An operator's choice, checked again now: the callback or the hook may have gone since.
+    IF intent.action = 'refire' THEN
+        IF NOT b.has_callback OR @extschema@.pg_reaper_hook() IS NULL THEN
+            RAISE EXCEPTION 'cannot re-fire execution % as asked by barrier_recover(): its barrier has no callback or pg_reaper.refire_function is empty', intent.execution_id;
+        END IF;
+        RETURN QUERY SELECT 'refire', b.left_;
+    ELSIF intent.action = 'error' THEN
+        RETURN QUERY SELECT 'mark', b.left_;
+    ELSIF NOT b.stranded THEN
+        RETURN QUERY SELECT 'rearmed', b.left_;
+    ELSIF b.left_ = 0 AND b.has_callback AND @extschema@.pg_reaper_hook() IS NOT NULL THEN
+        RETURN QUERY SELECT 'refire', b.left_;
+    ELSE
+        RETURN QUERY SELECT 'mark', b.left_;
+    END IF;
+END
+$$;
+
+-- outbox_resolve(id, attempt, outcome): records the outcome of the caller's claimed intent and,
+-- for every outcome but `rearmed`, deletes the barrier (a reaped strand's only while it is still
+-- stranded; an operator's always) and its markers. `refired` first calls the re-fire hook with
+-- the barrier's callback and results, in this transaction: if the hook raises, nothing is
+-- recorded or deleted. Without the current claim nothing happens and the result is false.
+--
+--   SELECT outbox_resolve(42, 3, 'marked_error');
+CREATE OR REPLACE FUNCTION @extschema@.outbox_resolve(id bigint, attempt integer, outcome text)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    f CONSTANT text := 'outbox_resolve';
+    intent record;
+    input record;
+    hook regprocedure;
+BEGIN
+    PERFORM @extschema@.pg_reaper_claim(f, id, attempt);
+    IF outcome IS NULL OR outcome <> ALL (ARRAY['marked_error', 'already_terminal', 'gone', 'rearmed', 'refired']) THEN
+        PERFORM @extschema@.pg_reaper_invalid(f, 'outcome',
+            'must be one of marked_error, already_terminal, gone, rearmed, refired');
+    END IF;
+    UPDATE @extschema@.pg_reaper_outbox o
+       SET state = 'done', outcome = outbox_resolve.outcome, lease_expires_at = NULL,
+           last_error = NULL, updated_at = now()
+     WHERE o.id = outbox_resolve.id AND o.state = 'in_flight' AND o.attempts = outbox_resolve.attempt
+ RETURNING o.execution_id, o.organization_id, o.action INTO intent;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    IF outcome = 'refired' THEN
+        hook := @extschema@.pg_reaper_hook();
+        IF hook IS NULL THEN
+            RAISE EXCEPTION '%: cannot re-fire: pg_reaper.refire_function is empty', f;
+        END IF;
+        -- A reaped re-fire needs every batch done and the barrier still stranded; an
+        -- operator's only the callback.
+        SELECT s.callback, s.results INTO input
+          FROM @extschema@.pg_barrier_state s
+         WHERE s.execution_id = intent.execution_id AND s.callback IS NOT NULL
+           AND ((s.remaining = 0
+                 AND @extschema@.barrier_is_stranded(s.expires_at, s.last_progress_at, s.created_at,
+                                                     @extschema@.pg_reaper_stuck_timeout()))
+                OR intent.action IS NOT NULL)
+           FOR UPDATE;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION '%: cannot re-fire execution %: its barrier is gone, not stranded, not at remaining 0 or has no callback',
+                f, intent.execution_id;
+        END IF;
+        PERFORM @extschema@.pg_reaper_run_hook(hook, intent.execution_id, intent.organization_id,
+                                               input.callback, input.results);
+    END IF;
+    IF outcome <> 'rearmed' THEN
+        PERFORM @extschema@.pg_reaper_tear_down(
+            intent.execution_id,
+            CASE WHEN intent.action IS NULL THEN @extschema@.pg_reaper_stuck_timeout() END,
+            false);
+    END IF;
+    RETURN true;
+END
+$$;

@@ -1,0 +1,75 @@
+-- Settings. Every setting has a name `pg_reaper.x`. Its value is, in this order: the GUC when it
+-- is set anywhere (postgresql.conf, ALTER SYSTEM, ALTER DATABASE or ROLE, a session's SET);
+-- otherwise the row of that name in pg_reaper_settings, which the owner of this schema can
+-- update where no GUC can be set (a managed service refuses `ALTER DATABASE … SET pg_reaper.x`
+-- to anyone but a superuser); otherwise the default. Durations are seconds, or an interval
+-- ('2h 30min').
+--
+--   UPDATE pg_reaper_settings SET value = '3600' WHERE name = 'pg_reaper.stuck_timeout';
+DO $settings$
+BEGIN
+    IF pg_catalog.to_regclass('@extschema@.pg_reaper_settings') IS NULL THEN
+        CREATE TABLE @extschema@.pg_reaper_settings (
+            name  text PRIMARY KEY,
+            value text NOT NULL,
+            CONSTRAINT pg_reaper_settings_name_valid CHECK (name IN (
+                'pg_reaper.stuck_timeout', 'pg_reaper.batch_size', 'pg_reaper.dedup_retention',
+                'pg_reaper.outbox_retention', 'pg_reaper.refire_function'))
+        );
+        IF EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'pg_reaper') THEN
+            PERFORM pg_catalog.pg_extension_config_dump('@extschema@.pg_reaper_settings', '');
+        END IF;
+    END IF;
+END
+$settings$;
+
+-- The value of setting `name` (see above), as text. In the native edition the settings are the
+-- library's GUCs: calling pg_reaper_edition() loads the library first, so that a value is read
+-- only as Postgres checked it (a non-superuser's placeholder for a superuser-only setting is
+-- discarded then). Without the library, a setting is a placeholder any session may SET.
+CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_setting(name text)
+RETURNS text
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    value text;
+BEGIN
+    IF @extschema@.pg_reaper_edition() = 'native' THEN
+        SELECT s.setting || coalesce(s.unit, '') INTO value
+          FROM pg_settings s WHERE s.name = pg_reaper_setting.name AND s.source <> 'default';
+    ELSE
+        value := nullif(current_setting(name, true), '');
+    END IF;
+    IF value IS NULL THEN
+        SELECT t.value INTO value FROM @extschema@.pg_reaper_settings t WHERE t.name = pg_reaper_setting.name;
+    END IF;
+    RETURN coalesce(value, CASE name
+        WHEN 'pg_reaper.stuck_timeout' THEN '9000'
+        WHEN 'pg_reaper.batch_size' THEN '1000'
+        WHEN 'pg_reaper.dedup_retention' THEN '86400'
+        WHEN 'pg_reaper.outbox_retention' THEN '86400'
+        WHEN 'pg_reaper.refire_function' THEN ''
+    END);
+END
+$$;
+
+-- The value of a duration setting: bare seconds ('9000'), or an interval ('2h 30min', and the
+-- '9000s' a GUC with a unit shows).
+CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_duration(name text)
+RETURNS interval
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    value CONSTANT text := btrim(@extschema@.pg_reaper_setting(name));
+BEGIN
+    IF value ~ '^[0-9]+(\.[0-9]+)?$' THEN
+        RETURN make_interval(secs => value::float8);
+    END IF;
+    RETURN value::interval;
+EXCEPTION WHEN invalid_datetime_format OR datetime_field_overflow THEN
+    RAISE EXCEPTION '%: % is not a duration (seconds, or an interval such as ''2h 30min'')', name, quote_literal(value)
+        USING ERRCODE = 'invalid_parameter_value';
+END
+$$;

@@ -1,0 +1,142 @@
+//! The extension-free edition (`make portable`): the one SQL file installed by a role that is
+//! not a superuser into a schema it owns, on a cluster that preloads nothing, used by an
+//! application role with the documented grants, and ticked by `pg_reaper_tick()`.
+
+use pg_reaper_tests::{Cluster, json, portable_sql, shared, strand_many};
+use postgres::Client;
+use serde_json::json;
+
+/// A database whose schema `queue` belongs to `owner`, an ordinary role; its client as that
+/// role, with `queue` first on its search_path.
+fn owned_schema(cluster: &Cluster, db: &str, owner: &str) -> Client {
+    cluster
+        .client("postgres")
+        .batch_execute(&format!(
+            "CREATE ROLE {owner} LOGIN NOSUPERUSER NOCREATEROLE NOCREATEDB"
+        ))
+        .expect("role");
+    cluster
+        .client("postgres")
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .expect("database");
+    cluster
+        .client(db)
+        .batch_execute(&format!("CREATE SCHEMA queue AUTHORIZATION {owner}"))
+        .expect("schema");
+    let mut c = cluster.client_as(db, owner);
+    c.batch_execute("SET search_path = queue")
+        .expect("search_path");
+    c
+}
+
+/// Every pg_reaper object in schema `queue`, with its definition.
+fn definitions(c: &mut Client) -> serde_json::Value {
+    json(
+        c,
+        "SELECT jsonb_build_object(
+             'functions', (SELECT jsonb_agg(pg_get_functiondef(p.oid) ORDER BY p.oid::regprocedure::text)
+                             FROM pg_proc p WHERE p.pronamespace = 'queue'::regnamespace),
+             'relations', (SELECT jsonb_agg(c.relname ORDER BY c.relname)
+                             FROM pg_class c WHERE c.relnamespace = 'queue'::regnamespace))",
+    )
+}
+
+#[test]
+fn installs_without_a_superuser_runs_twice_unchanged_and_ticks() {
+    let cluster = shared();
+    let db = Cluster::unique_name("portable");
+    let owner = format!("{db}_owner");
+    let mut c = owned_schema(cluster, &db, &owner);
+    let sql = portable_sql();
+    assert!(
+        sql.lines().all(|l| !l.trim_start().starts_with('\\')),
+        "no psql meta-commands: a migration's RunSQL runs the file's text"
+    );
+    c.batch_execute(&sql)
+        .expect("the edition installs as the schema's owner");
+    let installed = definitions(&mut c);
+
+    // The barrier API and reaping, as in the native edition.
+    c.batch_execute(
+        "SELECT barrier_enqueue('live', 'org', 2, '1 hour', '{\"task\": \"t\"}');
+         SELECT barrier_claim('live', 0);",
+    )
+    .expect("barrier API");
+    assert_eq!(
+        json(
+            &mut c,
+            "SELECT to_jsonb(d) FROM barrier_decrement('live', '1') d"
+        ),
+        json!({"status": "pending", "remaining": 1, "results": null})
+    );
+    strand_many(&mut c, "s", "org", 3);
+
+    // A second run changes no definition and no row.
+    let rows = "SELECT jsonb_build_array(
+                    (SELECT jsonb_agg(b ORDER BY execution_id) FROM pg_barrier_state b),
+                    (SELECT jsonb_agg(d ORDER BY execution_id) FROM pg_batch_dedup d))";
+    let before = json(&mut c, rows);
+    c.batch_execute(&sql).expect("the same file again");
+    assert_eq!(
+        definitions(&mut c),
+        installed,
+        "a second run changes no definition"
+    );
+    assert_eq!(json(&mut c, rows), before, "a second run keeps every row");
+
+    // The worker's job: one tick queues the strands and is recorded for the status view.
+    assert_eq!(json(&mut c, "SELECT to_jsonb(pg_reaper_tick())"), json!(3));
+    let status = json(&mut c, "SELECT to_jsonb(s) FROM pg_reaper_status s");
+    assert_eq!(status["ticks"], json!(1), "{status}");
+    assert_eq!(status["worker_state"], json!("ticking"), "{status}");
+    assert_eq!(status["outbox_pending"], json!(3), "{status}");
+    assert_eq!(json(&mut c, "SELECT to_jsonb(pg_reaper_tick())"), json!(0));
+
+    // The relay's protocol: claim, lock, resolve.
+    let claimed = json(
+        &mut c,
+        "SELECT jsonb_agg(jsonb_build_array(id, attempt)) FROM outbox_claim(1, '1 minute')",
+    );
+    let (id, attempt) = (
+        claimed[0][0].as_i64().unwrap(),
+        claimed[0][1].as_i64().unwrap(),
+    );
+    assert_eq!(
+        json(
+            &mut c,
+            &format!("SELECT to_jsonb(l.verdict) FROM recovery_lock({id}, {attempt}) l")
+        ),
+        json!("mark")
+    );
+    assert_eq!(
+        json(
+            &mut c,
+            &format!("SELECT to_jsonb(outbox_resolve({id}, {attempt}, 'marked_error'))")
+        ),
+        json!(true)
+    );
+}
+
+#[test]
+fn settings_come_from_the_guc_then_the_table_then_the_default() {
+    let cluster = shared();
+    let db = Cluster::unique_name("psettings");
+    let mut c = owned_schema(cluster, &db, &format!("{db}_owner"));
+    c.batch_execute(&portable_sql()).expect("install");
+    let timeout = |c: &mut Client| json(c, "SELECT to_jsonb(pg_reaper_stuck_timeout()::text)");
+    assert_eq!(timeout(&mut c), json!("02:30:00"), "the default");
+    c.batch_execute("INSERT INTO pg_reaper_settings VALUES ('pg_reaper.stuck_timeout', '600')")
+        .expect("the owner sets a value in the table");
+    assert_eq!(timeout(&mut c), json!("00:10:00"), "the table");
+    c.batch_execute("SET pg_reaper.stuck_timeout = '2 min'")
+        .expect("anyone may SET a placeholder in a session");
+    assert_eq!(timeout(&mut c), json!("00:02:00"), "the GUC wins");
+    let err = c
+        .batch_execute("INSERT INTO pg_reaper_settings VALUES ('pg_reaper.naptme', '1')")
+        .expect_err("an unknown name");
+    assert_eq!(
+        err.as_db_error().and_then(|e| e.constraint()),
+        Some("pg_reaper_settings_name_valid"),
+        "{err:?}"
+    );
+}
