@@ -58,10 +58,10 @@ echo "== PostgreSQL $FULL, everything: $((SECONDS - start)) s"
 for n in $OTHERS; do
   config="$(bash scripts/pg.sh "$n")"
   part=$SECONDS
-  echo "== PostgreSQL $n: $("$config" --version): pg_tests, then the SQL and worker integration tests"
+  echo "== PostgreSQL $n: $("$config" --version): pg_tests, then the SQL, worker and extension-free edition integration tests"
   cargo pgrx test "pg$n" --runas postgres --pgdata "$PGRX_PGDATA" 2>&1 | tee -a "$LOG"
   cargo pgrx install --pg-config "$config"
-  PG_CONFIG="$config" python3 scripts/tests.py -p pg_reaper_tests --test foundation --test worker 2>&1 | tee -a "$LOG"
+  PG_CONFIG="$config" python3 scripts/tests.py -p pg_reaper_tests --test foundation --test worker --test portable 2>  PG_CONFIG="$config" python3 scripts/tests.py -p pg_reaper_tests --test foundation --test worker 2>&1 | tee -a "$LOG"1 | tee -a "$LOG"
   echo "== PostgreSQL $n took $((SECONDS - part)) s"
 done
 
