@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every test, against real Postgres: the in-database pg_tests, then the integration tests that
 # start their own clusters. Run by `make test` and by CI: everything on PostgreSQL 15, then on
-# 14, 16, 17 and 18 the pg_tests and the SQL and worker integration tests. `PG=17 make test`
+# 14, 16, 17 and 18 the pg_tests and the SQL, worker and extension-free edition integration tests. `PG=17 make test`
 # runs everything on that one major instead.
 set -euo pipefail
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -61,7 +61,7 @@ for n in $OTHERS; do
   echo "== PostgreSQL $n: $("$config" --version): pg_tests, then the SQL, worker and extension-free edition integration tests"
   cargo pgrx test "pg$n" --runas postgres --pgdata "$PGRX_PGDATA" 2>&1 | tee -a "$LOG"
   cargo pgrx install --pg-config "$config"
-  PG_CONFIG="$config" python3 scripts/tests.py -p pg_reaper_tests --test foundation --test worker --test portable 2>  PG_CONFIG="$config" python3 scripts/tests.py -p pg_reaper_tests --test foundation --test worker 2>&1 | tee -a "$LOG"1 | tee -a "$LOG"
+  PG_CONFIG="$config" python3 scripts/tests.py -p pg_reaper_tests --test foundation --test worker --test portable 2>&1 | tee -a "$LOG"
   echo "== PostgreSQL $n took $((SECONDS - part)) s"
 done
 
