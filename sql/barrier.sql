@@ -103,16 +103,23 @@ AS $$
 #variable_conflict use_column
 DECLARE
     f CONSTANT text := 'barrier_enqueue';
-    eid CONSTANT text := @extschema@.pg_reaper_new_execution_id(f, execution_id);
+    eid CONSTANT text := barrier_enqueue.execution_id;
     org CONSTANT text := coalesce(organization_id, '');
     expires timestamptz;
 BEGIN
+    -- The checks run inline; the helpers are called only to raise (a call each would cost the
+    -- hot path a settings save and restore).
+    IF eid IS NULL OR eid = '' OR octet_length(eid) > 1024 OR eid ~ '[\x01-\x1f\x7f]' THEN
+        PERFORM @extschema@.pg_reaper_new_execution_id(f, eid);
+    END IF;
     IF total IS NULL THEN
         PERFORM @extschema@.pg_reaper_invalid(f, 'total', 'must not be NULL');
     ELSIF total < 1 THEN
         PERFORM @extschema@.pg_reaper_invalid(f, 'total', 'must be at least 1');
     END IF;
-    PERFORM @extschema@.pg_reaper_interval(f, 'ttl', ttl);
+    IF ttl IS NULL OR NOT now() + ttl > now() THEN
+        PERFORM @extschema@.pg_reaper_interval(f, 'ttl', ttl);
+    END IF;
     IF jsonb_typeof(callback) IS DISTINCT FROM 'object' AND callback IS NOT NULL THEN
         PERFORM @extschema@.pg_reaper_invalid(f, 'callback',
             format('must be a JSON object or SQL NULL (got a JSON %s)', jsonb_typeof(callback)));
@@ -150,8 +157,12 @@ AS $$
 #variable_conflict use_column
 DECLARE
     f CONSTANT text := 'barrier_claim';
-    eid CONSTANT text := @extschema@.pg_reaper_execution_id(f, barrier_claim.execution_id);
+    eid CONSTANT text := barrier_claim.execution_id;
 BEGIN
+    IF eid IS NULL OR eid OPERATOR(pg_catalog.=) ''
+       OR pg_catalog.octet_length(eid) OPERATOR(pg_catalog.>) 1024 THEN
+        PERFORM @extschema@.pg_reaper_execution_id(f, eid);
+    END IF;
     IF barrier_claim.batch_index IS NULL THEN
         PERFORM @extschema@.pg_reaper_invalid(f, 'batch_index', 'must not be NULL');
     ELSIF barrier_claim.batch_index OPERATOR(pg_catalog.<) 0 THEN
@@ -178,10 +189,14 @@ LANGUAGE plpgsql SECURITY DEFINER PARALLEL UNSAFE
 AS $$
 #variable_conflict use_column
 DECLARE
-    eid CONSTANT text := @extschema@.pg_reaper_execution_id('barrier_decrement', barrier_decrement.execution_id);
+    eid CONSTANT text := barrier_decrement.execution_id;
     left_ integer;
     all_ jsonb;
 BEGIN
+    IF eid IS NULL OR eid OPERATOR(pg_catalog.=) ''
+       OR pg_catalog.octet_length(eid) OPERATOR(pg_catalog.>) 1024 THEN
+        PERFORM @extschema@.pg_reaper_execution_id('barrier_decrement', eid);
+    END IF;
     UPDATE @extschema@.pg_barrier_state
        SET remaining = remaining OPERATOR(pg_catalog.-) 1,
            results = results OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_array(barrier_decrement.result),
