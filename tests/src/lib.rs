@@ -634,7 +634,11 @@ pub fn strand_many(c: &mut Client, prefix: &str, org: &str, n: usize) {
 pub fn json(c: &mut Client, sql: &str) -> serde_json::Value {
     let row = c
         .query_one(sql, &[])
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        // The server's message and SQLSTATE, not only "db error".
+        .unwrap_or_else(|e| match e.as_db_error() {
+            Some(db) => panic!("{sql}: {} (SQLSTATE {})", db.message(), db.code().code()),
+            None => panic!("{sql}: {e}"),
+        });
     row.get::<_, Option<serde_json::Value>>(0)
         .unwrap_or(serde_json::Value::Null)
 }
