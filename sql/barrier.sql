@@ -124,7 +124,7 @@ BEGIN
         PERFORM @extschema@.pg_reaper_invalid(f, 'callback',
             format('must be a JSON object or SQL NULL (got a JSON %s)', jsonb_typeof(callback)));
     END IF;
-    IF org = '' THEN
+    IF NOT @extschema@.pg_reaper_recoverable(org) THEN
         RAISE WARNING '%: execution % has no organization_id; if it strands it cannot be recovered through the org-scoped status API', f, eid;
     END IF;
     INSERT INTO @extschema@.pg_barrier_state AS b

@@ -59,7 +59,8 @@ BEGIN
         WHEN live IS NOT NULL THEN
             format('Recovery intent %s is %s: a relay carries it out (if it stays so, check that a relay runs and can reach the status API).',
                    live->>'id', live->>'state')
-        WHEN state IN ('stranded_expired', 'stranded_no_progress') AND b.organization_id = '' THEN
+        WHEN state IN ('stranded_expired', 'stranded_no_progress')
+             AND NOT @extschema@.pg_reaper_recoverable(b.organization_id) THEN
             'Stranded, but it has no organization_id: the org-scoped status API cannot recover it; mark the execution yourself, then remove the barrier with barrier_abort().'
         WHEN state IN ('stranded_expired', 'stranded_no_progress') THEN
             'Stranded and not queued yet: the worker queues it within one naptime, or run SELECT * FROM reap_expired().'
@@ -109,7 +110,7 @@ BEGIN
     IF NOT FOUND THEN
         PERFORM @extschema@.pg_reaper_invalid(f, 'execution_id',
             format('has no barrier (''%s''): there is nothing to recover (barrier_explain() tells what happened to it)', eid));
-    ELSIF b.org = '' THEN
+    ELSIF NOT @extschema@.pg_reaper_recoverable(b.org) THEN
         PERFORM @extschema@.pg_reaper_invalid(f, 'execution_id',
             'has a barrier without organization_id: the org-scoped status API cannot recover it');
     ELSIF action = 'refire' AND (NOT b.has_callback
@@ -117,16 +118,13 @@ BEGIN
         PERFORM @extschema@.pg_reaper_invalid(f, 'action',
             '''refire'' needs a barrier with a callback and pg_reaper.refire_function set');
     END IF;
-    INSERT INTO @extschema@.pg_reaper_outbox (execution_id, organization_id, remaining, action)
-    VALUES (eid, b.org, b.left_, barrier_recover.action)
-    ON CONFLICT (execution_id) WHERE state <> 'done' DO NOTHING
-    RETURNING pg_reaper_outbox.id INTO intent;
+    SELECT q INTO intent
+      FROM @extschema@.pg_reaper_queue(ARRAY[eid], ARRAY[b.org], ARRAY[b.left_], barrier_recover.action) q;
     IF intent IS NOT NULL THEN
         PERFORM @extschema@.pg_reaper_wake_relays();
         RETURN intent;
     END IF;
-    SELECT o.id AS intent, o.state INTO live
-      FROM @extschema@.pg_reaper_outbox o WHERE o.execution_id = eid AND o.state <> 'done';
+    SELECT l.id AS intent, l.state INTO live FROM @extschema@.pg_reaper_live_intent(eid) l;
     RAISE NOTICE '%: execution % already has a live recovery intent (%, %); returning it%', f, eid,
         live.intent, live.state, CASE WHEN live.state = 'dead' THEN ': replay it with outbox_replay()' ELSE '' END;
     RETURN live.intent;

@@ -5,6 +5,39 @@
 -- token: every transition of a claimed intent compares it with the caller's, so a relay whose
 -- lease ran out can change nothing.
 
+-- An execution's live intent: the one not `done` (pending, in_flight or dead), if any; the
+-- partial unique index pg_reaper_outbox_live allows at most one. This is the one definition of
+-- "live" that reaping, barrier_recover and the status gauges use. It is a single SELECT without
+-- a SET clause so the planner inlines it into the caller: one probe of that index (the LIMIT
+-- keeps it a probe: a plain subquery could be turned into a join over the whole outbox). Its
+-- operators are schema-qualified because an inlined body is parsed under the caller's
+-- search_path.
+CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_live_intent(execution_id text)
+RETURNS TABLE (id bigint, state text)
+LANGUAGE sql STABLE PARALLEL SAFE
+AS $$
+    SELECT o.id, o.state FROM @extschema@.pg_reaper_outbox o
+     WHERE o.execution_id OPERATOR(pg_catalog.=) $1 AND o.state OPERATOR(pg_catalog.<>) 'done'
+     LIMIT 1
+$$;
+
+-- Queues one recovery intent per execution of the arrays, in their order (`action`: NULL for a
+-- strand, whose recovery the relay decides; an operator's 'error' or 'refire'), except for an execution that has a live intent already: another reaper queued it
+-- first, and it counts as queued. The only statement that creates intents. Returns the new
+-- intents' ids.
+CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_queue(execution_ids text[], organization_ids text[],
+                                                      remainings integer[], action text)
+RETURNS SETOF bigint
+LANGUAGE sql PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO @extschema@.pg_reaper_outbox (execution_id, organization_id, remaining, action)
+    SELECT u.execution_id, u.organization_id, u.remaining, pg_reaper_queue.action
+      FROM unnest(execution_ids, organization_ids, remainings) AS u(execution_id, organization_id, remaining)
+    ON CONFLICT (execution_id) WHERE state <> 'done' DO NOTHING
+    RETURNING id
+$$;
+
 -- outbox_claim(max_intents, lease, due_by): claims up to max_intents due intents (and intents
 -- whose relay's lease expired) for `lease`; each row's `attempt` is its fencing token. A single
 -- pass over what was due at its start (a relay's --once) passes that time as due_by, so that

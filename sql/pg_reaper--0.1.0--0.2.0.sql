@@ -282,7 +282,7 @@ BEGIN
         PERFORM @extschema@.pg_reaper_invalid(f, 'callback',
             format('must be a JSON object or SQL NULL (got a JSON %s)', jsonb_typeof(callback)));
     END IF;
-    IF org = '' THEN
+    IF NOT @extschema@.pg_reaper_recoverable(org) THEN
         RAISE WARNING '%: execution % has no organization_id; if it strands it cannot be recovered through the org-scoped status API', f, eid;
     END IF;
     INSERT INTO @extschema@.pg_barrier_state AS b
@@ -461,6 +461,39 @@ $$;
 -- its execution; replayed by an operator). `attempts` counts claims and is the claim's fencing
 -- token: every transition of a claimed intent compares it with the caller's, so a relay whose
 -- lease ran out can change nothing.
+
+-- An execution's live intent: the one not `done` (pending, in_flight or dead), if any; the
+-- partial unique index pg_reaper_outbox_live allows at most one. This is the one definition of
+-- "live" that reaping, barrier_recover and the status gauges use. It is a single SELECT without
+-- a SET clause so the planner inlines it into the caller: one probe of that index (the LIMIT
+-- keeps it a probe: a plain subquery could be turned into a join over the whole outbox). Its
+-- operators are schema-qualified because an inlined body is parsed under the caller's
+-- search_path.
+CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_live_intent(execution_id text)
+RETURNS TABLE (id bigint, state text)
+LANGUAGE sql STABLE PARALLEL SAFE
+AS $$
+    SELECT o.id, o.state FROM @extschema@.pg_reaper_outbox o
+     WHERE o.execution_id OPERATOR(pg_catalog.=) $1 AND o.state OPERATOR(pg_catalog.<>) 'done'
+     LIMIT 1
+$$;
+
+-- Queues one recovery intent per execution of the arrays, in their order (`action`: NULL for a
+-- strand, whose recovery the relay decides; an operator's 'error' or 'refire'), except for an execution that has a live intent already: another reaper queued it
+-- first, and it counts as queued. The only statement that creates intents. Returns the new
+-- intents' ids.
+CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_queue(execution_ids text[], organization_ids text[],
+                                                      remainings integer[], action text)
+RETURNS SETOF bigint
+LANGUAGE sql PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO @extschema@.pg_reaper_outbox (execution_id, organization_id, remaining, action)
+    SELECT u.execution_id, u.organization_id, u.remaining, pg_reaper_queue.action
+      FROM unnest(execution_ids, organization_ids, remainings) AS u(execution_id, organization_id, remaining)
+    ON CONFLICT (execution_id) WHERE state <> 'done' DO NOTHING
+    RETURNING id
+$$;
 
 -- outbox_claim(max_intents, lease, due_by): claims up to max_intents due intents (and intents
 -- whose relay's lease expired) for `lease`; each row's `attempt` is its fencing token. A single
@@ -759,11 +792,13 @@ SET search_path = pg_catalog, pg_temp
 AS $$ SELECT @extschema@.pg_reaper_duration('pg_reaper.stuck_timeout') $$;
 
 -- reap_expired(max_rows, dry_run): queues one recovery intent per stranded barrier that has an
--- organization and no live intent (at most max_rows, oldest deadline first; NULL: all). A dry
--- run writes nothing and reports what it would have queued. Returns the counters:
--- `stranded` (all stranded barriers), `queued` (by this call), `already_queued` (a live intent
--- existed, or another reaper queued it first), `skipped_no_org` (no organization: the
--- org-scoped status API cannot recover them; named in a WARNING).
+-- organization and no live intent: at most max_rows (NULL: all), the expired ones first (oldest
+-- deadline first), then those without progress (oldest first). It is one step of the worker's
+-- walk (below) from the start. A dry run writes nothing and reports what it would have queued.
+-- Returns the counters: `stranded` (all stranded barriers), `queued` (by this call),
+-- `already_queued` (a live intent existed, or another reaper queued it first),
+-- `skipped_no_org` (no organization: the org-scoped status API cannot recover them; named in a
+-- WARNING).
 --
 --   SELECT * FROM reap_expired();
 CREATE OR REPLACE FUNCTION @extschema@.reap_expired(max_rows integer DEFAULT NULL, dry_run boolean DEFAULT false)
@@ -774,7 +809,10 @@ AS $$
 #variable_conflict use_column
 DECLARE
     f CONSTANT text := 'reap_expired';
-    r record;
+    stuck CONSTANT interval := @extschema@.pg_reaper_stuck_timeout();
+    step record;
+    orgless record;
+    live integer;
 BEGIN
     IF max_rows < 1 THEN
         PERFORM @extschema@.pg_reaper_invalid(f, 'max_rows', 'must be at least 1 (NULL: no limit)');
@@ -784,46 +822,31 @@ BEGIN
         RAISE EXCEPTION '%: the server is a standby (in recovery); reap on the primary', f
             USING ERRCODE = 'read_only_sql_transaction';
     END IF;
-    WITH strands AS (
-        SELECT b.execution_id, b.organization_id, b.remaining, b.expires_at,
-               EXISTS (SELECT 1 FROM @extschema@.pg_reaper_outbox o
-                        WHERE o.execution_id = b.execution_id AND o.state <> 'done') AS has_live
-          FROM @extschema@.pg_barrier_state b
-         WHERE @extschema@.barrier_is_stranded(b.expires_at, b.last_progress_at, b.created_at,
-                                              @extschema@.pg_reaper_stuck_timeout())
-    ), todo AS (
-        SELECT s.execution_id, s.organization_id, s.remaining FROM strands s
-         WHERE NOT s.has_live AND s.organization_id <> ''
-         ORDER BY s.expires_at
-         LIMIT max_rows
-    ), inserted AS (
-        INSERT INTO @extschema@.pg_reaper_outbox (execution_id, organization_id, remaining)
-        SELECT t.execution_id, t.organization_id, t.remaining FROM todo t WHERE NOT dry_run
-        ON CONFLICT (execution_id) WHERE state <> 'done' DO NOTHING
-        RETURNING 1
-    )
-    SELECT (SELECT count(*) FROM strands)::int AS all_,
-           (CASE WHEN dry_run THEN (SELECT count(*) FROM todo)
-                 ELSE (SELECT count(*) FROM inserted) END)::int AS new_,
-           (SELECT count(*) FROM todo)::int AS candidates,
-           (SELECT count(*) FROM strands s WHERE s.has_live AND s.organization_id <> '')::int AS had_live,
-           (SELECT count(*) FROM strands s WHERE s.organization_id = '')::int AS orgless,
-           (SELECT array_agg(x.execution_id ORDER BY x.execution_id)
-              FROM (SELECT s.execution_id FROM strands s WHERE s.organization_id = ''
-                     ORDER BY s.execution_id LIMIT 10) x) AS sample
-      INTO r;
-    IF r.new_ > 0 AND NOT dry_run THEN
-        PERFORM @extschema@.pg_reaper_wake_relays();
-    END IF;
-    PERFORM @extschema@.pg_reaper_warn_no_org(r.orgless, r.sample);
-    stranded := r.all_;
-    queued := r.new_;
-    -- Candidates another reaper queued first were already queued too.
-    already_queued := r.had_live + (r.candidates - r.new_);
-    skipped_no_org := r.orgless;
+    step := @extschema@.pg_reaper_walk(coalesce(max_rows, 9223372036854775807), '-infinity', '',
+                                       '-infinity', '', dry_run);
+    -- Counted after the walk, so that what another reaper queued meanwhile counts as queued.
+    SELECT count(*)::int, count(*) FILTER (WHERE EXISTS (
+               SELECT FROM @extschema@.pg_reaper_live_intent(b.execution_id)))::int
+      INTO stranded, live
+      FROM @extschema@.pg_barrier_state b
+     WHERE @extschema@.barrier_is_stranded(b.expires_at, b.last_progress_at, b.created_at, stuck)
+       AND @extschema@.pg_reaper_recoverable(b.organization_id);
+    orgless := @extschema@.pg_reaper_orgless();
+    PERFORM @extschema@.pg_reaper_warn_no_org(orgless.n, orgless.sample);
+    stranded := stranded + orgless.n;
+    queued := CASE WHEN dry_run THEN step.candidates ELSE step.queued END;
+    already_queued := CASE WHEN dry_run THEN live ELSE live - step.queued END;
+    skipped_no_org := orgless.n;
     RETURN NEXT;
 END
 $$;
+
+-- Whether a barrier of this organization can be recovered: the status API is org-scoped, so one
+-- without an organization cannot. Inlined, like barrier_is_stranded.
+CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_recoverable(organization_id text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT $1 OPERATOR(pg_catalog.<>) '' $$;
 
 -- The WARNING that names the strands nobody can recover: `n` of them, `sample` their first ids.
 CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_warn_no_org(n integer, sample text[])
@@ -848,9 +871,9 @@ SET search_path = pg_catalog, pg_temp
 AS $$
     WITH orgless AS (
         SELECT b.execution_id FROM @extschema@.pg_barrier_state b
-         WHERE b.organization_id = ''
+         WHERE NOT @extschema@.pg_reaper_recoverable(b.organization_id)
            AND @extschema@.barrier_is_stranded(b.expires_at, b.last_progress_at, b.created_at,
-                                              @extschema@.pg_reaper_stuck_timeout())
+                                              (SELECT @extschema@.pg_reaper_stuck_timeout()))
     )
     SELECT (SELECT count(*) FROM orgless)::int,
            coalesce((SELECT array_agg(x.execution_id ORDER BY x.execution_id)
@@ -864,24 +887,28 @@ $$;
 -- (created_at, execution_id) from (stale_at, stale_id), with what the expired ones left of the
 -- budget. Each kind is one index range with a limit, and no barrier is in both: resuming after
 -- the last key makes a step cost the same however many strands are already queued ahead of it.
--- Whether a strand has a live intent is one probe of the outbox's unique index per strand (a
--- lateral subquery with a limit, which the planner cannot turn into a join over the whole
--- outbox). Returns how many it queued, the positions the next step starts from (the start
--- again for a kind walked to its end), and whether both kinds were walked to their end.
+-- Whether a strand has a live intent is one probe of the outbox's unique index per strand
+-- (pg_reaper_live_intent). Returns how many strands it found (`candidates`) and how many of them it queued
+-- (none in a dry run), the positions the next step starts from (the start again for a kind
+-- walked to its end), and whether both kinds were walked to their end.
 --
 -- Each kind must be read in its index's order, stopping at the limit: statistics taken before a
 -- mass strand (a few strands among many live barriers, an empty outbox) make the planner prefer
 -- sorting every strand, or scanning the outbox for each. With sorts and sequential scans ruled
--- out for this function's statements, the intended plan is the only one left.
+-- out for this function's statements, the intended plan is the only one left. Ruling them out
+-- adds a huge cost to every plan, which would make Postgres compile each statement with JIT
+-- (half a second a step, against milliseconds of work): JIT is off here too.
 CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_walk(
     budget bigint, expired_at timestamptz, expired_id text, stale_at timestamptz, stale_id text,
-    OUT queued integer, OUT caught_up boolean,
+    dry_run boolean DEFAULT false,
+    OUT candidates integer, OUT queued integer, OUT caught_up boolean,
     OUT next_expired_at timestamptz, OUT next_expired_id text,
     OUT next_stale_at timestamptz, OUT next_stale_id text)
 LANGUAGE plpgsql PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 SET enable_sort = off
 SET enable_seqscan = off
+SET jit = off
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -900,12 +927,10 @@ BEGIN
     WITH exp AS (
         SELECT b.execution_id, b.organization_id, b.remaining, b.expires_at AS key
           FROM @extschema@.pg_barrier_state b
-          LEFT JOIN LATERAL (SELECT o.id FROM @extschema@.pg_reaper_outbox o
-                              WHERE o.execution_id = b.execution_id AND o.state <> 'done'
-                              LIMIT 1) live ON true
+          LEFT JOIN LATERAL @extschema@.pg_reaper_live_intent(b.execution_id) live ON true
          WHERE b.expires_at < now()
            AND (b.expires_at, b.execution_id) > (expired_at, expired_id)
-           AND b.organization_id <> ''
+           AND @extschema@.pg_reaper_recoverable(b.organization_id)
            AND @extschema@.barrier_is_stranded(b.expires_at, b.last_progress_at, b.created_at, stuck)
            AND live.id IS NULL
          ORDER BY b.expires_at, b.execution_id
@@ -913,33 +938,35 @@ BEGIN
     ), stl AS (
         SELECT b.execution_id, b.organization_id, b.remaining, b.created_at AS key
           FROM @extschema@.pg_barrier_state b
-          LEFT JOIN LATERAL (SELECT o.id FROM @extschema@.pg_reaper_outbox o
-                              WHERE o.execution_id = b.execution_id AND o.state <> 'done'
-                              LIMIT 1) live ON true
+          LEFT JOIN LATERAL @extschema@.pg_reaper_live_intent(b.execution_id) live ON true
          WHERE b.created_at < now() - stuck
            AND (b.created_at, b.execution_id) > (stale_at, stale_id)
            AND b.expires_at >= now()
-           AND b.organization_id <> ''
+           AND @extschema@.pg_reaper_recoverable(b.organization_id)
            AND @extschema@.barrier_is_stranded(b.expires_at, b.last_progress_at, b.created_at, stuck)
            AND live.id IS NULL
          ORDER BY b.created_at, b.execution_id
          LIMIT budget - (SELECT count(*) FROM exp)
+    ), picked AS (
+        SELECT array_agg(p.execution_id) AS ids, array_agg(p.organization_id) AS orgs,
+               array_agg(p.remaining) AS lefts
+          FROM (SELECT e.execution_id, e.organization_id, e.remaining FROM exp e
+                UNION ALL
+                SELECT s.execution_id, s.organization_id, s.remaining FROM stl s) p
+         WHERE NOT dry_run
     ), ins AS (
-        INSERT INTO @extschema@.pg_reaper_outbox (execution_id, organization_id, remaining)
-        SELECT e.execution_id, e.organization_id, e.remaining FROM exp e
-        UNION ALL
-        SELECT s.execution_id, s.organization_id, s.remaining FROM stl s
-        ON CONFLICT (execution_id) WHERE state <> 'done' DO NOTHING
-        RETURNING 1
+        SELECT count(*) AS n
+          FROM picked, @extschema@.pg_reaper_queue(picked.ids, picked.orgs, picked.lefts, NULL) q
     ), le AS (
         SELECT e.key, e.execution_id FROM exp e ORDER BY e.key DESC, e.execution_id DESC LIMIT 1
     ), ls AS (
         SELECT s.key, s.execution_id FROM stl s ORDER BY s.key DESC, s.execution_id DESC LIMIT 1
     )
-    SELECT (SELECT count(*) FROM exp), (SELECT count(*) FROM stl), (SELECT count(*) FROM ins)::int,
+    SELECT (SELECT count(*) FROM exp), (SELECT count(*) FROM stl), (SELECT n FROM ins)::int,
            (SELECT key FROM le), (SELECT execution_id FROM le),
            (SELECT key FROM ls), (SELECT execution_id FROM ls)
       INTO expired, stale, queued, le_at, le_id, ls_at, ls_id;
+    candidates := expired + stale;
     IF queued > 0 THEN
         PERFORM @extschema@.pg_reaper_wake_relays();
     END IF;
@@ -1184,7 +1211,8 @@ BEGIN
         WHEN live IS NOT NULL THEN
             format('Recovery intent %s is %s: a relay carries it out (if it stays so, check that a relay runs and can reach the status API).',
                    live->>'id', live->>'state')
-        WHEN state IN ('stranded_expired', 'stranded_no_progress') AND b.organization_id = '' THEN
+        WHEN state IN ('stranded_expired', 'stranded_no_progress')
+             AND NOT @extschema@.pg_reaper_recoverable(b.organization_id) THEN
             'Stranded, but it has no organization_id: the org-scoped status API cannot recover it; mark the execution yourself, then remove the barrier with barrier_abort().'
         WHEN state IN ('stranded_expired', 'stranded_no_progress') THEN
             'Stranded and not queued yet: the worker queues it within one naptime, or run SELECT * FROM reap_expired().'
@@ -1234,7 +1262,7 @@ BEGIN
     IF NOT FOUND THEN
         PERFORM @extschema@.pg_reaper_invalid(f, 'execution_id',
             format('has no barrier (''%s''): there is nothing to recover (barrier_explain() tells what happened to it)', eid));
-    ELSIF b.org = '' THEN
+    ELSIF NOT @extschema@.pg_reaper_recoverable(b.org) THEN
         PERFORM @extschema@.pg_reaper_invalid(f, 'execution_id',
             'has a barrier without organization_id: the org-scoped status API cannot recover it');
     ELSIF action = 'refire' AND (NOT b.has_callback
@@ -1242,16 +1270,13 @@ BEGIN
         PERFORM @extschema@.pg_reaper_invalid(f, 'action',
             '''refire'' needs a barrier with a callback and pg_reaper.refire_function set');
     END IF;
-    INSERT INTO @extschema@.pg_reaper_outbox (execution_id, organization_id, remaining, action)
-    VALUES (eid, b.org, b.left_, barrier_recover.action)
-    ON CONFLICT (execution_id) WHERE state <> 'done' DO NOTHING
-    RETURNING pg_reaper_outbox.id INTO intent;
+    SELECT q INTO intent
+      FROM @extschema@.pg_reaper_queue(ARRAY[eid], ARRAY[b.org], ARRAY[b.left_], barrier_recover.action) q;
     IF intent IS NOT NULL THEN
         PERFORM @extschema@.pg_reaper_wake_relays();
         RETURN intent;
     END IF;
-    SELECT o.id AS intent, o.state INTO live
-      FROM @extschema@.pg_reaper_outbox o WHERE o.execution_id = eid AND o.state <> 'done';
+    SELECT l.id AS intent, l.state INTO live FROM @extschema@.pg_reaper_live_intent(eid) l;
     RAISE NOTICE '%: execution % already has a live recovery intent (%, %); returning it%', f, eid,
         live.intent, live.state, CASE WHEN live.state = 'dead' THEN ': replay it with outbox_replay()' ELSE '' END;
     RETURN live.intent;
@@ -1278,7 +1303,7 @@ AS $$
               FROM @extschema@.pg_reaper_outbox) o,
            (SELECT count(*) FILTER (WHERE NOT s) AS live, count(*) FILTER (WHERE s) AS stranded
               FROM (SELECT @extschema@.barrier_is_stranded(expires_at, last_progress_at, created_at,
-                                                           @extschema@.pg_reaper_stuck_timeout()) AS s
+                                                           (SELECT @extschema@.pg_reaper_stuck_timeout())) AS s
                       FROM @extschema@.pg_barrier_state) x) b
 $$;
 

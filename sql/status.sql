@@ -18,7 +18,7 @@ AS $$
               FROM @extschema@.pg_reaper_outbox) o,
            (SELECT count(*) FILTER (WHERE NOT s) AS live, count(*) FILTER (WHERE s) AS stranded
               FROM (SELECT @extschema@.barrier_is_stranded(expires_at, last_progress_at, created_at,
-                                                           @extschema@.pg_reaper_stuck_timeout()) AS s
+                                                           (SELECT @extschema@.pg_reaper_stuck_timeout())) AS s
                       FROM @extschema@.pg_barrier_state) x) b
 $$;
 
