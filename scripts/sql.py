@@ -4,6 +4,7 @@
     scripts/sql.py upgrade      writes sql/pg_reaper--0.1.0--0.2.0.sql (committed: pgrx installs it
                                 from there) from sql/upgrade/0.1.0--0.2.0.sql
     scripts/sql.py portable     writes target/portable/pg_reaper.sql, the extension-free edition
+    scripts/sql.py portable -   prints it instead (the tests: several read it at once)
     scripts/sql.py check        fails when the committed upgrade script is not what `upgrade` writes
 
 The function files and their order are those of src/lib.rs's extension_sql_file! list, which
@@ -87,10 +88,13 @@ $pg_reaper_install$;
 
 
 def write(path, text):
+    """Writes whole or not at all: a reader never sees the file half written."""
     full = os.path.join(ROOT, path)
     os.makedirs(os.path.dirname(full), exist_ok=True)
-    with open(full, "w") as f:
+    partial = f"{full}.{os.getpid()}"
+    with open(partial, "w") as f:
         f.write(text)
+    os.replace(partial, full)
     print(path)
 
 
@@ -98,6 +102,8 @@ def main():
     what = sys.argv[1] if len(sys.argv) > 1 else ""
     if what == "upgrade":
         write(UPGRADE[1], upgrade())
+    elif what == "portable" and sys.argv[2:] == ["-"]:
+        sys.stdout.write(portable())
     elif what == "portable":
         write("target/portable/pg_reaper.sql", portable())
     elif what == "check":

@@ -644,17 +644,19 @@ pub fn json(c: &mut Client, sql: &str) -> serde_json::Value {
 }
 
 /// The extension-free edition's SQL file, as `make portable` writes it (`scripts/sql.py`).
+/// Printed, not read from target/portable: tests in several processes ask for it at once, and
+/// one must never read the file while another writes it.
 pub fn portable_sql() -> String {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let out = Command::new("python3")
         .arg(root.join("scripts/sql.py"))
-        .arg("portable")
+        .args(["portable", "-"])
         .output()
         .expect("run scripts/sql.py");
     assert!(
-        out.status.success(),
-        "scripts/sql.py portable: {}",
+        out.status.success() && !out.stdout.is_empty(),
+        "scripts/sql.py portable -: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    std::fs::read_to_string(root.join("target/portable/pg_reaper.sql")).expect("the edition's file")
+    String::from_utf8(out.stdout).expect("the edition's file is UTF-8")
 }
