@@ -73,6 +73,11 @@ pub struct Args {
     /// host:port to serve /metrics and /healthz on (off when unset).
     #[arg(long, env = "PG_REAPER_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Drive the extension-free edition: run one tick of its reaping (pg_reaper_tick()) this
+    /// often; with --once, one tick before the pass. Any number of relays may: one ticks at a
+    /// time, the others skip. Not for the native extension, whose background worker reaps.
+    #[arg(long, env = "PG_REAPER_REAP_INTERVAL", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub reap_interval: Option<Duration>,
     /// Drain every intent that is due, then exit.
     #[arg(long)]
     pub once: bool,

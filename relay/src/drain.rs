@@ -22,6 +22,8 @@ pub struct Settings {
     pub policy: Policy,
     pub poll_interval: Duration,
     pub http_timeout: Duration,
+    /// Drive the extension-free edition's ticks this often (see [`crate::ticker`]).
+    pub reap_interval: Option<Duration>,
     pub once: bool,
 }
 
@@ -253,6 +255,17 @@ fn listen(target: crate::db::Target, transaction_idle: Duration, wake: mpsc::Unb
     });
 }
 
+/// --once with --reap-interval: one tick before the pass, so that what it queues is drained.
+async fn tick_once(settings: &Settings) {
+    let ticked = match Store::connect(&settings.database, None, settings.transaction_idle()).await {
+        Ok(store) => crate::ticker::tick(&store).await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = ticked {
+        warn!(error = %e, "tick failed; draining what is queued");
+    }
+}
+
 /// `work` unless shutdown is asked for first (then None): SIGTERM is honoured while Postgres
 /// does not answer.
 async fn unless_stopped<F: std::future::Future>(
@@ -313,6 +326,17 @@ pub async fn run(
         settings.policy.backoff_max,
         fastrand::Rng::new(),
     );
+    if let Some(every) = settings.reap_interval {
+        if settings.once {
+            tick_once(&settings).await;
+        } else {
+            crate::ticker::spawn(
+                settings.database.clone(),
+                settings.transaction_idle(),
+                every,
+            );
+        }
+    }
     let (wake_tx, wake) = mpsc::unbounded_channel();
     if !settings.once {
         listen(

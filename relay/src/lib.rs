@@ -6,8 +6,9 @@
 //! (claim due intents, work on them, shut down cleanly), [`recovery`] (one intent: the pure
 //! decisions and the executor over the [`recovery::Outbox`] and [`recovery::StatusApi`]
 //! interfaces), [`circuit`] (whether the API is reachable at all), [`api`] and [`store`] (the
-//! HTTP and Postgres sides of those interfaces), [`metrics`], [`protocol`] (the extension's
-//! words), [`db`] (libpq-style connection strings) and [`backoff`].
+//! HTTP and Postgres sides of those interfaces), [`ticker`] (the extension-free edition's
+//! reaping, driven with `--reap-interval`), [`metrics`], [`protocol`] (the extension's words),
+//! [`db`] (libpq-style connection strings) and [`backoff`].
 
 pub mod api;
 pub mod backoff;
@@ -19,6 +20,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod recovery;
 pub mod store;
+pub mod ticker;
 
 /// What can go wrong outside the HTTP answers (those are [`api::Failure`]s, a recovery's
 /// input, not errors): Postgres, a word of the extension this relay does not know, setting up.

@@ -60,6 +60,7 @@ fn start(args: config::Args) -> Result<i32, Error> {
         },
         poll_interval: args.poll_interval,
         http_timeout: args.http_timeout,
+        reap_interval: args.reap_interval,
         once: args.once,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

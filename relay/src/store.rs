@@ -43,6 +43,8 @@ const RESOLVE: &str = "SELECT @extschema@.outbox_resolve($1, $2, $3)";
 const FAIL: &str = "SELECT @extschema@.outbox_fail($1, $2, $3, $4::interval, $5)";
 const RELEASE: &str = "SELECT @extschema@.outbox_release($1, $2)";
 const DEFER: &str = "SELECT @extschema@.outbox_defer($1, $2, $3, $4::interval)";
+/// One tick of the extension-free edition's reaping: NULL when another driver is ticking.
+const TICK: &str = "SELECT @extschema@.pg_reaper_tick()";
 const MARK_SENDING: &str = "SELECT @extschema@.outbox_mark_sending($1, $2, $3::interval)";
 /// The database side of the metrics; its role needs SELECT on the view and EXECUTE on
 /// reaper_status().
@@ -294,6 +296,12 @@ impl Store {
             worker_last_tick_age_seconds: column(&r, 8)?,
             worker_failed_ticks: column(&r, 9)?,
         })
+    }
+
+    /// One tick of the extension-free edition (queue the strands, re-offer expired leases,
+    /// sweep, prune): how many intents it queued, or None when another driver was ticking.
+    pub async fn tick(&self) -> Result<Option<i32>, Error> {
+        column(&self.one(TICK, &[]).await?, 0)
     }
 
     /// Hands a claimed intent back untouched; false when it was not held.

@@ -956,4 +956,96 @@ fn the_extension_free_edition_is_recovered_the_same_way() {
         json!(0),
         "both recovery handles went once recovery was confirmed"
     );
+    // --once with --reap-interval ticks first, then drains what the tick queued.
+    env.api.execution("p-once", "org", "EXECUTING");
+    pg_reaper_tests::strand(&mut c, "p-once", "org", 1);
+    env.relay_once(&["--reap-interval", "1s"]);
+    assert_eq!(
+        intent(&mut c, "p-once")["outcome"],
+        json!("marked_error"),
+        "a one-shot relay ticks before its pass"
+    );
+}
+
+/// Relays drive the extension-free edition's ticks: several may, one ticks at a time and the
+/// others skip without waiting, and every strand is queued and marked once.
+#[test]
+fn relays_tick_the_extension_free_edition_one_at_a_time() {
+    let env = Env::portable("rticks");
+    let mut c = env.db();
+    for id in ["t1", "t2", "t3"] {
+        env.api.execution(id, "org", "EXECUTING");
+        pg_reaper_tests::strand(&mut c, id, "org", 1);
+    }
+    // Another driver is ticking: it holds the tick's record.
+    let mut other = env.db();
+    let mut ticking = other.transaction().expect("begin");
+    ticking
+        .batch_execute("SELECT FROM pg_reaper_ticks FOR UPDATE")
+        .expect("hold the tick");
+    let relays: Vec<_> = (0..2)
+        .map(|_| {
+            let mut cmd = env.relay_command(&["--reap-interval", "200ms"]);
+            cmd.env("RUST_LOG", "info,pg_reaper_relay::ticker=debug");
+            env.spawn_command(cmd)
+        })
+        .collect();
+    for (n, relay) in relays.iter().enumerate() {
+        wait_for(
+            60,
+            &format!("relay {n} skipping twice, not waiting"),
+            || (relay.log().matches("another driver is ticking").count() >= 2).then_some(()),
+        );
+    }
+    assert_eq!(
+        json(&mut c, "SELECT to_jsonb(count(*)) FROM pg_reaper_outbox"),
+        json!(0),
+        "nothing is queued while another driver ticks"
+    );
+    ticking.commit().expect("release the tick");
+    wait_for(60, "every strand recovered", || {
+        equal(
+            json(
+                &mut c,
+                "SELECT to_jsonb(count(*)) FROM pg_reaper_outbox WHERE outcome = 'marked_error'",
+            ),
+            json!(3),
+        )
+    });
+    let calls = env.api.calls();
+    for id in ["t1", "t2", "t3"] {
+        let marks = calls_for(&calls, id)
+            .into_iter()
+            .filter(|c| c["method"] == "POST")
+            .count();
+        assert_eq!(marks, 1, "{id} marked once: {calls:?}");
+    }
+    assert_eq!(
+        json(
+            &mut c,
+            "SELECT jsonb_build_array(ticks > 0, failed_ticks) FROM pg_reaper_ticks"
+        ),
+        json!([true, 0])
+    );
+}
+
+/// The native extension's worker reaps: --reap-interval says so once and the relay drains on.
+#[test]
+fn reap_interval_against_the_native_extension_stops_ticking_and_drains() {
+    let env = Env::shared("rnotick");
+    let mut c = env.db();
+    env.stranded_executing(&mut c, "n1");
+    let relay = env.spawn_relay(&["--reap-interval", "200ms"]);
+    wait_for(60, "the error naming the native worker", || {
+        relay
+            .log()
+            .contains("there is no pg_reaper_tick(): the pg_reaper extension is installed")
+            .then_some(())
+    });
+    wait_for(60, "the strand recovered", || {
+        equal(
+            intent(&mut c, "n1")["outcome"].clone(),
+            json!("marked_error"),
+        )
+    });
 }

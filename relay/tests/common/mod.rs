@@ -310,10 +310,15 @@ impl Env {
     }
 
     pub fn spawn_relay(&self, args: &[&str]) -> Relay {
+        self.spawn_command(self.relay_command(args))
+    }
+
+    /// A relay from a command of [`Env::relay_command`], its log in the cluster's directory.
+    pub fn spawn_command(&self, command: Command) -> Relay {
         static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = self.cluster.dir.join(format!("relay-{n}.log"));
-        Relay::spawn(self.relay_command(args), log)
+        Relay::spawn(command, log)
     }
 
     pub fn reap(&self, c: &mut Client) -> i32 {
