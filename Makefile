@@ -10,8 +10,8 @@ test: ## every test, on PostgreSQL 15 then 14, 16, 17, 18 (PG=N: everything on o
 check: ## the inner loop: format, clippy, the relay's unit tests and simulation, the pg_tests
 	bash scripts/check.sh
 
-run: ## a throwaway cluster, worker, relay and sample API recovering stranded executions
-	bash scripts/run.sh
+run: ## a throwaway cluster, worker, relay and sample API recovering stranded executions (EDITION=portable: the extension-free edition)
+	EDITION=$(EDITION) bash scripts/run.sh
 
 bench: ## the benchmarks, as ratios against baselines of the same run (docs/benchmarks.md)
 	bash scripts/bench.sh

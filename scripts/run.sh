@@ -4,12 +4,22 @@
 # dozen executions fan out, some finish normally and some are stranded as crashed workers
 # leave them; the worker reaps, the relay recovers, and the outcome of every execution is
 # shown from both sides. Ctrl-C or the end stops everything it started and removes the cluster.
+#
+# EDITION=portable (make run EDITION=portable): the same with the extension-free edition, as on
+# a managed service: nothing preloaded, the edition installed by the queue's owner (not a
+# superuser), and the relay ticking it (--reap-interval 1s) in place of the worker.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
+EDITION="${EDITION:-native}"
+case "$EDITION" in native|portable) ;; *) echo "EDITION must be native or portable, not '$EDITION'" >&2; exit 2 ;; esac
 SETUP_FOR=build bash scripts/setup.sh
-echo "== building and installing"
-cargo pgrx install --pg-config "$PG_CONFIG" >/dev/null
+echo "== building and installing ($EDITION edition)"
+if [ "$EDITION" = native ]; then
+  cargo pgrx install --pg-config "$PG_CONFIG" >/dev/null
+else
+  python3 scripts/sql.py portable >/dev/null
+fi
 cargo build --locked -q -p pg-reaper-relay -p pg-reaper-sample-api
 RELAY=target/debug/pg-reaper-relay
 SAMPLE_API=target/debug/pg-reaper-sample-api
@@ -17,15 +27,29 @@ PG_PORT="${PG_REAPER_RUN_PORT:-25439}"
 API_PORT="${PG_REAPER_RUN_API_PORT:-25440}"
 METRICS_PORT="${PG_REAPER_RUN_METRICS_PORT:-25441}"
 
-echo "== a throwaway cluster on port $PG_PORT with pg_reaper preloaded"
-throwaway_cluster run "$PG_PORT" <<CONF
+if [ "$EDITION" = native ]; then
+  echo "== a throwaway cluster on port $PG_PORT with pg_reaper preloaded"
+  throwaway_cluster run "$PG_PORT" <<CONF
 shared_preload_libraries = 'pg_reaper'
 pg_reaper.database = 'queue'
 pg_reaper.naptime = 1
 CONF
-psql() { command psql -X -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d queue -v ON_ERROR_STOP=1 "$@"; }
-command psql -X -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -c 'CREATE DATABASE queue'
-psql -c 'CREATE EXTENSION pg_reaper'
+  USER_=postgres
+else
+  echo "== a throwaway cluster on port $PG_PORT that preloads nothing, and a queue owner that is no superuser"
+  throwaway_cluster run "$PG_PORT" </dev/null
+  USER_=queue_owner
+  command psql -X -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres \
+    -c 'CREATE ROLE queue_owner LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE'
+fi
+psql() { command psql -X -q -h 127.0.0.1 -p "$PG_PORT" -U "$USER_" -d queue -v ON_ERROR_STOP=1 "$@"; }
+command psql -X -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -c "CREATE DATABASE queue OWNER $USER_"
+if [ "$EDITION" = native ]; then
+  psql -c 'CREATE EXTENSION pg_reaper'
+else
+  echo "== the extension-free edition, installed by queue_owner into its schema public"
+  psql -f target/portable/pg_reaper.sql
+fi
 
 KEY_FILE="$DATA/api.key"
 head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$KEY_FILE"
@@ -37,12 +61,15 @@ wait_for_port "$API_PORT"
 echo "== 24 executions fan out into 3 batches each"
 # A callback re-fire hook: instead of marking an all-batches-done strand ERROR, re-enqueue its
 # callback (here: record it in a table, as a queue's enqueue function would).
+# In the extension-free edition the hook must be SECURITY DEFINER with a fixed search_path, and
+# the setting lives in pg_reaper_settings (only a superuser may ALTER DATABASE … SET pg_reaper.x).
 psql <<'SQL'
 CREATE TABLE callback_queue (execution_id text, organization_id text, callback jsonb, results jsonb,
                              enqueued_at timestamptz DEFAULT now());
 CREATE FUNCTION public.refire_callback(e text, o text, c jsonb, r jsonb) RETURNS void
-LANGUAGE sql AS $$ INSERT INTO public.callback_queue VALUES (e, o, c, r) $$;
-ALTER DATABASE queue SET pg_reaper.refire_function = 'public.refire_callback';
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ INSERT INTO public.callback_queue VALUES (e, o, c, r) $$;
+INSERT INTO pg_reaper_settings VALUES ('pg_reaper.refire_function', 'public.refire_callback');
 SQL
 declare -A kind
 for i in $(seq -w 1 12); do kind[exec-$i]=normal; done
@@ -73,17 +100,24 @@ SELECT barrier_claim(e, b), barrier_decrement(e, jsonb_build_object('batch', b))
 -- Let time pass for the unfinished ones: their 1 hour deadline is behind them.
 UPDATE pg_barrier_state SET created_at = now() - interval '2 hours', expires_at = now() - interval '1 second';
 SQL
-echo "== barriers left behind: $(psql -Atc 'SELECT count(*) FROM pg_barrier_state') (the worker reaps within a naptime)"
+if [ "$EDITION" = native ]; then
+  echo "== barriers left behind: $(psql -Atc 'SELECT count(*) FROM pg_barrier_state') (the worker reaps within a naptime)"
+  TICK=()
+else
+  echo "== barriers left behind: $(psql -Atc 'SELECT count(*) FROM pg_barrier_state') (the relay ticks the edition every second)"
+  TICK=(--reap-interval 1s)
+fi
 
 echo "== the relay (logs in $DATA/relay.log)"
-PG_REAPER_API_KEY_FILE="$KEY_FILE" "$RELAY" \
-  --database-url "host=127.0.0.1 port=$PG_PORT user=postgres dbname=queue" \
+PG_REAPER_API_KEY_FILE="$KEY_FILE" "$RELAY" "${TICK[@]}" \
+  --database-url "host=127.0.0.1 port=$PG_PORT user=$USER_ dbname=queue" \
   --api-base-url "http://127.0.0.1:$API_PORT/internal" \
   --poll-interval 1s --backoff-base 250ms --concurrency 4 --listen "127.0.0.1:$METRICS_PORT" \
   2>"$DATA/relay.log" &
 PIDS+=($!)
 
-for _ in $(seq 60); do
+# Until the 11 recoverable strands are done (3 minutes at most: CI machines are loaded).
+for _ in $(seq 180); do
   line="$(psql -Atc "SELECT format('worker %s | outbox pending %s, in flight %s, done %s, dead %s | barriers stranded %s',
                        coalesce(worker_state, '-'), outbox_pending, outbox_in_flight, outbox_done, outbox_dead,
                        barriers_stranded) FROM pg_reaper_status")"
@@ -117,4 +151,15 @@ echo "== the relay's /metrics (one scrape target: relay counters and database ga
 metrics="$(exec 3<>"/dev/tcp/127.0.0.1/$METRICS_PORT"; printf 'GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n' >&3; cat <&3)"
 printf '%s\n' "$metrics" | grep -E '^pg_reaper_(relay_outcomes_total|relay_api_reachable|outbox_intents|barriers|worker_leader|relay_intents_claimed_total)' \
   | grep -v ' 0$' | sed 's/^/   /' || true
+# What the walkthrough promises (make test runs it for both editions): the 11 recoverable strands
+# recovered, each ERROR mark sent once, the lost callback re-fired.
+expected="11 8 1"
+seen="$(psql -Atc "SELECT format('%s %s %s', count(*) FILTER (WHERE state = 'done'),
+                          count(*) FILTER (WHERE outcome = 'marked_error'), count(*) FILTER (WHERE outcome = 'refired'))
+                     FROM pg_reaper_outbox")"
+marks="$(api GET /_admin/executions | python3 -c 'import json, sys; print(sum(e.get("error_marks", 0) for e in json.load(sys.stdin).values()))')"
+if [ "$seen" != "$expected" ] || [ "$marks" != 8 ]; then
+  echo "== FAILED: done, marked, re-fired intents: $seen (expected $expected); ERROR marks sent: $marks (expected 8)" >&2
+  exit 1
+fi
 echo "== done; stopping the relay, the API and the cluster"

@@ -50,15 +50,9 @@ def upgrade():
 
 def portable():
     schema, _, finalize = parts()
-    body = "\n".join([
-        "-- The tables (once: a later run keeps them and their rows).",
-        "DO $pg_reaper_schema$ BEGIN IF pg_catalog.to_regclass('@extschema@.pg_reaper_outbox') IS NULL THEN",
-        "EXECUTE $pg_reaper_tables$" + read(schema) + "$pg_reaper_tables$;",
-        "END IF; END $pg_reaper_schema$;",
-        read("sql/portable.sql"),
-        functions(),
-        read(finalize),
-    ])
+    # The schema part switches from the native extension where that is installed, and keeps
+    # existing tables and their rows.
+    body = "\n".join([read(schema), read("sql/portable.sql"), functions(), read(finalize)])
     for tag in ("$pg_reaper_sql$", "$pg_reaper_install$"):
         assert tag not in body, f"{tag} appears in the SQL it quotes"
     return f"""-- pg_reaper {version()}, the extension-free edition: the same tables, functions and view as

@@ -55,6 +55,10 @@ python3 scripts/tests.py "${skip[@]}" -p pg_reaper_protocol -p pg_reaper_tests -
 echo "== benchmark smoke run (tiny sizes; the real run is make bench)"
 BENCH_SMOKE=1 bash scripts/bench.sh
 if [ "$FULL" = 15 ]; then
+  echo "== make run, both editions (the newcomer's walkthrough, with its expected outcomes)"
+  bash scripts/run.sh > "$LOG.run" 2>&1 || { cat "$LOG.run"; exit 1; }
+  EDITION=portable bash scripts/run.sh > "$LOG.run" 2>&1 || { cat "$LOG.run"; exit 1; }
+  rm -f "$LOG.run"
   echo "== Debian packages: built, installed with apt-get, used, removed"
   bash scripts/package_test.sh
 fi

@@ -1362,6 +1362,23 @@ END
 $$;
 REVOKE ALL ON @extschema@.pg_reaper_status FROM PUBLIC;
 
+-- The grants of the edition this one replaced, if any (see schema.sql): again on the same
+-- functions and view, where they still exist.
+DO $$
+DECLARE
+    g jsonb;
+BEGIN
+    FOR g IN SELECT * FROM pg_catalog.jsonb_array_elements(
+                 coalesce(nullif(pg_catalog.current_setting('pg_reaper_switch.grants', true), ''), '[]')::jsonb)
+    LOOP
+        CONTINUE WHEN g->>0 = 'EXECUTE'
+                      AND pg_catalog.to_regprocedure(pg_catalog.substr(g->>1, 10)) IS NULL;
+        EXECUTE pg_catalog.format('GRANT %s ON %s TO %s', g->>0, g->>1, g->>2);
+    END LOOP;
+    PERFORM pg_catalog.set_config('pg_reaper_switch.grants', '', true);
+END
+$$;
+
 -- (end of the finalization): the status view and the revocation from PUBLIC, as a fresh install does them
 
 DO $grants$

@@ -16,6 +16,95 @@
 -- reaches its rows through indexes: expires_at is never moved by a decrement, and a barrier
 -- whose last progress is older than the stuck timeout was necessarily created before that
 -- too, so created_at (also never moved by a decrement) bounds the stale-progress strands.
+-- Switching editions on one database (a platform that moves from a managed service to its own
+-- servers, or back), rows, markers, settings and intents kept:
+--
+-- - CREATE EXTENSION over the extension-free edition: the edition's functions, view and tick
+--   record go (this script creates the functions and view again, as the extension's); its
+--   tables are adopted below. Its functions are those with pg_reaper's names (as in
+--   finalize.sql) owned by the owner of its tick record.
+-- - The edition's file over the extension: the extension's tables, their sequence and the
+--   decrement's result type are detached from it, then DROP EXTENSION removes its functions and
+--   view, and the file creates them again. Only the extension's owner may, as for DROP EXTENSION.
+--
+-- Either way the EXECUTE and SELECT grants on the functions and the view are carried over,
+-- the former owner's own included (finalize.sql grants them again; never to PUBLIC).
+DO $switch$
+DECLARE
+    ext oid;
+    ext_schema oid;
+    ext_owner oid;
+    -- Inside CREATE EXTENSION this runs first: the extension has no member yet.
+    creating boolean;
+    edition_owner oid;
+    member record;
+    f regprocedure;
+BEGIN
+    SELECT e.oid, e.extnamespace, e.extowner INTO ext, ext_schema, ext_owner
+      FROM pg_catalog.pg_extension e WHERE e.extname = 'pg_reaper';
+    creating := ext IS NOT NULL AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
+                                                 WHERE d.refobjid = ext AND d.deptype = 'e');
+    SELECT c.relowner INTO edition_owner FROM pg_catalog.pg_class c
+     WHERE c.oid = pg_catalog.to_regclass('@extschema@.pg_reaper_ticks');
+    IF ext IS NULL OR (creating AND edition_owner IS NULL) THEN
+        RETURN;
+    ELSIF NOT creating AND ext_schema <> '@extschema@'::regnamespace THEN
+        RAISE EXCEPTION 'pg_reaper: the extension is installed in schema %, not here; install the extension-free edition into that schema to switch to it',
+            ext_schema::regnamespace
+            USING ERRCODE = 'duplicate_object';
+    ELSIF NOT creating AND NOT pg_catalog.pg_has_role(ext_owner, 'USAGE') THEN
+        RAISE EXCEPTION 'pg_reaper: the extension is installed here; switching to the extension-free edition drops it, which only its owner % may do (nothing was changed)',
+            ext_owner::regrole
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    PERFORM pg_catalog.set_config('pg_reaper_switch.grants', coalesce((
+        SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_array(g.privilege, g.object, g.grantee))
+          FROM (SELECT 'EXECUTE' AS privilege, 'FUNCTION ' OPERATOR(pg_catalog.||) p.oid::regprocedure::text AS object,
+                       a.grantee::regrole::text AS grantee
+                  FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
+                 WHERE p.pronamespace = '@extschema@'::regnamespace
+                   AND (p.proname LIKE 'pg\_reaper\_%' OR p.proname LIKE 'barrier\_%'
+                        OR p.proname LIKE 'outbox\_%'
+                        OR p.proname IN ('reap_expired', 'recovery_lock', 'reaper_status'))
+                   AND a.privilege_type = 'EXECUTE' AND a.grantee <> 0
+                UNION ALL
+                SELECT 'SELECT', 'TABLE ' OPERATOR(pg_catalog.||) c.oid::regclass::text, a.grantee::regrole::text
+                  FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
+                 WHERE c.oid = pg_catalog.to_regclass('@extschema@.pg_reaper_status')
+                   AND a.privilege_type = 'SELECT' AND a.grantee <> 0) g),
+        '[]')::text, true);
+    IF creating THEN
+        DROP VIEW IF EXISTS @extschema@.pg_reaper_status;
+        FOR f IN
+            SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
+             WHERE p.pronamespace = '@extschema@'::regnamespace AND p.proowner = edition_owner
+               AND (p.proname LIKE 'pg\_reaper\_%' OR p.proname LIKE 'barrier\_%'
+                    OR p.proname LIKE 'outbox\_%'
+                    OR p.proname IN ('reap_expired', 'recovery_lock', 'reaper_status'))
+        LOOP
+            EXECUTE pg_catalog.format('DROP FUNCTION %s', f);
+        END LOOP;
+        DROP TABLE @extschema@.pg_reaper_ticks;
+        RAISE NOTICE 'pg_reaper: the extension replaces the extension-free edition in schema %: its tables, rows, intents and grants are kept', '@extschema@';
+    ELSE
+        FOR member IN
+            SELECT CASE c.relkind WHEN 'r' THEN 'TABLE' ELSE 'SEQUENCE' END AS kind, c.oid::regclass::text AS name
+              FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_class c ON c.oid = d.objid
+             WHERE d.refobjid = ext AND d.deptype = 'e' AND d.classid = 'pg_catalog.pg_class'::regclass
+               AND c.relkind IN ('r', 'S')
+            UNION ALL
+            SELECT 'TYPE', t.oid::regtype::text
+              FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_type t ON t.oid = d.objid
+             WHERE d.refobjid = ext AND d.deptype = 'e' AND d.classid = 'pg_catalog.pg_type'::regclass
+        LOOP
+            EXECUTE pg_catalog.format('ALTER EXTENSION pg_reaper DROP %s %s', member.kind, member.name);
+        END LOOP;
+        DROP EXTENSION pg_reaper;
+        RAISE NOTICE 'pg_reaper: the extension-free edition replaces the extension in schema %: its tables, rows, intents and grants are kept; take pg_reaper out of shared_preload_libraries', '@extschema@';
+    END IF;
+END
+$switch$;
+
 DO $adopt$
 DECLARE
     -- Columns the functions read and write: table, column, type. Anything else in an adopted
@@ -105,7 +194,11 @@ BEGIN
     -- One row per fan-in barrier. `remaining` has no >= 0 check on purpose: a negative value
     -- is the "already torn down" signal that barrier_decrement turns into a delete.
     IF barrier_adopted THEN
-        ALTER TABLE @extschema@.pg_barrier_state ADD COLUMN IF NOT EXISTS callback jsonb;
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_attribute a
+                        WHERE a.attrelid = '@extschema@.pg_barrier_state'::regclass
+                          AND a.attname = 'callback' AND NOT a.attisdropped) THEN
+            ALTER TABLE @extschema@.pg_barrier_state ADD COLUMN callback jsonb;
+        END IF;
         -- Pages written from now on keep room for HOT updates; existing pages fill as they are.
         IF NOT EXISTS (SELECT FROM pg_catalog.pg_class c, pg_catalog.unnest(c.reloptions) o
                         WHERE c.oid = '@extschema@.pg_barrier_state'::regclass AND o LIKE 'fillfactor=%') THEN
@@ -172,52 +265,64 @@ $adopt$;
 
 -- What barrier_decrement returns: a single row, so the function is entered once per call
 -- (a set-returning function is entered again to say "no more rows").
-CREATE TYPE @extschema@.barrier_decrement_result AS (status text, remaining integer, results jsonb);
-
--- Recovery intents: one live (pending, in_flight or dead) intent per execution, enforced by
--- a partial unique index so that concurrent reapers cannot queue the same strand twice.
--- `attempts` counts claims and is the claim's fencing token; `failures` counts the failures
--- that were about this execution (compared with the relay's --max-attempts), never those of an
--- unreachable API; `mark_sent_at` is when an ERROR mark last may have left for the API;
--- `action` is set on intents an operator queued with barrier_recover() ('error' or 'refire':
--- carried out without the stranded re-check), NULL on those reaping queued. The last three came
--- in 0.2.0 and sit last, where the upgrade from 0.1.0 adds them, so that a fresh install and an
--- upgraded one have the same table.
-CREATE TABLE @extschema@.pg_reaper_outbox (
-    id               bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    execution_id     text        NOT NULL,
-    organization_id  text        NOT NULL,
-    remaining        integer     NOT NULL,
-    state            text        NOT NULL DEFAULT 'pending',
-    outcome          text,
-    attempts         integer     NOT NULL DEFAULT 0,
-    next_attempt_at  timestamptz NOT NULL DEFAULT now(),
-    lease_expires_at timestamptz,
-    last_error       text,
-    created_at       timestamptz NOT NULL DEFAULT now(),
-    updated_at       timestamptz NOT NULL DEFAULT now(),
-    failures         integer     NOT NULL DEFAULT 0,
-    mark_sent_at     timestamptz,
-    action           text,
-    CONSTRAINT pg_reaper_outbox_state_valid
-        CHECK (state IN ('pending', 'in_flight', 'done', 'dead')),
-    CONSTRAINT pg_reaper_outbox_outcome_valid
-        CHECK (outcome IN ('marked_error', 'already_terminal', 'gone', 'rearmed', 'refired')),
-    CONSTRAINT pg_reaper_outbox_outcome_iff_done CHECK ((state = 'done') = (outcome IS NOT NULL)),
-    CONSTRAINT pg_reaper_outbox_lease_iff_in_flight
-        CHECK ((state = 'in_flight') = (lease_expires_at IS NOT NULL)),
-    CONSTRAINT pg_reaper_outbox_attempts_non_negative CHECK (attempts >= 0),
-    CONSTRAINT pg_reaper_outbox_failures_non_negative CHECK (failures >= 0),
-    CONSTRAINT pg_reaper_outbox_action_valid CHECK (action IN ('error', 'refire'))
-);
-CREATE UNIQUE INDEX pg_reaper_outbox_live_uniq
-    ON @extschema@.pg_reaper_outbox (execution_id) WHERE state <> 'done';
--- A claim reads due intents in (next_attempt_at, id) order with a limit: the id breaks the
--- ties of intents queued by one statement, so a claim never sorts a whole backlog.
-CREATE INDEX pg_reaper_outbox_due_idx
-    ON @extschema@.pg_reaper_outbox (next_attempt_at, id) WHERE state = 'pending';
-CREATE INDEX pg_reaper_outbox_lease_idx
-    ON @extschema@.pg_reaper_outbox (lease_expires_at) WHERE state = 'in_flight';
+--
+-- This type and the outbox below are created once: where they exist (the extension-free
+-- edition's, kept when the extension is created over it, or the other way round) they are kept
+-- with their rows.
+DO $state$
+BEGIN
+    IF pg_catalog.to_regtype('@extschema@.barrier_decrement_result') IS NULL THEN
+        CREATE TYPE @extschema@.barrier_decrement_result AS (status text, remaining integer, results jsonb);
+    END IF;
+    IF pg_catalog.to_regclass('@extschema@.pg_reaper_outbox') IS NOT NULL THEN
+        RETURN;
+    END IF;
+    -- Recovery intents: one live (pending, in_flight or dead) intent per execution, enforced by
+    -- a partial unique index so that concurrent reapers cannot queue the same strand twice.
+    -- `attempts` counts claims and is the claim's fencing token; `failures` counts the failures
+    -- that were about this execution (compared with the relay's --max-attempts), never those of an
+    -- unreachable API; `mark_sent_at` is when an ERROR mark last may have left for the API;
+    -- `action` is set on intents an operator queued with barrier_recover() ('error' or 'refire':
+    -- carried out without the stranded re-check), NULL on those reaping queued. The last three came
+    -- in 0.2.0 and sit last, where the upgrade from 0.1.0 adds them, so that a fresh install and an
+    -- upgraded one have the same table.
+    CREATE TABLE @extschema@.pg_reaper_outbox (
+        id               bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        execution_id     text        NOT NULL,
+        organization_id  text        NOT NULL,
+        remaining        integer     NOT NULL,
+        state            text        NOT NULL DEFAULT 'pending',
+        outcome          text,
+        attempts         integer     NOT NULL DEFAULT 0,
+        next_attempt_at  timestamptz NOT NULL DEFAULT now(),
+        lease_expires_at timestamptz,
+        last_error       text,
+        created_at       timestamptz NOT NULL DEFAULT now(),
+        updated_at       timestamptz NOT NULL DEFAULT now(),
+        failures         integer     NOT NULL DEFAULT 0,
+        mark_sent_at     timestamptz,
+        action           text,
+        CONSTRAINT pg_reaper_outbox_state_valid
+            CHECK (state IN ('pending', 'in_flight', 'done', 'dead')),
+        CONSTRAINT pg_reaper_outbox_outcome_valid
+            CHECK (outcome IN ('marked_error', 'already_terminal', 'gone', 'rearmed', 'refired')),
+        CONSTRAINT pg_reaper_outbox_outcome_iff_done CHECK ((state = 'done') = (outcome IS NOT NULL)),
+        CONSTRAINT pg_reaper_outbox_lease_iff_in_flight
+            CHECK ((state = 'in_flight') = (lease_expires_at IS NOT NULL)),
+        CONSTRAINT pg_reaper_outbox_attempts_non_negative CHECK (attempts >= 0),
+        CONSTRAINT pg_reaper_outbox_failures_non_negative CHECK (failures >= 0),
+        CONSTRAINT pg_reaper_outbox_action_valid CHECK (action IN ('error', 'refire'))
+    );
+    CREATE UNIQUE INDEX pg_reaper_outbox_live_uniq
+        ON @extschema@.pg_reaper_outbox (execution_id) WHERE state <> 'done';
+    -- A claim reads due intents in (next_attempt_at, id) order with a limit: the id breaks the
+    -- ties of intents queued by one statement, so a claim never sorts a whole backlog.
+    CREATE INDEX pg_reaper_outbox_due_idx
+        ON @extschema@.pg_reaper_outbox (next_attempt_at, id) WHERE state = 'pending';
+    CREATE INDEX pg_reaper_outbox_lease_idx
+        ON @extschema@.pg_reaper_outbox (lease_expires_at) WHERE state = 'in_flight';
+END
+$state$;
 
 -- The stranded predicate, defined once. Reap, the relay's re-check, the guarded delete and the
 -- status gauges all call it. It is a single-expression SQL function so the planner inlines it
@@ -225,7 +330,7 @@ CREATE INDEX pg_reaper_outbox_lease_idx
 -- is parsed under the caller's search_path (and parenthesised: OPERATOR() forms all share one
 -- precedence). The created_at term is implied by the last_progress_at
 -- term (progress never precedes creation) and is there only to give the planner an index.
-CREATE FUNCTION @extschema@.barrier_is_stranded(
+CREATE OR REPLACE FUNCTION @extschema@.barrier_is_stranded(
     expires_at timestamptz,
     last_progress_at timestamptz,
     created_at timestamptz,
@@ -241,7 +346,9 @@ $$;
 -- Keep the outbox through pg_dump / pg_restore (the barrier tables: above, when created here).
 DO $dump$
 BEGIN
-    IF EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'pg_reaper') THEN
+    IF EXISTS (SELECT FROM pg_catalog.pg_depend d
+                WHERE d.classid = 'pg_catalog.pg_class'::regclass
+                  AND d.objid = '@extschema@.pg_reaper_outbox'::regclass AND d.deptype = 'e') THEN
         PERFORM pg_catalog.pg_extension_config_dump('@extschema@.pg_reaper_outbox', '');
         PERFORM pg_catalog.pg_extension_config_dump('@extschema@.pg_reaper_outbox_id_seq', '');
     END IF;

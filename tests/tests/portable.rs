@@ -140,3 +140,123 @@ fn settings_come_from_the_guc_then_the_table_then_the_default() {
         "{err:?}"
     );
 }
+
+/// Every row pg_reaper keeps in schema `queue`: barriers, markers, intents, settings.
+fn state(c: &mut Client) -> serde_json::Value {
+    json(
+        c,
+        "SELECT jsonb_build_object(
+             'barriers', (SELECT jsonb_agg(b ORDER BY execution_id) FROM pg_barrier_state b),
+             'markers', (SELECT jsonb_agg(d ORDER BY execution_id, batch_index) FROM pg_batch_dedup d),
+             'intents', (SELECT jsonb_agg(o ORDER BY id) FROM pg_reaper_outbox o),
+             'settings', (SELECT jsonb_agg(s ORDER BY name) FROM pg_reaper_settings s))",
+    )
+}
+
+/// A platform that starts on a managed service and moves, or the reverse: `CREATE EXTENSION`
+/// over the edition, then the edition's file over the extension, on the same database. Rows,
+/// markers, settings and intents (an in-flight claim with its fencing token) stay.
+#[test]
+fn switching_editions_both_ways_keeps_rows_and_intents() {
+    let cluster = shared();
+    let db = Cluster::unique_name("pswitch");
+    let owner = format!("{db}_owner");
+    let mut c = owned_schema(cluster, &db, &owner);
+    c.batch_execute(&portable_sql()).expect("the edition");
+    c.batch_execute(
+        "SELECT barrier_enqueue('live', 'org', 3);
+         SELECT barrier_claim('live', 0);
+         INSERT INTO pg_reaper_settings VALUES ('pg_reaper.batch_size', '500');",
+    )
+    .expect("a live barrier with a marker, a setting");
+    strand_many(&mut c, "s", "org", 2);
+    assert_eq!(json(&mut c, "SELECT to_jsonb(pg_reaper_tick())"), json!(2));
+    let claim = json(
+        &mut c,
+        "SELECT jsonb_build_array(id, attempt) FROM outbox_claim(1, '10 minutes')",
+    );
+    // An application role with the grant its workers need.
+    let app = format!("{db}_app");
+    cluster
+        .client("postgres")
+        .batch_execute(&format!("CREATE ROLE {app} LOGIN"))
+        .expect("the application role");
+    c.batch_execute(&format!(
+        "GRANT USAGE ON SCHEMA queue TO {app};
+         GRANT EXECUTE ON FUNCTION barrier_claim(text, integer) TO {app};"
+    ))
+    .expect("the application's grant");
+    let app_claims = |batch: i32| {
+        let mut a = cluster.client_as(&db, &app);
+        json(
+            &mut a,
+            &format!("SELECT to_jsonb(queue.barrier_claim('live', {batch}))"),
+        )
+    };
+    let before = state(&mut c);
+    let edition = |c: &mut Client| json(c, "SELECT to_jsonb(pg_reaper_edition())");
+
+    let mut admin = cluster.client(&db);
+    admin
+        .batch_execute("CREATE EXTENSION pg_reaper SCHEMA queue")
+        .expect("the extension over the edition");
+    assert_eq!(edition(&mut c), json!("native"));
+    assert_eq!(state(&mut c), before, "every row kept, to the extension");
+    assert_eq!(
+        json(
+            &mut c,
+            "SELECT to_jsonb(count(*)) FROM pg_proc p WHERE p.pronamespace = 'queue'::regnamespace
+                AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.objid = p.oid AND d.deptype = 'e')"
+        ),
+        json!(0),
+        "no function of the edition is left beside the extension's"
+    );
+    assert_eq!(app_claims(1), json!(true), "the grant carried over");
+    let before = state(&mut c);
+
+    let err = c
+        .batch_execute(&portable_sql())
+        .expect_err("the schema's owner cannot drop the extension");
+    let db_err = err.as_db_error().expect("a server error");
+    assert_eq!(db_err.code().code(), "42501", "{db_err:?}");
+    assert!(db_err.message().contains("only its owner"), "{db_err:?}");
+    assert_eq!(edition(&mut c), json!("native"), "nothing was changed");
+
+    admin
+        .batch_execute(&format!("SET search_path = queue; {}", portable_sql()))
+        .expect("the edition over the extension, by its owner");
+    assert_eq!(edition(&mut c), json!("extension-free"));
+    assert_eq!(
+        json(
+            &mut c,
+            "SELECT to_jsonb(count(*)) FROM pg_extension WHERE extname = 'pg_reaper'"
+        ),
+        json!(0)
+    );
+    assert_eq!(state(&mut c), before, "every row kept, back to the edition");
+    assert_eq!(app_claims(2), json!(true), "the grant carried back");
+
+    // The claim made before both switches still holds: its token fences as before.
+    let (id, attempt) = (claim[0].as_i64().unwrap(), claim[1].as_i64().unwrap());
+    assert_eq!(
+        json(
+            &mut c,
+            &format!("SELECT to_jsonb(l.verdict) FROM recovery_lock({id}, {attempt}) l")
+        ),
+        json!("mark")
+    );
+    assert_eq!(
+        json(
+            &mut c,
+            &format!("SELECT to_jsonb(outbox_resolve({id}, {attempt}, 'marked_error'))")
+        ),
+        json!(true)
+    );
+    assert_eq!(
+        json(
+            &mut c,
+            "SELECT to_jsonb(d) FROM barrier_decrement('live', '1') d"
+        ),
+        json!({"status": "pending", "remaining": 2, "results": null})
+    );
+}
