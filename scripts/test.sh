@@ -52,6 +52,12 @@ if [ "$FULL" != 15 ]; then
 fi
 python3 scripts/tests.py "${skip[@]}" -p pg_reaper_protocol -p pg_reaper_tests -p pg-reaper-relay 2>&1 | tee -a "$LOG"
 
+if [ "$FULL" = 15 ]; then
+  echo "== the same suites against the extension-free edition (no worker: the relays tick it; the tests named native_… are about the extension itself)"
+  PG_REAPER_EDITION=portable python3 scripts/tests.py --skip-test native_ -p pg_reaper_tests -p pg-reaper-relay \
+    --test foundation --test branches --test chaos --test adoption --test database --test outbox_cases --test soak 2>&1 | tee -a "$LOG"
+fi
+
 echo "== benchmark smoke run (tiny sizes; the real run is make bench)"
 BENCH_SMOKE=1 bash scripts/bench.sh
 if [ "$FULL" = 15 ]; then

@@ -3,8 +3,11 @@
 binary after the other, and these binaries spend most of their time waiting on servers (a
 worker's naptime, a relay's backoff, a lease running out), not on the CPU.
 
-    scripts/tests.py [-j JOBS] [--skip-binary NAME]... CARGO_TEST_ARGS...
+    scripts/tests.py [-j JOBS] [--skip-binary NAME]... [--skip-test PATTERN]... CARGO_TEST_ARGS...
         e.g. scripts/tests.py -p pg-reaper-relay --test chaos
+
+--skip-test passes libtest's --skip to every binary: the tests whose names contain PATTERN are
+not run, and each binary's summary counts them as filtered out, not passed.
 
 Builds with `cargo test --no-run`, then runs each binary in its package's directory, as cargo
 does, at most JOBS (default 3, env TEST_JOBS) at once, longest first by the last run's
@@ -39,10 +42,10 @@ def binaries(cargo_args):
     return found
 
 
-def run(binary):
+def run(binary, test_args):
     name, exe, cwd = binary
     start = time.monotonic()
-    done = subprocess.run([exe], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    done = subprocess.run([exe, *test_args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return name, done.returncode, done.stdout, time.monotonic() - start
 
 
@@ -50,6 +53,7 @@ def main():
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("-j", type=int, default=int(os.environ.get("TEST_JOBS", "3")))
     parser.add_argument("--skip-binary", action="append", default=[])
+    parser.add_argument("--skip-test", action="append", default=[])
     args, cargo_args = parser.parse_known_args()
     try:
         with open(DURATIONS) as f:
@@ -58,9 +62,10 @@ def main():
         known = {}
     todo = sorted((b for b in binaries(cargo_args) if b[0] not in args.skip_binary),
                   key=lambda b: -known.get(b[0], 0))
+    test_args = [a for pattern in args.skip_test for a in ("--skip", pattern)]
     failed = []
     with ThreadPoolExecutor(max_workers=max(args.j, 1)) as pool:
-        for future in as_completed([pool.submit(run, b) for b in todo]):
+        for future in as_completed([pool.submit(run, b, test_args) for b in todo]):
             name, code, output, seconds = future.result()
             print(f"== {name}: {'ok' if code == 0 else f'FAILED (exit {code})'} in {seconds:.0f} s")
             print(output, flush=True)

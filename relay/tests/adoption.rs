@@ -7,7 +7,7 @@
 mod common;
 
 use common::{Env, intent};
-use pg_reaper_tests::{Cluster, PgBouncer, UNSTRACT_SCHEMA, json, wait_for};
+use pg_reaper_tests::{Cluster, Edition, PgBouncer, UNSTRACT_SCHEMA, json, wait_for};
 use postgres::Client;
 use serde_json::{Value, json};
 
@@ -76,12 +76,14 @@ fn platform_db(cluster: &Cluster) -> Client {
     c
 }
 
+/// pg_reaper installed over the platform's tables in schema `unstract` (CREATE EXTENSION, or the
+/// extension-free edition's file), first on the search_path.
 fn adopt(c: &mut Client) {
+    pg_reaper_tests::install(c, "unstract");
     c.batch_execute(
-        "CREATE EXTENSION pg_reaper SCHEMA unstract;
-         ALTER DATABASE q SET search_path = unstract, public; SET search_path = unstract, public",
+        "ALTER DATABASE q SET search_path = unstract, public; SET search_path = unstract, public",
     )
-    .expect("CREATE EXTENSION pg_reaper SCHEMA unstract");
+    .expect("search_path");
 }
 
 fn rows(c: &mut Client, table: &str) -> Value {
@@ -135,10 +137,11 @@ fn adoption_keeps_the_platforms_rows_and_both_dialects_share_every_execution() {
     }
     assert_eq!(rows(&mut c, "pg_barrier_state"), expected);
     assert_eq!(rows(&mut c, "pg_batch_dedup"), markers_before);
-    assert_eq!(
-        member_tables(&mut c),
-        ["unstract.pg_reaper_outbox", "unstract.pg_reaper_settings"]
-    );
+    let members: &[&str] = match pg_reaper_tests::edition() {
+        Edition::Native => &["unstract.pg_reaper_outbox", "unstract.pg_reaper_settings"],
+        Edition::Portable => &[], // no extension: nothing is anyone's member
+    };
+    assert_eq!(member_tables(&mut c), members);
     let shape = json(
         &mut c,
         "SELECT jsonb_build_object(
@@ -249,22 +252,29 @@ fn adoption_keeps_the_platforms_rows_and_both_dialects_share_every_execution() {
         json!({"org": "org-b", "remaining": 2, "callback": {"task": "t"}})
     );
 
-    // DROP EXTENSION leaves the platform's tables and rows; its SQL keeps working; a second
-    // CREATE EXTENSION adopts them again.
     let barriers = rows(&mut c, "pg_barrier_state");
-    c.batch_execute("DROP EXTENSION pg_reaper").expect("drop");
+    match pg_reaper_tests::edition() {
+        // DROP EXTENSION leaves the platform's tables and rows; its SQL keeps working; a second
+        // CREATE EXTENSION adopts them again.
+        Edition::Native => {
+            c.batch_execute("DROP EXTENSION pg_reaper").expect("drop");
+            assert_eq!(rows(&mut c, "pg_barrier_state"), barriers);
+            platform_enqueue(&mut c, "after-drop", "org-a", 1);
+            assert!(platform_claim(&mut c, "after-drop", 0));
+            assert_eq!(platform_decrement(&mut c, "after-drop", json!(1)).0, 0);
+            platform_finish(&mut c, "after-drop");
+            c.batch_execute("CREATE EXTENSION pg_reaper SCHEMA unstract")
+                .expect("adopt again");
+        }
+        // The edition's file run again (a newer version's, say) adopts them again.
+        Edition::Portable => pg_reaper_tests::install(&mut c, "unstract"),
+    }
     assert_eq!(rows(&mut c, "pg_barrier_state"), barriers);
-    platform_enqueue(&mut c, "after-drop", "org-a", 1);
-    assert!(platform_claim(&mut c, "after-drop", 0));
-    assert_eq!(platform_decrement(&mut c, "after-drop", json!(1)).0, 0);
-    platform_finish(&mut c, "after-drop");
-    c.batch_execute("CREATE EXTENSION pg_reaper SCHEMA unstract")
-        .expect("adopt again");
-    assert_eq!(rows(&mut c, "pg_barrier_state"), barriers);
-    assert_eq!(
-        member_tables(&mut c),
-        ["unstract.pg_reaper_outbox", "unstract.pg_reaper_settings"]
-    );
+    let members: &[&str] = match pg_reaper_tests::edition() {
+        Edition::Native => &["unstract.pg_reaper_outbox", "unstract.pg_reaper_settings"],
+        Edition::Portable => &[], // no extension: nothing is anyone's member
+    };
+    assert_eq!(member_tables(&mut c), members);
 }
 
 #[test]
@@ -393,9 +403,7 @@ fn a_table_that_cannot_be_adopted_fails_create_extension_and_changes_nothing() {
         .expect("a row");
         c.batch_execute(change).expect(change);
         let before = json(&mut c, FOOTPRINT);
-        let err = c
-            .batch_execute("CREATE EXTENSION pg_reaper SCHEMA unstract")
-            .expect_err(change);
+        let err = pg_reaper_tests::try_install(&mut c, "unstract").expect_err(change);
         let db_err = err.as_db_error().expect("a database error");
         assert_eq!(
             (db_err.message(), db_err.code().code()),
@@ -508,7 +516,7 @@ fn the_platforms_worker_flow_runs_through_pgbouncer_with_psycopg2() {
 /// The two-step restore of docs/unstract.md (*Backups*), run as written there: a dump of a
 /// database with adopted tables comes back with every row, adopted again.
 #[test]
-fn a_dump_of_an_adopted_database_restores_with_the_documented_steps() {
+fn native_a_dump_of_an_adopted_database_restores_with_the_documented_steps() {
     let cluster = Cluster::start("adoptdump", &[]);
     let mut c = cluster.client("postgres");
     c.batch_execute("CREATE DATABASE queue")
@@ -588,8 +596,9 @@ fn a_dump_of_an_adopted_database_restores_with_the_documented_steps() {
 
     let mut c = cluster.client("queue");
     assert_eq!(snapshot(&mut c), before);
-    assert_eq!(
-        member_tables(&mut c),
-        ["unstract.pg_reaper_outbox", "unstract.pg_reaper_settings"]
-    );
+    let members: &[&str] = match pg_reaper_tests::edition() {
+        Edition::Native => &["unstract.pg_reaper_outbox", "unstract.pg_reaper_settings"],
+        Edition::Portable => &[], // no extension: nothing is anyone's member
+    };
+    assert_eq!(member_tables(&mut c), members);
 }

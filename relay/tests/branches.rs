@@ -313,7 +313,8 @@ fn refire_hook_instead_of_a_mark_and_a_raising_hook_is_a_failure() {
     let mut c = env.db();
     c.batch_execute(
         "CREATE TABLE refired (execution_id text, organization_id text, callback jsonb, results jsonb);
-         CREATE FUNCTION public.refire(e text, o text, c jsonb, r jsonb) RETURNS void LANGUAGE plpgsql AS $$
+         CREATE FUNCTION public.refire(e text, o text, c jsonb, r jsonb) RETURNS void LANGUAGE plpgsql
+         SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
          BEGIN
              IF e = 'bad' THEN RAISE EXCEPTION 'queue unavailable'; END IF;
              INSERT INTO public.refired VALUES (e, o, c, r);
@@ -365,7 +366,7 @@ fn refire_hook_instead_of_a_mark_and_a_raising_hook_is_a_failure() {
 /// DEFINER functions: an application schema owner who writes a hook cannot use it to become
 /// superuser.
 #[test]
-fn the_refire_hook_runs_as_its_owner_and_cannot_escalate() {
+fn native_refire_hook_runs_as_its_owner_and_cannot_escalate() {
     let env = Env::shared("rhookowner");
     let mut c = env.db();
     c.batch_execute(
@@ -575,7 +576,8 @@ fn barrier_recover_is_carried_out_by_the_relay_with_every_rule_but_the_stranded_
     c.batch_execute(
         "CREATE TABLE refired (execution_id text, results jsonb);
          CREATE FUNCTION public.refire(e text, o text, c jsonb, r jsonb) RETURNS void
-         LANGUAGE sql AS $$ INSERT INTO public.refired VALUES (e, r) $$;",
+         LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+         AS $$ INSERT INTO public.refired VALUES (e, r) $$;",
     )
     .expect("hook");
     env.alter_database("pg_reaper.refire_function = 'public.refire'");
@@ -1031,7 +1033,7 @@ fn relays_tick_the_extension_free_edition_one_at_a_time() {
 
 /// The native extension's worker reaps: --reap-interval says so once and the relay drains on.
 #[test]
-fn reap_interval_against_the_native_extension_stops_ticking_and_drains() {
+fn native_reap_interval_is_refused_by_the_extension_and_the_relay_drains_on() {
     let env = Env::shared("rnotick");
     let mut c = env.db();
     env.stranded_executing(&mut c, "n1");

@@ -538,7 +538,8 @@ fn the_simulations_outbox_answers_as_the_extensions_does() {
     let mut admin = env.db();
     admin
         .batch_execute(
-            "CREATE FUNCTION public.hook(text, text, jsonb, jsonb) RETURNS void LANGUAGE sql AS 'SELECT'",
+            "CREATE FUNCTION public.hook(text, text, jsonb, jsonb) RETURNS void LANGUAGE sql
+             SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS 'SELECT'",
         )
         .expect("hook");
     let session = || {

@@ -144,7 +144,7 @@ fn sustained_load_ends_every_execution_exactly_once() {
     c.batch_execute(
         "CREATE TABLE refired (execution_id text, callback jsonb, results jsonb);
          CREATE FUNCTION public.refire(e text, o text, cb jsonb, r jsonb) RETURNS void
-         LANGUAGE sql AS $$ INSERT INTO public.refired VALUES (e, cb, r) $$;
+         LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$ INSERT INTO public.refired VALUES (e, cb, r) $$;
          ALTER DATABASE q SET pg_reaper.refire_function = 'public.refire';",
     )
     .expect("hook");

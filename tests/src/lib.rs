@@ -375,22 +375,18 @@ impl Cluster {
         Client::connect(&url, NoTls).unwrap_or_else(|e| panic!("connect {db} as {role}: {e}"))
     }
 
-    /// A new database with the extension created (in `schema` when given).
+    /// A new database with pg_reaper installed (in `schema` when given) in the [`edition`]
+    /// under test.
     pub fn create_db(&self, db: &str, schema: Option<&str>) -> Client {
         self.client("postgres")
             .batch_execute(&format!("CREATE DATABASE \"{db}\""))
             .expect("create db");
         let mut c = self.client(db);
-        match schema {
-            Some(s) => c
-                .batch_execute(&format!(
-                    "CREATE SCHEMA \"{s}\"; CREATE EXTENSION pg_reaper SCHEMA \"{s}\""
-                ))
-                .expect("create extension in schema"),
-            None => c
-                .batch_execute("CREATE EXTENSION pg_reaper")
-                .expect("create extension"),
+        if let Some(s) = schema {
+            c.batch_execute(&format!("CREATE SCHEMA \"{s}\""))
+                .expect("create schema");
         }
+        install(&mut c, schema.unwrap_or("public"));
         c
     }
 
@@ -641,6 +637,46 @@ pub fn json(c: &mut Client, sql: &str) -> serde_json::Value {
         });
     row.get::<_, Option<serde_json::Value>>(0)
         .unwrap_or(serde_json::Value::Null)
+}
+
+/// Which edition the suites run against: `PG_REAPER_EDITION=portable` (make test's second
+/// pass on PostgreSQL 15) installs the extension-free edition where they would create the
+/// extension, and the relays tick it in place of the worker; unset or `native`, the extension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Edition {
+    Native,
+    Portable,
+}
+
+pub fn edition() -> Edition {
+    match std::env::var("PG_REAPER_EDITION").as_deref() {
+        Err(_) | Ok("") | Ok("native") => Edition::Native,
+        Ok("portable") => Edition::Portable,
+        Ok(other) => panic!("PG_REAPER_EDITION must be native or portable, not {other:?}"),
+    }
+}
+
+/// Installs pg_reaper into existing schema `schema` through `c` (a superuser's session), in the
+/// edition under test.
+pub fn install(c: &mut Client, schema: &str) {
+    try_install(c, schema)
+        .unwrap_or_else(|e| panic!("installing pg_reaper ({:?}): {e:?}", edition()));
+}
+
+/// [`install`], or the server's error (a table that cannot be adopted, say).
+pub fn try_install(c: &mut Client, schema: &str) -> Result<(), postgres::Error> {
+    match edition() {
+        Edition::Native => {
+            c.batch_execute(&format!("CREATE EXTENSION pg_reaper SCHEMA \"{schema}\""))
+        }
+        Edition::Portable => {
+            let sql = portable_sql();
+            c.batch_execute(&format!("SET search_path = \"{schema}\""))?;
+            let installed = c.batch_execute(&sql);
+            c.batch_execute("RESET search_path")?;
+            installed
+        }
+    }
 }
 
 /// The extension-free edition's SQL file, as `make portable` writes it (`scripts/sql.py`).

@@ -209,7 +209,7 @@ fn bad_input_names_the_argument_and_changes_nothing() {
 }
 
 #[test]
-fn works_in_a_schema_that_needs_quoting_whatever_the_search_path() {
+fn native_works_in_a_schema_that_needs_quoting_whatever_the_search_path() {
     let cluster = shared();
     let q = Cluster::unique_name("schema");
     let mut c = cluster.create_db(&q, Some("Queue Schema"));
@@ -265,7 +265,7 @@ fn works_in_a_schema_that_needs_quoting_whatever_the_search_path() {
 }
 
 #[test]
-fn nothing_is_granted_to_public_and_documented_grants_suffice() {
+fn native_nothing_is_granted_to_public_and_documented_grants_suffice() {
     let cluster = shared();
     let q = Cluster::unique_name("privs");
     let mut admin = cluster.create_db(&q, None);

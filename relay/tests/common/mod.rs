@@ -231,6 +231,13 @@ impl Env {
         Env::around(Held::Shared(cluster), db)
     }
 
+    /// The worker preloaded, pg_reaper in schema `schema` of `q` (a name that may need quoting).
+    pub fn in_schema(name: &str, schema: &str) -> Env {
+        Env::with_database(name, true, |cluster| {
+            cluster.create_db("q", Some(schema));
+        })
+    }
+
     /// The worker preloaded, and `q` the reference platform's queue database: its own schema
     /// `unstract` with the barrier tables, adopted by `CREATE EXTENSION pg_reaper SCHEMA
     /// unstract`, and `unstract` first on the database's search_path.
@@ -242,12 +249,12 @@ impl Env {
                 .expect("create database");
             cluster
                 .client("q")
-                .batch_execute(&format!(
-                    "{}; CREATE EXTENSION pg_reaper SCHEMA unstract;
-                     ALTER DATABASE q SET search_path = unstract, public;",
-                    pg_reaper_tests::UNSTRACT_SCHEMA
-                ))
-                .expect("the platform's schema, adopted");
+                .batch_execute(pg_reaper_tests::UNSTRACT_SCHEMA)
+                .expect("the platform's schema");
+            let mut q = cluster.client("q");
+            pg_reaper_tests::install(&mut q, "unstract");
+            q.batch_execute("ALTER DATABASE q SET search_path = unstract, public")
+                .expect("search_path");
         })
     }
 
@@ -331,6 +338,11 @@ impl Env {
 /// The relay against `database_url` and `api`, with the tests' timings.
 pub fn relay_command(database_url: &str, api: &SampleApi, key_file: &PathBuf) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_pg-reaper-relay"));
+    // The extension-free edition has no worker: the relays tick it, as its users run them
+    // (the environment twin, so that a test's own --reap-interval wins).
+    if pg_reaper_tests::edition() == pg_reaper_tests::Edition::Portable {
+        c.env("PG_REAPER_REAP_INTERVAL", "200ms");
+    }
     c.env("PG_REAPER_DATABASE_URL", database_url)
         .env("PG_REAPER_API_BASE_URL", api.base_url())
         .env("PG_REAPER_API_KEY_FILE", key_file)
