@@ -60,6 +60,7 @@ PG_PORT = int(os.environ.get("BENCH_PG_PORT", "25449"))
 API_PORT = int(os.environ.get("BENCH_API_PORT", "25450"))
 RELAY = os.path.join(ROOT, "target", S.profile, "pg-reaper-relay")
 SAMPLE_API = os.path.join(ROOT, "target", S.profile, "pg-reaper-sample-api")
+PORTABLE_SQL = os.path.join(ROOT, "target", "portable", "pg_reaper.sql")
 KEY = "benchkey"
 
 
@@ -146,9 +147,9 @@ pg_reaper.enabled = off
         self.procs.append(p)
         return p
 
-    def relay(self, *args):
+    def relay(self, *args, db="bench"):
         return self.spawn([RELAY, "--database-url",
-                           f"host=127.0.0.1 port={PG_PORT} user=postgres dbname=bench",
+                           f"host=127.0.0.1 port={PG_PORT} user=postgres dbname={db}",
                            "--api-base-url", f"http://127.0.0.1:{API_PORT}/internal", *args],
                           PG_REAPER_API_KEY=KEY)
 
@@ -224,32 +225,42 @@ pg_reaper.enabled = off
             self.report.append(line)
 
 
-def hot_path(b):
-    print("== 1. hot path against plain SQL")
-    b.out("## 1. The hot path against the plain SQL it replaces", "",
-          "| operation | pg_reaper (tps) | baseline (tps) | ratio | target | |",
-          "|---|---|---|---|---|---|")
-    decr_setup = """TRUNCATE pg_barrier_state, pg_batch_dedup;
+DECR_SETUP = """TRUNCATE pg_barrier_state, pg_batch_dedup;
   SELECT count(barrier_enqueue('b' || i, 'org', 1000000000)) FROM generate_series(1, 10000) i;
   VACUUM ANALYZE pg_barrier_state;"""
+
+
+def hot_path_table(b, db, targets):
+    """The hot path's pairs in database `db`, as table rows against `targets` (decrement, claim,
+    enqueue)."""
+    b.out("| operation | pg_reaper (tps) | baseline (tps) | ratio | target | |",
+          "|---|---|---|---|---|---|")
+    decr_setup = DECR_SETUP
     pairs = [
         ("`barrier_decrement` vs `UPDATE … RETURNING` (10,000 barriers)", decr_setup,
-         "decrement_ext.sql", "decrement_sql.sql", 0.9),
+         "decrement_ext.sql", "decrement_sql.sql", targets[0]),
         ("`barrier_claim` vs `INSERT … ON CONFLICT DO NOTHING RETURNING`",
-         "TRUNCATE pg_batch_dedup", "claim_ext.sql", "claim_sql.sql", 0.9),
+         "TRUNCATE pg_batch_dedup", "claim_ext.sql", "claim_sql.sql", targets[1]),
         ("`barrier_enqueue` vs UPSERT + dedup DELETE in a client transaction",
-         "TRUNCATE pg_barrier_state, pg_batch_dedup", "enqueue_ext.sql", "enqueue_sql.sql", 1.0),
+         "TRUNCATE pg_barrier_state, pg_batch_dedup", "enqueue_ext.sql", "enqueue_sql.sql", targets[2]),
     ]
     for name, setup, ext, sql, target in pairs:
         e, s = [], []
         for _ in range(S.rounds):  # alternating, so drift hits both sides alike
-            b.psql(setup)
-            e.append(b.pgbench(ext))
-            b.psql(setup)
-            s.append(b.pgbench(sql))
+            b.psql(setup, db)
+            e.append(b.pgbench(ext, db))
+            b.psql(setup, db)
+            s.append(b.pgbench(sql, db))
         em, sm = statistics.median(e), statistics.median(s)
         r = ratio(em, sm)
         b.out(f"| {name} | {em:.0f} | {sm:.0f} | {r:.2f} | ≥ {target} | {verdict(r, target)} |")
+
+
+def hot_path(b):
+    print("== 1. hot path against plain SQL")
+    b.out("## 1. The hot path against the plain SQL it replaces", "")
+    hot_path_table(b, "bench", (0.9, 0.9, 1.0))
+    decr_setup = DECR_SETUP
     b.out("", "`barrier_decrement` returns the aggregated results only to the caller that completes the",
           "barrier; the baseline (the reference worker's statement) ships the whole array back on every",
           "decrement. `barrier_enqueue` is one round trip where the baseline needs four.", "")
@@ -478,19 +489,25 @@ class Backlog:
     samples: list = field(default_factory=list)  # (t, queued, done)
 
 
-def backlog(b, relays):
-    """S.backlog executions stranding at once, drained by `relays` relays (concurrency 16)."""
-    tag = f"bl{relays}-"
+def backlog(b, relays, db="bench"):
+    """S.backlog executions stranding at once, drained by `relays` relays (concurrency 16). In
+    database `bench` the worker queues them; in another (the extension-free edition's) the relays
+    tick it every second."""
+    tag = f"bl{relays}{db}-"
     b.api("POST", "/_admin/reset")
     b.quiesce()
     b.psql(f"""TRUNCATE pg_barrier_state, pg_reaper_outbox, pg_batch_dedup;
 INSERT INTO pg_barrier_state (execution_id, organization_id, remaining, created_at, expires_at, last_progress_at)
 SELECT '{tag}' || i, 'org', 2, now() - interval '1 hour', now() + interval '{S.backlog_in} seconds', now()
-  FROM generate_series(1, {S.backlog}) i;""")
-    b.setting("pg_reaper.enabled = on")
-    stranded_at = float(b.q("SELECT extract(epoch FROM max(expires_at)) FROM pg_barrier_state"))
+  FROM generate_series(1, {S.backlog}) i;""", db)
+    if db == "bench":
+        b.setting("pg_reaper.enabled = on")
+        tick = []
+    else:
+        tick = ["--reap-interval", "1s"]
+    stranded_at = float(b.q("SELECT extract(epoch FROM max(expires_at)) FROM pg_barrier_state", db))
     b.executing([f"{tag}{i}" for i in range(1, S.backlog + 1)])
-    procs = [b.relay("--concurrency", "16") for _ in range(relays)]
+    procs = [b.relay("--concurrency", "16", *tick, db=db) for _ in range(relays)]
     postmaster = int(open(os.path.join(b.data, "pg", "postmaster.pid")).readline())
 
     def pg_ticks():
@@ -509,7 +526,7 @@ SELECT '{tag}' || i, 'org', 2, now() - interval '1 hour', now() + interval '{S.b
     samples, queued_at, done = [], None, 0
     while done < S.backlog:
         queued, done = map(int, b.q("SELECT count(*) || '|' || count(*) FILTER (WHERE state = 'done')"
-                                    " FROM pg_reaper_outbox").split("|"))
+                                    " FROM pg_reaper_outbox", db).split("|"))
         now = time.time()
         samples.append((now, queued, done))
         if queued_at is None and queued >= S.backlog:
@@ -577,6 +594,23 @@ def backlog_section(b, many):
             prev, next_t = (t, done), t + 5
     b.out("")
     return one, two
+
+
+def edition_section(b):
+    print("== 9. the extension-free edition")
+    b.out("## 9. The extension-free edition", "",
+          "The same functions installed from `target/portable/pg_reaper.sql` in database",
+          "`bench_portable` of the same cluster (no extension there), and the same plain SQL baselines,",
+          "measured in this run.", "")
+    hot_path_table(b, "bench_portable", (0.9, 0.9, 1.5))
+    r = backlog(b, 1, db="bench_portable")
+    n = S.backlog
+    b.out("", f"A backlog of {n} executions stranding at once, with no worker: one relay (concurrency",
+          "16) ticks the edition every second (`--reap-interval 1s`) and drains what the ticks queue.", "",
+          "| queued all after (s) | drain (s) | recoveries/s | marked exactly once |", "|---|---|---|---|",
+          f"| {r.queued_after:.1f} | {r.drain_s:.1f} | {r.rate:.0f} | {r.once} of {n} ({r.marks} marks) |", "",
+          f"- queued within 60 s of becoming stranded: {r.queued_after:.1f} s ({verdict(r.queued_after, 60, False)})",
+          f"- every execution marked exactly once: {'met' if r.once == n and r.marks == n else 'MISSED'}", "")
 
 
 def soak(b):
@@ -663,6 +697,8 @@ def main():
         b.start_cluster()
         b.psql("CREATE DATABASE bench", db="postgres")
         b.psql("CREATE EXTENSION pg_reaper")
+        b.psql("CREATE DATABASE bench_portable", db="postgres")
+        b.psql(open(PORTABLE_SQL).read(), db="bench_portable")
         machine(b)
         decr_setup = hot_path(b)
         hot_updates(b, decr_setup)
@@ -676,6 +712,7 @@ def main():
         delays = time_to_recover(b)
         idle_cost(b)
         one, two = backlog_section(b, many)
+        edition_section(b)
         soak(b)
         plots(delays, one, two)
         with open(S.report + ".tmp", "w") as f:

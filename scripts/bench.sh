@@ -11,4 +11,5 @@ if [ "${BENCH_SMOKE:-0}" = 1 ]; then PROFILE=(); else PROFILE=(--release); fi
 echo "== building (${PROFILE[*]:-debug})"
 cargo pgrx install --pg-config "$PG_CONFIG" "${PROFILE[@]}" >/dev/null
 cargo build --locked -q "${PROFILE[@]}" -p pg-reaper-relay -p pg-reaper-sample-api
+python3 scripts/sql.py portable >/dev/null  # the extension-free edition, measured in section 9
 exec /usr/bin/python3 scripts/bench.py

@@ -87,16 +87,26 @@ BEGIN
         DROP TABLE @extschema@.pg_reaper_ticks;
         RAISE NOTICE 'pg_reaper: the extension replaces the extension-free edition in schema %: its tables, rows, intents and grants are kept', '@extschema@';
     ELSE
+        -- Each is checked again just before it is detached: detaching one can detach others
+        -- that belong to it (PostgreSQL 17 lists a relation's types as members of their own).
         FOR member IN
-            SELECT CASE c.relkind WHEN 'r' THEN 'TABLE' ELSE 'SEQUENCE' END AS kind, c.oid::regclass::text AS name
+            SELECT CASE c.relkind WHEN 'r' THEN 'TABLE' ELSE 'SEQUENCE' END AS kind,
+                   c.oid::regclass::text AS name, d.classid, d.objid
               FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_class c ON c.oid = d.objid
              WHERE d.refobjid = ext AND d.deptype = 'e' AND d.classid = 'pg_catalog.pg_class'::regclass
                AND c.relkind IN ('r', 'S')
             UNION ALL
-            SELECT 'TYPE', t.oid::regtype::text
+            -- The standalone composite type (the decrement's result), not a relation's row or
+            -- array type.
+            SELECT 'TYPE', t.oid::regtype::text, d.classid, d.objid
               FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_type t ON t.oid = d.objid
+              JOIN pg_catalog.pg_class c ON c.oid = t.typrelid
              WHERE d.refobjid = ext AND d.deptype = 'e' AND d.classid = 'pg_catalog.pg_type'::regclass
+               AND c.relkind = 'c'
         LOOP
+            CONTINUE WHEN NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
+                                       WHERE d.refobjid = ext AND d.deptype = 'e'
+                                         AND d.classid = member.classid AND d.objid = member.objid);
             EXECUTE pg_catalog.format('ALTER EXTENSION pg_reaper DROP %s %s', member.kind, member.name);
         END LOOP;
         DROP EXTENSION pg_reaper;

@@ -97,20 +97,23 @@ fn installs_without_a_superuser_runs_twice_unchanged_and_ticks() {
         &mut c,
         "SELECT jsonb_agg(jsonb_build_array(id, attempt)) FROM outbox_claim(1, '1 minute')",
     );
-    let (id, attempt) = (
-        claimed[0][0].as_i64().unwrap(),
-        claimed[0][1].as_i64().unwrap(),
-    );
+    mark_and_resolve(&mut c, &claimed[0]);
+}
+
+/// The relay's steps for claim `[id, attempt]` of a stranded execution: the re-check under the
+/// row lock says `mark`, and the mark's outcome resolves the claim.
+fn mark_and_resolve(c: &mut Client, claim: &serde_json::Value) {
+    let (id, attempt) = (claim[0].as_i64().unwrap(), claim[1].as_i64().unwrap());
     assert_eq!(
         json(
-            &mut c,
+            c,
             &format!("SELECT to_jsonb(l.verdict) FROM recovery_lock({id}, {attempt}) l")
         ),
         json!("mark")
     );
     assert_eq!(
         json(
-            &mut c,
+            c,
             &format!("SELECT to_jsonb(outbox_resolve({id}, {attempt}, 'marked_error'))")
         ),
         json!(true)
@@ -237,21 +240,7 @@ fn switching_editions_both_ways_keeps_rows_and_intents() {
     assert_eq!(app_claims(2), json!(true), "the grant carried back");
 
     // The claim made before both switches still holds: its token fences as before.
-    let (id, attempt) = (claim[0].as_i64().unwrap(), claim[1].as_i64().unwrap());
-    assert_eq!(
-        json(
-            &mut c,
-            &format!("SELECT to_jsonb(l.verdict) FROM recovery_lock({id}, {attempt}) l")
-        ),
-        json!("mark")
-    );
-    assert_eq!(
-        json(
-            &mut c,
-            &format!("SELECT to_jsonb(outbox_resolve({id}, {attempt}, 'marked_error'))")
-        ),
-        json!(true)
-    );
+    mark_and_resolve(&mut c, &claim);
     assert_eq!(
         json(
             &mut c,
