@@ -225,21 +225,23 @@ $$;
 CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_tear_down(id text, if_stranded_after interval,
                                                           keep_markers boolean)
 RETURNS boolean
-LANGUAGE sql PARALLEL UNSAFE
+LANGUAGE plpgsql PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    WITH gone AS (
-        DELETE FROM @extschema@.pg_barrier_state b
-         WHERE b.execution_id = pg_reaper_tear_down.id
-           AND (if_stranded_after IS NULL
-                OR @extschema@.barrier_is_stranded(b.expires_at, b.last_progress_at,
-                                                   b.created_at, if_stranded_after))
-     RETURNING 1
-    ), markers AS (
-        DELETE FROM @extschema@.pg_batch_dedup d
-         WHERE d.execution_id = pg_reaper_tear_down.id AND NOT keep_markers AND EXISTS (SELECT FROM gone)
-    )
-    SELECT EXISTS (SELECT FROM gone)
+BEGIN
+    DELETE FROM @extschema@.pg_barrier_state b
+     WHERE b.execution_id = pg_reaper_tear_down.id
+       AND (pg_reaper_tear_down.if_stranded_after IS NULL
+            OR @extschema@.barrier_is_stranded(b.expires_at, b.last_progress_at,
+                                               b.created_at, pg_reaper_tear_down.if_stranded_after));
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    IF NOT pg_reaper_tear_down.keep_markers THEN
+        DELETE FROM @extschema@.pg_batch_dedup d WHERE d.execution_id = pg_reaper_tear_down.id;
+    END IF;
+    RETURN true;
+END
 $$;
 
 -- barrier_finish(execution_id): deletes the barrier and its markers once the callback was
@@ -248,11 +250,13 @@ $$;
 --   SELECT barrier_finish('exec-1');
 CREATE OR REPLACE FUNCTION @extschema@.barrier_finish(execution_id text)
 RETURNS boolean
-LANGUAGE sql SECURITY DEFINER PARALLEL UNSAFE
+LANGUAGE plpgsql SECURITY DEFINER PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT @extschema@.pg_reaper_tear_down(
-        @extschema@.pg_reaper_execution_id('barrier_finish', execution_id), NULL, false)
+BEGIN
+    RETURN @extschema@.pg_reaper_tear_down(
+        @extschema@.pg_reaper_execution_id('barrier_finish', barrier_finish.execution_id), NULL, false);
+END
 $$;
 
 -- barrier_abort(execution_id, preserve_dedup): tears the barrier down after a failed batch;

@@ -63,7 +63,7 @@ BEGIN
              AND NOT @extschema@.pg_reaper_recoverable(b.organization_id) THEN
             'Stranded, but it has no organization_id: the org-scoped status API cannot recover it; mark the execution yourself, then remove the barrier with barrier_abort().'
         WHEN state IN ('stranded_expired', 'stranded_no_progress') THEN
-            'Stranded and not queued yet: the worker queues it within one naptime, or run SELECT * FROM reap_expired().'
+            'Stranded and not queued yet: the next tick queues it (the worker''s, within a naptime; in the extension-free edition, its driver''s), or run SELECT * FROM reap_expired().'
         WHEN state = 'complete_awaiting_finish' THEN
             'Every batch is done: the caller that saw ''complete'' must fire the callback and call barrier_finish(); if it died, the barrier strands at stranded_at and is recovered then, or now with barrier_recover().'
         ELSE

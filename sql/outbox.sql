@@ -120,20 +120,24 @@ CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_give_back(id bigint, attempt in
                                                           backoff interval, max_attempts integer,
                                                           counted boolean)
 RETURNS text
-LANGUAGE sql PARALLEL UNSAFE
+LANGUAGE plpgsql PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    WITH given AS (
-        UPDATE @extschema@.pg_reaper_outbox o
-           SET state = CASE WHEN counted AND o.failures + 1 >= max_attempts THEN 'dead' ELSE 'pending' END,
-               failures = o.failures + CASE WHEN counted THEN 1 ELSE 0 END,
-               lease_expires_at = NULL, next_attempt_at = now() + backoff,
-               last_error = coalesce(error, ''), updated_at = now()
-         WHERE o.id = pg_reaper_give_back.id AND o.state = 'in_flight'
-           AND o.attempts = pg_reaper_give_back.attempt
-     RETURNING o.state
-    )
-    SELECT coalesce((SELECT state FROM given), 'lost')
+#variable_conflict use_column
+DECLARE
+    given text;
+BEGIN
+    UPDATE @extschema@.pg_reaper_outbox o
+       SET state = CASE WHEN pg_reaper_give_back.counted AND o.failures + 1 >= pg_reaper_give_back.max_attempts
+                        THEN 'dead' ELSE 'pending' END,
+           failures = o.failures + CASE WHEN pg_reaper_give_back.counted THEN 1 ELSE 0 END,
+           lease_expires_at = NULL, next_attempt_at = now() + pg_reaper_give_back.backoff,
+           last_error = coalesce(pg_reaper_give_back.error, ''), updated_at = now()
+     WHERE o.id = pg_reaper_give_back.id AND o.state = 'in_flight'
+       AND o.attempts = pg_reaper_give_back.attempt
+ RETURNING o.state INTO given;
+    RETURN coalesce(given, 'lost');
+END
 $$;
 
 -- outbox_fail(id, attempt, error, backoff, max_attempts): gives a claimed intent back after a
@@ -204,15 +208,19 @@ $$;
 CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_hold(id bigint, attempt integer, hold interval,
                                                      sending boolean)
 RETURNS TABLE (execution_id text, organization_id text, action text)
-LANGUAGE sql PARALLEL UNSAFE
+LANGUAGE plpgsql PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
     UPDATE @extschema@.pg_reaper_outbox o
-       SET lease_expires_at = greatest(o.lease_expires_at, now() + hold),
-           mark_sent_at = CASE WHEN sending THEN now() ELSE o.mark_sent_at END,
+       SET lease_expires_at = greatest(o.lease_expires_at, now() + pg_reaper_hold.hold),
+           mark_sent_at = CASE WHEN pg_reaper_hold.sending THEN now() ELSE o.mark_sent_at END,
            updated_at = now()
      WHERE o.id = pg_reaper_hold.id AND o.state = 'in_flight' AND o.attempts = pg_reaper_hold.attempt
- RETURNING o.execution_id, o.organization_id, o.action
+ RETURNING o.execution_id, o.organization_id, o.action;
+END
 $$;
 
 -- outbox_mark_sending(id, attempt, hold): records, and commits before the request leaves, that

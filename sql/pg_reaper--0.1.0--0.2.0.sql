@@ -45,8 +45,9 @@ ALTER FUNCTION @extschema@.outbox_resolve(bigint, text) RENAME TO outbox_resolve
 ALTER VIEW @extschema@.pg_reaper_status RENAME TO pg_reaper_status_0_1_0;
 ALTER FUNCTION @extschema@.reaper_status() RENAME TO reaper_status_0_1_0;
 
--- What only the library can do: the worker's columns of the status view, and the re-fire hook's
--- call as its owner (as pgrx declares them for a fresh install).
+-- What only the library can do: the worker's columns of the status view, the re-fire hook's
+-- call as its owner, the edition's name and the settings' GUCs (as pgrx declares them for a
+-- fresh install).
 CREATE FUNCTION @extschema@.pg_reaper_worker() RETURNS TABLE (
 	"leader_pid" INT,
 	"last_tick_at" timestamp with time zone,
@@ -80,8 +81,16 @@ IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'pg_reaper_edition_wrapper';
 
+CREATE FUNCTION @extschema@.pg_reaper_guc(
+	"name" TEXT
+) RETURNS TEXT
+STABLE STRICT PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'pg_reaper_guc_wrapper';
+
 -- Settings. Every setting has a name `pg_reaper.x`. Its value is, in this order: the GUC when it
--- is set anywhere (postgresql.conf, ALTER SYSTEM, ALTER DATABASE or ROLE, a session's SET);
+-- is set to something other than its default anywhere (postgresql.conf, ALTER SYSTEM, ALTER
+-- DATABASE or ROLE, a session's SET);
 -- otherwise the row of that name in pg_reaper_settings, which the owner of this schema can
 -- update where no GUC can be set (a managed service refuses `ALTER DATABASE … SET pg_reaper.x`
 -- to anyone but a superuser); otherwise the default. Durations are seconds, or an interval
@@ -105,24 +114,17 @@ BEGIN
 END
 $settings$;
 
--- The value of setting `name` (see above), as text. In the native edition the settings are the
--- library's GUCs: calling pg_reaper_edition() loads the library first, so that a value is read
--- only as Postgres checked it (a non-superuser's placeholder for a superuser-only setting is
--- discarded then). Without the library, a setting is a placeholder any session may SET.
+-- The value of setting `name` (see above), as text. pg_reaper_guc() gives the GUC's value, or
+-- NULL while it is at its default (the native library's function; in the extension-free edition,
+-- where a setting is a placeholder any session may SET, an SQL function in sql/portable.sql).
 CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_setting(name text)
 RETURNS text
 LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    value text;
+    value text := @extschema@.pg_reaper_guc(name);
 BEGIN
-    IF @extschema@.pg_reaper_edition() = 'native' THEN
-        SELECT s.setting || coalesce(s.unit, '') INTO value
-          FROM pg_settings s WHERE s.name = pg_reaper_setting.name AND s.source <> 'default';
-    ELSE
-        value := nullif(current_setting(name, true), '');
-    END IF;
     IF value IS NULL THEN
         SELECT t.value INTO value FROM @extschema@.pg_reaper_settings t WHERE t.name = pg_reaper_setting.name;
     END IF;
@@ -383,21 +385,23 @@ $$;
 CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_tear_down(id text, if_stranded_after interval,
                                                           keep_markers boolean)
 RETURNS boolean
-LANGUAGE sql PARALLEL UNSAFE
+LANGUAGE plpgsql PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    WITH gone AS (
-        DELETE FROM @extschema@.pg_barrier_state b
-         WHERE b.execution_id = pg_reaper_tear_down.id
-           AND (if_stranded_after IS NULL
-                OR @extschema@.barrier_is_stranded(b.expires_at, b.last_progress_at,
-                                                   b.created_at, if_stranded_after))
-     RETURNING 1
-    ), markers AS (
-        DELETE FROM @extschema@.pg_batch_dedup d
-         WHERE d.execution_id = pg_reaper_tear_down.id AND NOT keep_markers AND EXISTS (SELECT FROM gone)
-    )
-    SELECT EXISTS (SELECT FROM gone)
+BEGIN
+    DELETE FROM @extschema@.pg_barrier_state b
+     WHERE b.execution_id = pg_reaper_tear_down.id
+       AND (pg_reaper_tear_down.if_stranded_after IS NULL
+            OR @extschema@.barrier_is_stranded(b.expires_at, b.last_progress_at,
+                                               b.created_at, pg_reaper_tear_down.if_stranded_after));
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    IF NOT pg_reaper_tear_down.keep_markers THEN
+        DELETE FROM @extschema@.pg_batch_dedup d WHERE d.execution_id = pg_reaper_tear_down.id;
+    END IF;
+    RETURN true;
+END
 $$;
 
 -- barrier_finish(execution_id): deletes the barrier and its markers once the callback was
@@ -406,11 +410,13 @@ $$;
 --   SELECT barrier_finish('exec-1');
 CREATE OR REPLACE FUNCTION @extschema@.barrier_finish(execution_id text)
 RETURNS boolean
-LANGUAGE sql SECURITY DEFINER PARALLEL UNSAFE
+LANGUAGE plpgsql SECURITY DEFINER PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT @extschema@.pg_reaper_tear_down(
-        @extschema@.pg_reaper_execution_id('barrier_finish', execution_id), NULL, false)
+BEGIN
+    RETURN @extschema@.pg_reaper_tear_down(
+        @extschema@.pg_reaper_execution_id('barrier_finish', barrier_finish.execution_id), NULL, false);
+END
 $$;
 
 -- barrier_abort(execution_id, preserve_dedup): tears the barrier down after a failed batch;
@@ -577,20 +583,24 @@ CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_give_back(id bigint, attempt in
                                                           backoff interval, max_attempts integer,
                                                           counted boolean)
 RETURNS text
-LANGUAGE sql PARALLEL UNSAFE
+LANGUAGE plpgsql PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    WITH given AS (
-        UPDATE @extschema@.pg_reaper_outbox o
-           SET state = CASE WHEN counted AND o.failures + 1 >= max_attempts THEN 'dead' ELSE 'pending' END,
-               failures = o.failures + CASE WHEN counted THEN 1 ELSE 0 END,
-               lease_expires_at = NULL, next_attempt_at = now() + backoff,
-               last_error = coalesce(error, ''), updated_at = now()
-         WHERE o.id = pg_reaper_give_back.id AND o.state = 'in_flight'
-           AND o.attempts = pg_reaper_give_back.attempt
-     RETURNING o.state
-    )
-    SELECT coalesce((SELECT state FROM given), 'lost')
+#variable_conflict use_column
+DECLARE
+    given text;
+BEGIN
+    UPDATE @extschema@.pg_reaper_outbox o
+       SET state = CASE WHEN pg_reaper_give_back.counted AND o.failures + 1 >= pg_reaper_give_back.max_attempts
+                        THEN 'dead' ELSE 'pending' END,
+           failures = o.failures + CASE WHEN pg_reaper_give_back.counted THEN 1 ELSE 0 END,
+           lease_expires_at = NULL, next_attempt_at = now() + pg_reaper_give_back.backoff,
+           last_error = coalesce(pg_reaper_give_back.error, ''), updated_at = now()
+     WHERE o.id = pg_reaper_give_back.id AND o.state = 'in_flight'
+       AND o.attempts = pg_reaper_give_back.attempt
+ RETURNING o.state INTO given;
+    RETURN coalesce(given, 'lost');
+END
 $$;
 
 -- outbox_fail(id, attempt, error, backoff, max_attempts): gives a claimed intent back after a
@@ -661,15 +671,19 @@ $$;
 CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_hold(id bigint, attempt integer, hold interval,
                                                      sending boolean)
 RETURNS TABLE (execution_id text, organization_id text, action text)
-LANGUAGE sql PARALLEL UNSAFE
+LANGUAGE plpgsql PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
     UPDATE @extschema@.pg_reaper_outbox o
-       SET lease_expires_at = greatest(o.lease_expires_at, now() + hold),
-           mark_sent_at = CASE WHEN sending THEN now() ELSE o.mark_sent_at END,
+       SET lease_expires_at = greatest(o.lease_expires_at, now() + pg_reaper_hold.hold),
+           mark_sent_at = CASE WHEN pg_reaper_hold.sending THEN now() ELSE o.mark_sent_at END,
            updated_at = now()
      WHERE o.id = pg_reaper_hold.id AND o.state = 'in_flight' AND o.attempts = pg_reaper_hold.attempt
- RETURNING o.execution_id, o.organization_id, o.action
+ RETURNING o.execution_id, o.organization_id, o.action;
+END
 $$;
 
 -- outbox_mark_sending(id, attempt, hold): records, and commits before the request leaves, that
@@ -784,11 +798,11 @@ $$;
 -- unique index on live intents makes each INSERT a compare-and-set, and a loser's row simply
 -- counts as already queued.
 
--- The stuck timeout in force (pg_reaper.stuck_timeout).
+-- The stuck timeout in force (pg_reaper.stuck_timeout). Without a SET clause the planner inlines
+-- it into the caller (its one name is schema-qualified).
 CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_stuck_timeout()
 RETURNS interval
 LANGUAGE sql STABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
 AS $$ SELECT @extschema@.pg_reaper_duration('pg_reaper.stuck_timeout') $$;
 
 -- reap_expired(max_rows, dry_run): queues one recovery intent per stranded barrier that has an
@@ -1215,7 +1229,7 @@ BEGIN
              AND NOT @extschema@.pg_reaper_recoverable(b.organization_id) THEN
             'Stranded, but it has no organization_id: the org-scoped status API cannot recover it; mark the execution yourself, then remove the barrier with barrier_abort().'
         WHEN state IN ('stranded_expired', 'stranded_no_progress') THEN
-            'Stranded and not queued yet: the worker queues it within one naptime, or run SELECT * FROM reap_expired().'
+            'Stranded and not queued yet: the next tick queues it (the worker''s, within a naptime; in the extension-free edition, its driver''s), or run SELECT * FROM reap_expired().'
         WHEN state = 'complete_awaiting_finish' THEN
             'Every batch is done: the caller that saw ''complete'' must fire the callback and call barrier_finish(); if it died, the barrier strands at stranded_at and is recovered then, or now with barrier_recover().'
         ELSE

@@ -131,6 +131,13 @@ BEGIN
 END
 $$;
 
+-- A setting's GUC, where a session or the server set one (here a placeholder: there is no
+-- library to define it); the native library has a function of this name in its place.
+CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_guc(name text)
+RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE
+AS $$ SELECT NULLIF(pg_catalog.current_setting($1, true), '') $$;
+
 -- Which edition this is; the native library answers 'native'.
 CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_edition()
 RETURNS text

@@ -4,11 +4,11 @@
 -- unique index on live intents makes each INSERT a compare-and-set, and a loser's row simply
 -- counts as already queued.
 
--- The stuck timeout in force (pg_reaper.stuck_timeout).
+-- The stuck timeout in force (pg_reaper.stuck_timeout). Without a SET clause the planner inlines
+-- it into the caller (its one name is schema-qualified).
 CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_stuck_timeout()
 RETURNS interval
 LANGUAGE sql STABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
 AS $$ SELECT @extschema@.pg_reaper_duration('pg_reaper.stuck_timeout') $$;
 
 -- reap_expired(max_rows, dry_run): queues one recovery intent per stranded barrier that has an

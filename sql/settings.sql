@@ -1,5 +1,6 @@
 -- Settings. Every setting has a name `pg_reaper.x`. Its value is, in this order: the GUC when it
--- is set anywhere (postgresql.conf, ALTER SYSTEM, ALTER DATABASE or ROLE, a session's SET);
+-- is set to something other than its default anywhere (postgresql.conf, ALTER SYSTEM, ALTER
+-- DATABASE or ROLE, a session's SET);
 -- otherwise the row of that name in pg_reaper_settings, which the owner of this schema can
 -- update where no GUC can be set (a managed service refuses `ALTER DATABASE … SET pg_reaper.x`
 -- to anyone but a superuser); otherwise the default. Durations are seconds, or an interval
@@ -23,24 +24,17 @@ BEGIN
 END
 $settings$;
 
--- The value of setting `name` (see above), as text. In the native edition the settings are the
--- library's GUCs: calling pg_reaper_edition() loads the library first, so that a value is read
--- only as Postgres checked it (a non-superuser's placeholder for a superuser-only setting is
--- discarded then). Without the library, a setting is a placeholder any session may SET.
+-- The value of setting `name` (see above), as text. pg_reaper_guc() gives the GUC's value, or
+-- NULL while it is at its default (the native library's function; in the extension-free edition,
+-- where a setting is a placeholder any session may SET, an SQL function in sql/portable.sql).
 CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_setting(name text)
 RETURNS text
 LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    value text;
+    value text := @extschema@.pg_reaper_guc(name);
 BEGIN
-    IF @extschema@.pg_reaper_edition() = 'native' THEN
-        SELECT s.setting || coalesce(s.unit, '') INTO value
-          FROM pg_settings s WHERE s.name = pg_reaper_setting.name AND s.source <> 'default';
-    ELSE
-        value := nullif(current_setting(name, true), '');
-    END IF;
     IF value IS NULL THEN
         SELECT t.value INTO value FROM @extschema@.pg_reaper_settings t WHERE t.name = pg_reaper_setting.name;
     END IF;

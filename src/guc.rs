@@ -12,13 +12,16 @@ pub static DATABASE: GucSetting<Option<CString>> =
 /// Seconds between two worker ticks.
 pub static NAPTIME: GucSetting<f64> = GucSetting::<f64>::new(5.0);
 /// Seconds without a decrement after which a barrier counts as stranded.
-pub static STUCK_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(9000);
+pub static STUCK_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(STUCK_TIMEOUT_DEFAULT);
+const STUCK_TIMEOUT_DEFAULT: i32 = 9000;
 /// Most barriers one worker tick turns into intents.
-pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(BATCH_SIZE_DEFAULT);
+const BATCH_SIZE_DEFAULT: i32 = 1000;
 /// Seconds an orphaned dedup marker is kept.
-pub static DEDUP_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(86400);
+pub static DEDUP_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(RETENTION_DEFAULT);
 /// Seconds a `done` intent is kept (its outcome is the audit trail) before the worker deletes it.
-pub static OUTBOX_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(86400);
+pub static OUTBOX_RETENTION: GucSetting<i32> = GucSetting::<i32>::new(RETENTION_DEFAULT);
+const RETENTION_DEFAULT: i32 = 86400;
 /// Seconds the worker stands by while a session that is not a pg_reaper worker holds the
 /// leader lock, before it reaps without the lock.
 pub static LEADER_GRACE: GucSetting<i32> = GucSetting::<i32>::new(30);
@@ -129,4 +132,30 @@ pub fn init() {
     unsafe {
         pg_sys::EmitWarningsOnPlaceholders(c"pg_reaper".as_ptr())
     };
+}
+
+/// The value of setting `name` as the SQL functions read it (`pg_reaper_setting` in
+/// sql/settings.sql): NULL while the GUC is at its default, so that the `pg_reaper_settings`
+/// table (then the default) decides; durations in seconds. Reading the library's own variables
+/// costs nothing, where the `pg_settings` view builds a row for every GUC of the server on each
+/// read (a recovery reads settings several times). Calling it loads this library, so that a
+/// value is read only as Postgres checked it. The extension-free edition has an SQL function of
+/// the same name in its place.
+#[pg_extern(stable, parallel_safe)]
+fn pg_reaper_guc(name: &str) -> Option<String> {
+    let int = |setting: &GucSetting<i32>, default: i32| {
+        let value = setting.get();
+        (value != default).then(|| value.to_string())
+    };
+    match name {
+        "pg_reaper.stuck_timeout" => int(&STUCK_TIMEOUT, STUCK_TIMEOUT_DEFAULT),
+        "pg_reaper.batch_size" => int(&BATCH_SIZE, BATCH_SIZE_DEFAULT),
+        "pg_reaper.dedup_retention" => int(&DEDUP_RETENTION, RETENTION_DEFAULT),
+        "pg_reaper.outbox_retention" => int(&OUTBOX_RETENTION, RETENTION_DEFAULT),
+        "pg_reaper.refire_function" => REFIRE_FUNCTION
+            .get()
+            .map(|f| f.to_string_lossy().into_owned())
+            .filter(|f| !f.is_empty()),
+        other => error!("pg_reaper_guc: {other:?} is not a setting the SQL functions read"),
+    }
 }

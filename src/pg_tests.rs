@@ -462,6 +462,39 @@ mod tests {
         assert_eq!(count("SELECT count(*) FROM pg_batch_dedup"), 1);
     }
 
+    // ---- settings ------------------------------------------------------------------------
+
+    /// A setting is its GUC where that is set to something other than its default, else the
+    /// pg_reaper_settings row, else the default (read from the library's variables, not from
+    /// the pg_settings view).
+    #[pg_test]
+    fn a_setting_is_its_guc_else_the_table_else_the_default() {
+        let setting = |name: &str| one::<String>(&format!("SELECT pg_reaper_setting('{name}')"));
+        assert_eq!(setting("pg_reaper.stuck_timeout").as_deref(), Some("9000"));
+        assert_eq!(setting("pg_reaper.refire_function").as_deref(), Some(""));
+        run("INSERT INTO pg_reaper_settings VALUES ('pg_reaper.stuck_timeout', '600'),
+                                                   ('pg_reaper.refire_function', 'public.from_table')");
+        assert_eq!(setting("pg_reaper.stuck_timeout").as_deref(), Some("600"));
+        assert_eq!(
+            one::<pgrx::datum::Interval>("SELECT pg_reaper_stuck_timeout()").map(|i| i.micros()),
+            Some(600_000_000)
+        );
+        assert_eq!(
+            setting("pg_reaper.refire_function").as_deref(),
+            Some("public.from_table")
+        );
+        run("SET LOCAL pg_reaper.refire_function = 'public.from_guc'");
+        assert_eq!(
+            setting("pg_reaper.refire_function").as_deref(),
+            Some("public.from_guc")
+        );
+        assert_eq!(
+            one::<String>("SELECT pg_reaper_guc('pg_reaper.batch_size')"),
+            None,
+            "at its default"
+        );
+    }
+
     // ---- stranded predicate and reap_expired -------------------------------------------
 
     /// A barrier whose deadline passed (`expired`), or whose progress is older than the default

@@ -44,8 +44,9 @@ ALTER FUNCTION @extschema@.outbox_resolve(bigint, text) RENAME TO outbox_resolve
 ALTER VIEW @extschema@.pg_reaper_status RENAME TO pg_reaper_status_0_1_0;
 ALTER FUNCTION @extschema@.reaper_status() RENAME TO reaper_status_0_1_0;
 
--- What only the library can do: the worker's columns of the status view, and the re-fire hook's
--- call as its owner (as pgrx declares them for a fresh install).
+-- What only the library can do: the worker's columns of the status view, the re-fire hook's
+-- call as its owner, the edition's name and the settings' GUCs (as pgrx declares them for a
+-- fresh install).
 CREATE FUNCTION @extschema@.pg_reaper_worker() RETURNS TABLE (
 	"leader_pid" INT,
 	"last_tick_at" timestamp with time zone,
@@ -78,6 +79,13 @@ CREATE FUNCTION @extschema@.pg_reaper_edition() RETURNS TEXT
 IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'pg_reaper_edition_wrapper';
+
+CREATE FUNCTION @extschema@.pg_reaper_guc(
+	"name" TEXT
+) RETURNS TEXT
+STABLE STRICT PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'pg_reaper_guc_wrapper';
 
 -- @functions: every function, as a fresh install creates it (sql/*.sql, in src/lib.rs's order)
 
