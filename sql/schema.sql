@@ -37,6 +37,8 @@ DECLARE
     -- Inside CREATE EXTENSION this runs first: the extension has no member yet.
     creating boolean;
     edition_owner oid;
+    -- pg_reaper's functions in this schema (its names, as in finalize.sql).
+    functions regprocedure[];
     member record;
     f regprocedure;
 BEGIN
@@ -57,15 +59,18 @@ BEGIN
             ext_owner::regrole
             USING ERRCODE = 'insufficient_privilege';
     END IF;
+    SELECT pg_catalog.array_agg(p.oid::regprocedure) INTO functions
+      FROM pg_catalog.pg_proc p
+     WHERE p.pronamespace = '@extschema@'::regnamespace
+       AND (p.proname LIKE 'pg\_reaper\_%' OR p.proname LIKE 'barrier\_%'
+            OR p.proname LIKE 'outbox\_%'
+            OR p.proname IN ('reap_expired', 'recovery_lock', 'reaper_status'));
     PERFORM pg_catalog.set_config('pg_reaper_switch.grants', coalesce((
         SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_array(g.privilege, g.object, g.grantee))
           FROM (SELECT 'EXECUTE' AS privilege, 'FUNCTION ' OPERATOR(pg_catalog.||) p.oid::regprocedure::text AS object,
                        a.grantee::regrole::text AS grantee
                   FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
-                 WHERE p.pronamespace = '@extschema@'::regnamespace
-                   AND (p.proname LIKE 'pg\_reaper\_%' OR p.proname LIKE 'barrier\_%'
-                        OR p.proname LIKE 'outbox\_%'
-                        OR p.proname IN ('reap_expired', 'recovery_lock', 'reaper_status'))
+                 WHERE p.oid = ANY (functions::oid[])
                    AND a.privilege_type = 'EXECUTE' AND a.grantee <> 0
                 UNION ALL
                 SELECT 'SELECT', 'TABLE ' OPERATOR(pg_catalog.||) c.oid::regclass::text, a.grantee::regrole::text
@@ -77,10 +82,7 @@ BEGIN
         DROP VIEW IF EXISTS @extschema@.pg_reaper_status;
         FOR f IN
             SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
-             WHERE p.pronamespace = '@extschema@'::regnamespace AND p.proowner = edition_owner
-               AND (p.proname LIKE 'pg\_reaper\_%' OR p.proname LIKE 'barrier\_%'
-                    OR p.proname LIKE 'outbox\_%'
-                    OR p.proname IN ('reap_expired', 'recovery_lock', 'reaper_status'))
+             WHERE p.oid = ANY (functions::oid[]) AND p.proowner = edition_owner
         LOOP
             EXECUTE pg_catalog.format('DROP FUNCTION %s', f);
         END LOOP;
