@@ -136,6 +136,7 @@ BEGIN
         remaining = excluded.remaining,
         results = '[]',
         callback = excluded.callback,
+        refired_at = NULL,
         created_at = excluded.created_at,
         expires_at = excluded.expires_at,
         last_progress_at = excluded.last_progress_at

@@ -26,7 +26,7 @@ DECLARE
 BEGIN
     SELECT s.organization_id, s.remaining, s.created_at, s.expires_at, s.last_progress_at,
            least(s.expires_at, s.last_progress_at + stuck) AS stranded_at,
-           s.callback IS NOT NULL AS has_callback,
+           s.callback IS NOT NULL AS has_callback, s.refired_at,
            @extschema@.barrier_is_stranded(s.expires_at, s.last_progress_at, s.created_at, stuck) AS stranded,
            s.expires_at < now() AS expired
       INTO b
@@ -35,6 +35,7 @@ BEGIN
                   WHEN b.remaining < 0 THEN 'torn_down'
                   WHEN b.stranded AND b.expired THEN 'stranded_expired'
                   WHEN b.stranded THEN 'stranded_no_progress'
+                  WHEN b.refired_at IS NOT NULL THEN 'refired'
                   WHEN b.remaining = 0 THEN 'complete_awaiting_finish'
                   ELSE 'live' END;
     SELECT count(*) INTO markers FROM @extschema@.pg_batch_dedup d WHERE d.execution_id = eid;
@@ -64,6 +65,8 @@ BEGIN
             'Stranded, but it has no organization_id: the org-scoped status API cannot recover it; mark the execution yourself, then remove the barrier with barrier_abort().'
         WHEN state IN ('stranded_expired', 'stranded_no_progress') THEN
             'Stranded and not queued yet: the next tick queues it (the worker''s, within a naptime; in the extension-free edition, its driver''s), or run SELECT * FROM reap_expired().'
+        WHEN state = 'refired' THEN
+            'Its callback was re-fired at refired_at; the barrier stays as the execution''s handle. At stranded_at a relay reads its status: terminal removes the barrier, anything else is marked ERROR (a callback is never re-fired twice).'
         WHEN state = 'complete_awaiting_finish' THEN
             'Every batch is done: the caller that saw ''complete'' must fire the callback and call barrier_finish(); if it died, the barrier strands at stranded_at and is recovered then, or now with barrier_recover().'
         ELSE
@@ -74,7 +77,7 @@ BEGIN
         'organization_id', b.organization_id, 'remaining', b.remaining,
         'created_at', b.created_at, 'expires_at', b.expires_at,
         'last_progress_at', b.last_progress_at, 'stranded_at', b.stranded_at,
-        'has_callback', b.has_callback,
+        'has_callback', b.has_callback, 'refired_at', b.refired_at,
         'markers', markers, 'intents', intents, 'advice', advice);
 END
 $$;

@@ -5,9 +5,16 @@
 -- UPDATE and re-checks the stranded predicate. The relay keeps that transaction open across its
 -- HTTP mark and commits it with outbox_resolve, so a re-enqueue or a decrement can never slip
 -- between the check and the mark, and a second relay blocks on the same row instead of marking
--- twice. outbox_resolve records the outcome and, for every outcome that confirms the recovery,
--- deletes the barrier (guarded by the same predicate) and its markers: the handle is never
--- deleted before that.
+-- twice. outbox_resolve records the outcome and, for every outcome that confirms the recovery
+-- (a terminal status or an applied mark), deletes the barrier (guarded by the same predicate)
+-- and its markers: the handle is never deleted before that.
+--
+-- A re-fire does not confirm anything yet: the callback is only queued. The barrier stays,
+-- stamped refired_at, with its deadline and progress moved to now and now + the stuck timeout,
+-- so the execution keeps a handle (the platform's own sweep of claims without a barrier leaves
+-- it alone) and nothing reaps it while the callback runs. Once that time has passed it strands
+-- again: a terminal status removes it, anything else is marked ERROR, never re-fired twice.
+-- (A callback that finishes with barrier_finish removes it at once, as without a re-fire.)
 
 -- The configured re-fire hook (pg_reaper.refire_function), a function
 -- f(execution_id text, organization_id text, callback jsonb, results jsonb); NULL when the
@@ -40,7 +47,7 @@ $$;
 
 -- recovery_lock(id, attempt, lease): renews the claim, locks the barrier and decides: `lost`
 -- (the claim is no longer the caller's), `rearmed` (no barrier, or not stranded any more),
--- `refire` (every batch done, a callback and a hook) or `mark`. Call it in the transaction that
+-- `refire` (every batch done, a callback, a hook, not re-fired before) or `mark`. Call it in the transaction that
 -- will run outbox_resolve: the row lock is held until then.
 --
 --   BEGIN; SELECT * FROM recovery_lock(42, 3, '60 seconds'); … COMMIT;
@@ -64,6 +71,7 @@ BEGIN
     END IF;
     -- An operator's intent (barrier_recover) skips the stranded check.
     SELECT s.remaining AS left_, s.callback IS NOT NULL AS has_callback,
+           s.refired_at IS NOT NULL AS refired,
            @extschema@.barrier_is_stranded(s.expires_at, s.last_progress_at, s.created_at,
                                            @extschema@.pg_reaper_stuck_timeout())
            OR intent.action IS NOT NULL AS stranded
@@ -85,7 +93,7 @@ BEGIN
         RETURN QUERY SELECT 'mark', b.left_;
     ELSIF NOT b.stranded THEN
         RETURN QUERY SELECT 'rearmed', b.left_;
-    ELSIF b.left_ = 0 AND b.has_callback AND @extschema@.pg_reaper_hook() IS NOT NULL THEN
+    ELSIF b.left_ = 0 AND b.has_callback AND NOT b.refired AND @extschema@.pg_reaper_hook() IS NOT NULL THEN
         RETURN QUERY SELECT 'refire', b.left_;
     ELSE
         RETURN QUERY SELECT 'mark', b.left_;
@@ -94,10 +102,11 @@ END
 $$;
 
 -- outbox_resolve(id, attempt, outcome): records the outcome of the caller's claimed intent and,
--- for every outcome but `rearmed`, deletes the barrier (a reaped strand's only while it is still
--- stranded; an operator's always) and its markers. `refired` first calls the re-fire hook with
--- the barrier's callback and results, in this transaction: if the hook raises, nothing is
--- recorded or deleted. Without the current claim nothing happens and the result is false.
+-- for `marked_error`, `already_terminal` and `gone`, deletes the barrier (a reaped strand's
+-- only while it is still stranded; an operator's always) and its markers. `refired` calls the
+-- re-fire hook with the barrier's callback and results, in this transaction (if the hook
+-- raises, nothing is recorded or changed), and keeps the barrier, stamped refired_at (see
+-- above). Without the current claim nothing happens and the result is false.
 --
 --   SELECT outbox_resolve(42, 3, 'marked_error');
 CREATE OR REPLACE FUNCTION @extschema@.outbox_resolve(id bigint, attempt integer, outcome text)
@@ -130,24 +139,29 @@ BEGIN
         IF hook IS NULL THEN
             RAISE EXCEPTION '%: cannot re-fire: pg_reaper.refire_function is empty', f;
         END IF;
-        -- A reaped re-fire needs every batch done and the barrier still stranded; an
-        -- operator's only the callback.
+        -- A reaped re-fire needs every batch done, the barrier still stranded and not re-fired
+        -- before; an operator's only the callback.
         SELECT s.callback, s.results INTO input
           FROM @extschema@.pg_barrier_state s
          WHERE s.execution_id = intent.execution_id AND s.callback IS NOT NULL
-           AND ((s.remaining = 0
+           AND ((s.remaining = 0 AND s.refired_at IS NULL
                  AND @extschema@.barrier_is_stranded(s.expires_at, s.last_progress_at, s.created_at,
                                                      @extschema@.pg_reaper_stuck_timeout()))
                 OR intent.action IS NOT NULL)
            FOR UPDATE;
         IF NOT FOUND THEN
-            RAISE EXCEPTION '%: cannot re-fire execution %: its barrier is gone, not stranded, not at remaining 0 or has no callback',
+            RAISE EXCEPTION '%: cannot re-fire execution %: its barrier is gone, not stranded, not at remaining 0, has no callback or was re-fired before',
                 f, intent.execution_id;
         END IF;
+        -- Stamped first, so that a hook whose callback may run longer than the stuck timeout
+        -- can move expires_at and last_progress_at later itself.
+        UPDATE @extschema@.pg_barrier_state s
+           SET refired_at = now(), last_progress_at = now(),
+               expires_at = greatest(s.expires_at, now() + @extschema@.pg_reaper_stuck_timeout())
+         WHERE s.execution_id = intent.execution_id;
         PERFORM @extschema@.pg_reaper_run_hook(hook, intent.execution_id, intent.organization_id,
                                                input.callback, input.results);
-    END IF;
-    IF outcome <> 'rearmed' THEN
+    ELSIF outcome <> 'rearmed' THEN
         PERFORM @extschema@.pg_reaper_tear_down(
             intent.execution_id,
             CASE WHEN intent.action IS NULL THEN @extschema@.pg_reaper_stuck_timeout() END,

@@ -5,8 +5,8 @@
 -- reference platform's own migration creates pg_barrier_state and pg_batch_dedup (without
 -- defaults, callback column or created_at index, and with a surrogate id on the dedup table)
 -- and its workers keep using them with their own SQL. An adopted table keeps its rows and its
--- definition; pg_reaper adds only what its functions and its hot path need (the callback
--- column, the two indexes reaping and the marker sweep use, fillfactor 70) and does not make it
+-- definition; pg_reaper adds only what its functions and its hot path need (the callback and
+-- refired_at columns, the two indexes reaping and the marker sweep use, fillfactor 70) and does not make it
 -- a member of the extension, so DROP EXTENSION leaves it and its rows alone. A same-named
 -- table that cannot be adopted fails CREATE EXTENSION before anything was changed.
 --
@@ -130,6 +130,7 @@ DECLARE
         ['pg_barrier_state', 'expires_at', 'timestamp with time zone'],
         ['pg_barrier_state', 'last_progress_at', 'timestamp with time zone'],
         ['pg_barrier_state', 'callback', 'jsonb'],
+        ['pg_barrier_state', 'refired_at', 'timestamp with time zone'],
         ['pg_batch_dedup', 'execution_id', 'text'],
         ['pg_batch_dedup', 'batch_index', 'integer'],
         ['pg_batch_dedup', 'created_at', 'timestamp with time zone']];
@@ -165,7 +166,7 @@ BEGIN
             SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) INTO found_type
               FROM pg_catalog.pg_attribute a
              WHERE a.attrelid = rel AND a.attname = needed[i][2] AND NOT a.attisdropped;
-            IF found_type IS NULL AND needed[i][2] <> 'callback' THEN
+            IF found_type IS NULL AND needed[i][2] NOT IN ('callback', 'refired_at') THEN
                 RAISE EXCEPTION 'pg_reaper cannot adopt %: it has no column "%" (%)', qualified, needed[i][2], needed[i][3]
                     USING ERRCODE = 'undefined_column';
             ELSIF found_type IS DISTINCT FROM needed[i][3] AND found_type IS NOT NULL THEN
@@ -206,11 +207,13 @@ BEGIN
     -- One row per fan-in barrier. `remaining` has no >= 0 check on purpose: a negative value
     -- is the "already torn down" signal that barrier_decrement turns into a delete.
     IF barrier_adopted THEN
-        IF NOT EXISTS (SELECT FROM pg_catalog.pg_attribute a
-                        WHERE a.attrelid = '@extschema@.pg_barrier_state'::regclass
-                          AND a.attname = 'callback' AND NOT a.attisdropped) THEN
-            ALTER TABLE @extschema@.pg_barrier_state ADD COLUMN callback jsonb;
-        END IF;
+        -- The columns pg_reaper adds, nullable: the platform's own SQL never writes them.
+        FOR col IN SELECT * FROM (VALUES ('callback', 'jsonb'), ('refired_at', 'timestamptz')) AS c(name, type)
+                    WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_attribute a
+                                       WHERE a.attrelid = '@extschema@.pg_barrier_state'::regclass
+                                         AND a.attname = c.name AND NOT a.attisdropped) LOOP
+            EXECUTE pg_catalog.format('ALTER TABLE @extschema@.pg_barrier_state ADD COLUMN %I %s', col.name, col.type);
+        END LOOP;
         -- Pages written from now on keep room for HOT updates; existing pages fill as they are.
         IF NOT EXISTS (SELECT FROM pg_catalog.pg_class c, pg_catalog.unnest(c.reloptions) o
                         WHERE c.oid = '@extschema@.pg_barrier_state'::regclass AND o LIKE 'fillfactor=%') THEN
@@ -226,6 +229,10 @@ BEGIN
             created_at       timestamptz NOT NULL DEFAULT now(),
             expires_at       timestamptz NOT NULL,
             last_progress_at timestamptz NOT NULL DEFAULT now(),
+            -- When the relay re-fired the callback: the row stays as the execution's handle
+            -- until a status read finds it terminal, and is never re-fired again. (Last, as
+            -- an upgrade adds it.)
+            refired_at       timestamptz,
             CONSTRAINT pg_barrier_execution_id_not_empty CHECK (execution_id <> ''),
             CONSTRAINT pg_barrier_expires_after_created CHECK (expires_at > created_at),
             CONSTRAINT pg_barrier_results_is_array CHECK (jsonb_typeof(results) = 'array')

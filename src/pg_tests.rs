@@ -105,7 +105,7 @@ mod tests {
         assert_eq!(
             row,
             json!({"execution_id": "e1", "organization_id": "org-1", "remaining": 3,
-                   "results": [], "callback": {"task": "cb"}})
+                   "results": [], "callback": {"task": "cb"}, "refired_at": null})
         );
         assert_eq!(expires, one("SELECT expires_at FROM pg_barrier_state"));
         assert_eq!(
@@ -137,7 +137,8 @@ mod tests {
         run("SELECT barrier_decrement('e1', '{\"f\": 1}')");
         run(
             "UPDATE pg_barrier_state SET created_at = created_at - interval '1 day', \
-             last_progress_at = last_progress_at - interval '1 day' WHERE execution_id = 'e1'",
+             last_progress_at = last_progress_at - interval '1 day', refired_at = now() \
+             WHERE execution_id = 'e1'",
         );
         run("SELECT barrier_enqueue('e1', 'new-org', 2, '2 hours', '{\"v\": 2}')");
         let row = json(
@@ -147,7 +148,7 @@ mod tests {
         assert_eq!(
             row,
             json!({"execution_id": "e1", "organization_id": "new-org", "remaining": 2,
-                   "results": [], "callback": {"v": 2}})
+                   "results": [], "callback": {"v": 2}, "refired_at": null})
         );
         assert_eq!(
             one::<bool>(
@@ -1067,10 +1068,36 @@ mod tests {
             json("SELECT args FROM refired"),
             json!(["zero", "org", {"task": "agg"}, [{"r": 1}]])
         );
-        assert_eq!(count("SELECT count(*) FROM pg_barrier_state"), 0);
         assert_eq!(
             json("SELECT jsonb_build_array(state, outcome) FROM pg_reaper_outbox"),
             json!(["done", "refired"])
+        );
+        // The barrier stays as the execution's handle, stamped and not stranded until the
+        // stuck timeout has passed again.
+        assert_eq!(
+            json(
+                "SELECT jsonb_build_array(refired_at = now(), last_progress_at = now(),                  expires_at >= now() + pg_reaper_stuck_timeout(),                  barrier_explain('zero')->>'state') FROM pg_barrier_state"
+            ),
+            json!([true, true, true, "refired"])
+        );
+        assert_eq!(
+            reap(""),
+            (0, 0, 0, 0),
+            "nothing to reap while the callback runs"
+        );
+        // Stranded again (the re-fired callback never finished): marked, never re-fired twice.
+        run(
+            "UPDATE pg_barrier_state SET last_progress_at = now() - interval '1 day',              expires_at = now() - interval '1 second'",
+        );
+        reap("");
+        let (id, attempt) = claim_one();
+        assert_eq!(verdict(id, attempt), ("mark".into(), Some(0)));
+        assert_eq!(count("SELECT count(*) FROM refired"), 1);
+        // A re-arm of the same execution starts afresh.
+        run("SELECT barrier_enqueue('zero', 'org', 1, '1 hour', '{}')");
+        assert_eq!(
+            count("SELECT count(*) FROM pg_barrier_state WHERE refired_at IS NULL"),
+            1
         );
     }
 

@@ -129,11 +129,12 @@ fn adoption_keeps_the_platforms_rows_and_both_dialects_share_every_execution() {
 
     adopt(&mut c);
 
-    // Rows kept (the barrier gained a NULL callback), nothing the platform owns became the
-    // extension's, and the pieces the functions rely on are there.
+    // Rows kept (the barrier gained a NULL callback and refired_at), nothing the platform owns
+    // became the extension's, and the pieces the functions rely on are there.
     let mut expected = barriers_before.clone();
     for b in expected.as_array_mut().expect("rows") {
         b["callback"] = Value::Null;
+        b["refired_at"] = Value::Null;
     }
     assert_eq!(rows(&mut c, "pg_barrier_state"), expected);
     assert_eq!(rows(&mut c, "pg_batch_dedup"), markers_before);
@@ -334,6 +335,122 @@ fn the_worker_and_relay_recover_what_the_platforms_workers_stranded() {
         json!(["healthy"])
     );
     relay.terminate();
+}
+
+// The platform's orphan-claim predicate (workers/queue_backend/pg_queue/reaper.py,
+// `_orphan_claim_where`), verbatim but for the parameter style: its sweep marks a non-terminal
+// execution ERROR when its orchestration claim is older than the stuck timeout and it has no
+// barrier row.
+const PLATFORM_ORPHAN_CLAIMS: &str = "
+    SELECT coalesce(jsonb_agg(c.execution_id ORDER BY c.execution_id), '[]')
+      FROM unstract.pg_orchestration_claim AS c
+     WHERE c.claimed_at < now() - make_interval(secs => $1)
+       AND NOT EXISTS (SELECT 1 FROM unstract.pg_barrier_state b
+                        WHERE b.execution_id = c.execution_id)";
+
+fn platform_orphans(c: &mut Client) -> Value {
+    c.query_one(PLATFORM_ORPHAN_CLAIMS, &[&9000f64])
+        .expect("the platform's orphan predicate")
+        .get(0)
+}
+
+/// A re-fired execution keeps its barrier as the handle the platform's orphan-claim sweep looks
+/// for, so the sweep leaves it alone while the re-fired callback runs; a status read after the
+/// stuck timeout finds it terminal and removes the barrier, and nothing is ever marked.
+#[test]
+fn a_refired_execution_is_left_alone_by_the_platforms_orphan_claim_sweep() {
+    let env = Env::adopting("adoptrefire");
+    let mut c = env.db();
+    c.batch_execute(
+        "CREATE TABLE public.refired (execution_id text, callback jsonb, results jsonb);
+         CREATE FUNCTION public.refire(e text, o text, cb jsonb, r jsonb) RETURNS void
+         LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+         AS $$ INSERT INTO public.refired VALUES (e, cb, r) $$;
+         INSERT INTO unstract.pg_orchestration_claim (execution_id, claimed_at, organization_id)
+         VALUES ('lost-callback', now() - interval '3 hours', 'org-a'),
+                ('never-armed', now() - interval '3 hours', 'org-a');",
+    )
+    .expect("the hook and the platform's orchestration claims");
+    env.alter_database("pg_reaper.refire_function = 'public.refire'");
+    let mut c = env.db();
+    for id in ["lost-callback", "never-armed"] {
+        env.api.execution(id, "org-a", "EXECUTING");
+    }
+    // Every batch done, then the worker died before enqueueing the callback.
+    c.execute(
+        "SELECT barrier_enqueue('lost-callback', 'org-a', 2, '1 hour',
+                                '{\"task_name\": \"aggregate\", \"transport\": \"pg_queue\"}')",
+        &[],
+    )
+    .expect("enqueue");
+    for b in 0..2 {
+        c.execute(
+            "SELECT barrier_claim('lost-callback', $1), barrier_decrement('lost-callback', to_jsonb($1))",
+            &[&b],
+        )
+        .expect("a batch");
+    }
+    pg_reaper_tests::expire(&mut c, "lost-callback");
+    // The control: a claim whose barrier was never armed is the sweep's to mark.
+    assert_eq!(platform_orphans(&mut c), json!(["never-armed"]));
+
+    env.reap(&mut c);
+    env.relay_once(&[]);
+    assert_eq!(
+        (
+            &intent(&mut c, "lost-callback")["outcome"],
+            &intent(&mut c, "lost-callback")["barrier"]
+        ),
+        (&json!("refired"), &json!(true))
+    );
+    assert_eq!(
+        json(
+            &mut c,
+            "SELECT jsonb_agg(to_jsonb(r)) FROM public.refired r"
+        ),
+        json!([{"execution_id": "lost-callback", "results": [0, 1],
+                "callback": {"task_name": "aggregate", "transport": "pg_queue"}}])
+    );
+    assert_eq!(
+        platform_orphans(&mut c),
+        json!(["never-armed"]),
+        "the platform's sweep does not see the re-fired execution as an orphan"
+    );
+    // Ticks in between queue nothing: the re-fired barrier is not stranded.
+    assert_eq!(env.reap(&mut c), 0);
+
+    // The re-fired callback completes the execution; after the stuck timeout a status read
+    // finds it terminal and the barrier goes. Only then is the claim the sweep's, to GC.
+    env.api.execution("lost-callback", "org-a", "COMPLETED");
+    c.batch_execute(
+        "UPDATE unstract.pg_barrier_state SET expires_at = now() - interval '1 second'
+          WHERE execution_id = 'lost-callback'",
+    )
+    .expect("the stuck timeout passed since the re-fire");
+    env.reap(&mut c);
+    env.relay_once(&[]);
+    let done = intent(&mut c, "lost-callback");
+    assert_eq!(
+        (&done["outcome"], &done["barrier"], &done["markers"]),
+        (&json!("already_terminal"), &json!(false), &json!(0))
+    );
+    assert_eq!(
+        platform_orphans(&mut c),
+        json!(["lost-callback", "never-armed"])
+    );
+    let executions = env.api.executions();
+    assert_eq!(
+        (
+            &executions["lost-callback"]["status"],
+            &executions["lost-callback"]["error_marks"]
+        ),
+        (&json!("COMPLETED"), &json!(0))
+    );
+    assert_eq!(
+        json(&mut c, "SELECT to_jsonb(count(*)) FROM public.refired"),
+        json!(1),
+        "re-fired once"
+    );
 }
 
 /// Tables the platform could have but pg_reaper cannot work with, and the error each gets.

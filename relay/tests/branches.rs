@@ -337,7 +337,8 @@ fn refire_hook_instead_of_a_mark_and_a_raising_hook_is_a_failure() {
     let good = intent(&mut c, "good");
     assert_eq!(
         (&good["outcome"], &good["barrier"]),
-        (&json!("refired"), &json!(false))
+        (&json!("refired"), &json!(true)),
+        "the barrier stays as the execution's handle while the callback runs"
     );
     let bad = intent(&mut c, "bad");
     assert_eq!(
@@ -360,6 +361,29 @@ fn refire_hook_instead_of_a_mark_and_a_raising_hook_is_a_failure() {
             .chain(calls_for(&calls, "bad").iter())
             .all(|c| c["method"] == "GET")
     );
+
+    // The re-fired callback completes the execution; once the stuck timeout has passed since
+    // the re-fire, a status read finds it terminal and removes the barrier, unmarked.
+    env.api.execution("good", "org", "COMPLETED");
+    c.batch_execute(
+        "UPDATE pg_barrier_state SET last_progress_at = now() - interval '1 hour',
+                expires_at = now() - interval '1 second'
+          WHERE execution_id = 'good' AND refired_at IS NOT NULL",
+    )
+    .expect("the stuck timeout passed since the re-fire");
+    env.reap(&mut c);
+    env.relay_once(&[]);
+    let good = intent(&mut c, "good");
+    assert_eq!(
+        (&good["outcome"], &good["barrier"], &good["markers"]),
+        (&json!("already_terminal"), &json!(false), &json!(0))
+    );
+    assert_eq!(
+        json(&mut c, "SELECT to_jsonb(count(*)) FROM refired"),
+        json!(1),
+        "re-fired once"
+    );
+    assert_eq!(env.api.executions()["good"]["error_marks"], json!(0));
 }
 
 /// The hook runs as its owner, never as the superuser who owns the extension's SECURITY
@@ -621,17 +645,17 @@ fn barrier_recover_is_carried_out_by_the_relay_with_every_rule_but_the_stranded_
     env.relay_once(&[]);
 
     let api = env.api.executions();
-    for (id, outcome) in [
-        ("err", "marked_error"),
-        ("fire", "refired"),
-        ("term", "already_terminal"),
-        ("gone", "gone"),
-        ("twice", "marked_error"),
+    for (id, outcome, kept) in [
+        ("err", "marked_error", false),
+        ("fire", "refired", true),
+        ("term", "already_terminal", false),
+        ("gone", "gone", false),
+        ("twice", "marked_error", false),
     ] {
         let i = intent(&mut c, id);
         assert_eq!(
             (&i["outcome"], &i["barrier"], &i["markers"]),
-            (&json!(outcome), &json!(false), &json!(0)),
+            (&json!(outcome), &json!(kept), &json!(i32::from(kept))),
             "{id}: {i}"
         );
     }

@@ -514,6 +514,9 @@ fn cases() -> Vec<(&'static str, Vec<Op>)> {
                     outcome: Outcome::Refired,
                 },
                 Commit { s: 0 },
+                // The barrier stays, no longer stranded: nothing to queue or claim.
+                Reap,
+                Claim { s: 1 },
             ],
         ),
         (

@@ -91,7 +91,8 @@ fn every_schedule_keeps_the_invariants() {
     }
 }
 
-/// The simulation finds each defect fixed in earlier rounds when it is put back.
+/// The simulation finds each defect fixed in earlier rounds (and each way a re-fire could lose
+/// the execution's handle or fire twice) when it is put back.
 #[test]
 fn the_simulation_finds_the_defects_of_earlier_rounds() {
     let budget = schedules().min(2_000);
@@ -118,6 +119,26 @@ fn the_simulation_finds_the_defects_of_earlier_rounds() {
             Config {
                 defects: Defects {
                     reoffer_waits: true,
+                    ..Defects::default()
+                },
+                ..Config::default()
+            },
+        ),
+        (
+            "a re-fire that removes the barrier at once",
+            Config {
+                defects: Defects {
+                    refire_removes_barrier: true,
+                    ..Defects::default()
+                },
+                ..Config::default()
+            },
+        ),
+        (
+            "a re-fire that leaves no stamp",
+            Config {
+                defects: Defects {
+                    refire_unstamped: true,
                     ..Defects::default()
                 },
                 ..Config::default()

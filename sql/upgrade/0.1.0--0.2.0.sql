@@ -1,6 +1,6 @@
 -- pg_reaper 0.1.0 → 0.2.0: ALTER EXTENSION pg_reaper UPDATE runs this in one transaction.
 --
--- What changes: the outbox gains failures, mark_sent_at and action; the two reaping indexes of
+-- What changes: the outbox gains failures, mark_sent_at and action, pg_barrier_state refired_at; the two reaping indexes of
 -- pg_barrier_state become (expires_at, execution_id) and (created_at, execution_id), the
 -- outbox's due index (next_attempt_at, id); the settings table is new; every function becomes
 -- SQL (the same definitions as a fresh install: this file is generated, see below);
@@ -18,6 +18,9 @@ ALTER TABLE @extschema@.pg_reaper_outbox
     ADD COLUMN action text,
     ADD CONSTRAINT pg_reaper_outbox_failures_non_negative CHECK (failures >= 0),
     ADD CONSTRAINT pg_reaper_outbox_action_valid CHECK (action IN ('error', 'refire'));
+
+-- A re-fired execution's barrier stays, marked, until its status is terminal.
+ALTER TABLE @extschema@.pg_barrier_state ADD COLUMN IF NOT EXISTS refired_at timestamptz;
 
 -- 0.1.0 counted every claim towards --max-attempts; 0.2.0 counts failures. A live intent keeps
 -- the budget it has used: its earlier claims (not the one in flight) count as failures.

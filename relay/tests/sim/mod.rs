@@ -19,6 +19,8 @@ use std::time::Duration;
 use tokio::time::{Instant, sleep};
 
 const S: Duration = Duration::from_secs(1);
+/// The stuck timeout after which a re-fired barrier strands again.
+const REFIRE_STUCK: Duration = Duration::from_secs(1800);
 
 /// What can make a schedule fail: the defects of earlier rounds, put back one at a time.
 #[derive(Debug, Clone, Copy, Default)]
@@ -578,7 +580,7 @@ async fn schedule(seed: u64, config: Config, trace: bool) -> Result<Stats, Strin
                 Outcome::Gone => !x.exists,
                 Outcome::AlreadyTerminal => x.exists && is_terminal(x.status),
                 Outcome::MarkedError => x.marks > 0 || x.status == "ERROR",
-                Outcome::Refired => true, // checked by the commit: the hook ran in it
+                Outcome::Refired => false, // a re-fire confirms nothing: the callback only queued
                 Outcome::Rearmed => false,
             };
             if ok {
@@ -600,6 +602,7 @@ async fn schedule(seed: u64, config: Config, trace: bool) -> Result<Stats, Strin
                     let blocked = {
                         let mut d = lock(&db);
                         d.end_idle_sessions();
+                        d.strand_refired(REFIRE_STUCK);
                         d.reap();
                         d.reoffer_expired_leases()
                     };
@@ -651,6 +654,32 @@ async fn schedule(seed: u64, config: Config, trace: bool) -> Result<Stats, Strin
         };
     }
 
+    // A re-fired callback completes its execution some time later, or dies without a trace.
+    for i in 0..n {
+        let (db, api) = (db.clone(), api.clone());
+        let (completes, after) = (rng.bool(), Duration::from_secs(rng.u64(1..1200)));
+        let id = format!("e{i}");
+        tokio::spawn(async move {
+            loop {
+                match lock(&db).barriers.get(&id) {
+                    None => return,
+                    Some(b) if b.refired_at.is_some() => break,
+                    Some(_) => {}
+                }
+                sleep(10 * S).await;
+            }
+            sleep(after).await;
+            let mut execs = api.execs.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(x) = execs.get_mut(&id)
+                && completes
+                && x.exists
+                && !is_terminal(x.status)
+            {
+                x.status = "COMPLETED";
+            }
+        });
+    }
+
     // Relays, some killed at any moment and started again.
     let mut stats = Stats {
         executions: n,
@@ -698,7 +727,9 @@ async fn schedule(seed: u64, config: Config, trace: bool) -> Result<Stats, Strin
             return Err(broken(&d, v.clone(), trace));
         }
         let settled = Instant::now() > calm
-            && d.barriers.values().all(|b| !b.stranded)
+            && d.barriers
+                .values()
+                .all(|b| !b.stranded && b.refired_at.is_none())
             && d.rows.values().all(|r| r.state == State::Done);
         if settled {
             break;
@@ -717,8 +748,10 @@ async fn schedule(seed: u64, config: Config, trace: bool) -> Result<Stats, Strin
                 .chain(
                     d.barriers
                         .iter()
-                        .filter(|(_, b)| b.stranded)
-                        .map(|(e, _)| format!("barrier {e} still stranded")),
+                        .filter(|(_, b)| b.stranded || b.refired_at.is_some())
+                        .map(|(e, b)| {
+                            format!("barrier {e} still there (stranded: {})", b.stranded)
+                        }),
                 )
                 .collect();
             let what = format!(

@@ -39,6 +39,8 @@ pub struct Barrier {
     pub callback: bool,
     /// The stranded predicate's value (the simulation strands barriers or re-arms them).
     pub stranded: bool,
+    /// When a committed re-fire stamped it (it stays until the execution is terminal).
+    pub refired_at: Option<Instant>,
     lock: Option<u64>,
 }
 
@@ -50,6 +52,10 @@ pub struct Defects {
     pub unfenced_resolve: bool,
     /// The worker's re-offer of expired leases waits for a locked row instead of skipping it.
     pub reoffer_waits: bool,
+    /// A re-fire removes the barrier at once, before the callback made the execution terminal.
+    pub refire_removes_barrier: bool,
+    /// A re-fire leaves no stamp: a re-fired barrier that strands again is re-fired again.
+    pub refire_unstamped: bool,
 }
 
 /// What an open transaction changed, to undo on rollback.
@@ -143,6 +149,7 @@ impl Db {
                 remaining,
                 callback,
                 stranded,
+                refired_at: None,
                 lock: None,
             },
         );
@@ -492,7 +499,11 @@ impl Db {
         self.touch_barrier(session, &intent.execution_id);
         let verdict = if !b.stranded {
             Verdict::Rearmed
-        } else if b.remaining == 0 && b.callback && self.hook {
+        } else if b.remaining == 0
+            && b.callback
+            && (b.refired_at.is_none() || self.defects.refire_unstamped)
+            && self.hook
+        {
             Verdict::Refire
         } else {
             Verdict::Mark {
@@ -506,8 +517,9 @@ impl Db {
         Ok(verdict)
     }
 
-    /// outbox_resolve: the intent done with `outcome`; every outcome but rearmed tears the
-    /// barrier down while it is still stranded; refired runs the hook first.
+    /// outbox_resolve: the intent done with `outcome`; marked_error, already_terminal and gone
+    /// tear the barrier down while it is still stranded; refired runs the hook and keeps the
+    /// barrier, stamped and no longer stranded.
     pub fn resolve(
         &mut self,
         session: u64,
@@ -540,10 +552,12 @@ impl Db {
         }
         let e = intent.execution_id.clone();
         if outcome == Outcome::Refired {
-            let ready = self
-                .barriers
-                .get(&e)
-                .is_some_and(|b| b.stranded && b.remaining == 0 && b.callback);
+            let ready = self.barriers.get(&e).is_some_and(|b| {
+                b.stranded
+                    && b.remaining == 0
+                    && b.callback
+                    && (b.refired_at.is_none() || self.defects.refire_unstamped)
+            });
             if !self.hook || !ready {
                 return Err(Error::Protocol(format!("cannot re-fire execution {e}")));
             }
@@ -558,12 +572,21 @@ impl Db {
             r.outcome = Some(outcome);
             r.lease_expires_at = None;
         }
-        if outcome == Outcome::Refired
-            && let Some(tx) = self.sessions.get_mut(&session).and_then(|s| s.tx.as_mut())
-        {
-            tx.refires.push(e.clone());
-        }
-        if outcome != Outcome::Rearmed && self.barriers.get(&e).is_some_and(|b| b.stranded) {
+        if outcome == Outcome::Refired {
+            if let Some(tx) = self.sessions.get_mut(&session).and_then(|s| s.tx.as_mut()) {
+                tx.refires.push(e.clone());
+            }
+            self.touch_barrier(session, &e);
+            if self.defects.refire_removes_barrier {
+                self.barriers.remove(&e);
+                if let Some(tx) = self.sessions.get_mut(&session).and_then(|s| s.tx.as_mut()) {
+                    tx.deleted.push((e, outcome));
+                }
+            } else if let Some(b) = self.barriers.get_mut(&e) {
+                b.stranded = false;
+                b.refired_at = Some(Instant::now());
+            }
+        } else if outcome != Outcome::Rearmed && self.barriers.get(&e).is_some_and(|b| b.stranded) {
             self.touch_barrier(session, &e);
             self.barriers.remove(&e);
             if let Some(tx) = self.sessions.get_mut(&session).and_then(|s| s.tx.as_mut()) {
@@ -617,6 +640,17 @@ impl Db {
             _ => {
                 self.barriers.remove(execution_id);
                 true
+            }
+        }
+    }
+
+    /// The stuck timeout passed since a re-fire: the barrier strands again (the relay then
+    /// finds the re-fired callback's COMPLETED, or marks the execution ERROR).
+    pub fn strand_refired(&mut self, after: Duration) {
+        let now = Instant::now();
+        for b in self.barriers.values_mut() {
+            if !b.stranded && b.refired_at.is_some_and(|t| now.duration_since(t) >= after) {
+                b.stranded = true;
             }
         }
     }
