@@ -31,6 +31,8 @@ cp -r README.md ARCHITECTURE.md docs "$ext/usr/share/doc/postgresql-15-pg-reaper
 # The extension-free edition, for databases where the library cannot be loaded.
 python3 scripts/sql.py portable >/dev/null
 cp target/portable/pg_reaper.sql "$ext/usr/share/doc/postgresql-15-pg-reaper/pg_reaper-extension-free.sql"
+# The re-fire hook for the reference platform's queue (docs/unstract.md).
+cp integrations/unstract/refire.sql "$ext/usr/share/doc/postgresql-15-pg-reaper/unstract-refire.sql"
 cat > "$ext/DEBIAN/control" <<CONTROL
 Package: postgresql-15-pg-reaper
 Version: $VERSION

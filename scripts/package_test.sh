@@ -30,6 +30,9 @@ dpkg -L postgresql-15-pg-reaper | grep -qx "$("$PG_CONFIG" --pkglibdir)/pg_reape
 for script in sql/pg_reaper--*--*.sql; do
   dpkg -L postgresql-15-pg-reaper | grep -q "/extension/$(basename "$script")$" || fail "$script is not packaged"
 done
+for doc in pg_reaper-extension-free.sql unstract-refire.sql; do
+  dpkg -L postgresql-15-pg-reaper | grep -qx "/usr/share/doc/postgresql-15-pg-reaper/$doc" || fail "$doc is not packaged"
+done
 systemd-analyze verify /lib/systemd/system/pg-reaper-relay.service
 pg-reaper-relay --version
 

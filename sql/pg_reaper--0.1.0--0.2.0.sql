@@ -1020,12 +1020,15 @@ $$;
 -- (a terminal status or an applied mark), deletes the barrier (guarded by the same predicate)
 -- and its markers: the handle is never deleted before that.
 --
--- A re-fire does not confirm anything yet: the callback is only queued. The barrier stays,
--- stamped refired_at, with its deadline and progress moved to now and now + the stuck timeout,
--- so the execution keeps a handle (the platform's own sweep of claims without a barrier leaves
--- it alone) and nothing reaps it while the callback runs. Once that time has passed it strands
--- again: a terminal status removes it, anything else is marked ERROR, never re-fired twice.
--- (A callback that finishes with barrier_finish removes it at once, as without a re-fire.)
+-- A re-fire happens in recovery_lock, where the verdict is taken: the hook is called there, and
+-- the verdict is `refire` only if it took the callback (a hook declines one it cannot re-fire by
+-- raising feature_not_supported: the verdict is then `mark`, as without a hook). A re-fire does
+-- not confirm anything yet, the callback is only queued: the barrier stays, stamped refired_at,
+-- its progress now and its deadline at least now + the stuck timeout, so the execution keeps a
+-- handle (the platform's own sweep of claims without a barrier leaves it alone) and nothing
+-- reaps it while the callback runs. Once that time has passed it strands again: a terminal
+-- status removes it, anything else is marked ERROR, never re-fired twice. (A callback that
+-- finishes with barrier_finish removes it at once, as without a re-fire.)
 
 -- The configured re-fire hook (pg_reaper.refire_function), a function
 -- f(execution_id text, organization_id text, callback jsonb, results jsonb); NULL when the
@@ -1056,10 +1059,41 @@ BEGIN
 END
 $$;
 
+-- The re-fire itself: stamps the barrier (first, so that a hook whose callback may run longer
+-- than the stuck timeout can move expires_at and last_progress_at later) and calls the hook with
+-- its callback and results. False, with both undone, when the hook declines; any other error
+-- of the hook is raised again with its SQLSTATE and a message that starts with "re-fire hook".
+CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_refire(id text, organization_id text, hook regprocedure)
+RETURNS boolean
+LANGUAGE plpgsql PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    b record;
+BEGIN
+    UPDATE @extschema@.pg_barrier_state s
+       SET refired_at = now(), last_progress_at = now(),
+           expires_at = greatest(s.expires_at, now() + @extschema@.pg_reaper_stuck_timeout())
+     WHERE s.execution_id = pg_reaper_refire.id
+ RETURNING s.callback, s.results INTO b;
+    PERFORM @extschema@.pg_reaper_run_hook(hook, pg_reaper_refire.id, pg_reaper_refire.organization_id,
+                                           b.callback, b.results);
+    RETURN true;
+EXCEPTION
+    WHEN feature_not_supported THEN
+        RAISE WARNING 'pg_reaper: the re-fire hook % declined the callback of execution %: %; marking it ERROR instead',
+            hook, pg_reaper_refire.id, SQLERRM;
+        RETURN false;
+    WHEN OTHERS THEN
+        RAISE EXCEPTION USING MESSAGE = format('re-fire hook %s: %s', hook::regproc, SQLERRM), ERRCODE = SQLSTATE;
+END
+$$;
+
 -- recovery_lock(id, attempt, lease): renews the claim, locks the barrier and decides: `lost`
 -- (the claim is no longer the caller's), `rearmed` (no barrier, or not stranded any more),
--- `refire` (every batch done, a callback, a hook, not re-fired before) or `mark`. Call it in the transaction that
--- will run outbox_resolve: the row lock is held until then.
+-- `refire` (every batch done, a callback, a hook that took it, not re-fired before: re-fired
+-- now, see above) or `mark`. Call it in the transaction that will run outbox_resolve: the row
+-- lock is held, and the re-fire uncommitted, until then.
 --
 --   BEGIN; SELECT * FROM recovery_lock(42, 3, '60 seconds'); … COMMIT;
 CREATE OR REPLACE FUNCTION @extschema@.recovery_lock(id bigint, attempt integer, lease interval DEFAULT '60 seconds')
@@ -1072,6 +1106,7 @@ DECLARE
     f CONSTANT text := 'recovery_lock';
     intent record;
     b record;
+    hook regprocedure;
 BEGIN
     PERFORM @extschema@.pg_reaper_claim(f, id, attempt);
     PERFORM @extschema@.pg_reaper_interval(f, 'lease', lease);
@@ -1094,17 +1129,23 @@ BEGIN
         RETURN QUERY SELECT 'rearmed', NULL::integer;
         RETURN;
     END IF;
+    hook := @extschema@.pg_reaper_hook();
     -- An operator's choice, checked again now: the callback or the hook may have gone since.
     IF intent.action = 'refire' THEN
-        IF NOT b.has_callback OR @extschema@.pg_reaper_hook() IS NULL THEN
+        IF NOT b.has_callback OR hook IS NULL THEN
             RAISE EXCEPTION 'cannot re-fire execution % as asked by barrier_recover(): its barrier has no callback or pg_reaper.refire_function is empty', intent.execution_id;
+        END IF;
+        IF NOT @extschema@.pg_reaper_refire(intent.execution_id, intent.organization_id, hook) THEN
+            RAISE EXCEPTION 'cannot re-fire execution % as asked by barrier_recover(): the hook declined its callback; recover it with ''error'' instead', intent.execution_id
+                USING ERRCODE = 'feature_not_supported';
         END IF;
         RETURN QUERY SELECT 'refire', b.left_;
     ELSIF intent.action = 'error' THEN
         RETURN QUERY SELECT 'mark', b.left_;
     ELSIF NOT b.stranded THEN
         RETURN QUERY SELECT 'rearmed', b.left_;
-    ELSIF b.left_ = 0 AND b.has_callback AND NOT b.refired AND @extschema@.pg_reaper_hook() IS NOT NULL THEN
+    ELSIF b.left_ = 0 AND b.has_callback AND NOT b.refired AND hook IS NOT NULL
+          AND @extschema@.pg_reaper_refire(intent.execution_id, intent.organization_id, hook) THEN
         RETURN QUERY SELECT 'refire', b.left_;
     ELSE
         RETURN QUERY SELECT 'mark', b.left_;
@@ -1114,10 +1155,10 @@ $$;
 
 -- outbox_resolve(id, attempt, outcome): records the outcome of the caller's claimed intent and,
 -- for `marked_error`, `already_terminal` and `gone`, deletes the barrier (a reaped strand's
--- only while it is still stranded; an operator's always) and its markers. `refired` calls the
--- re-fire hook with the barrier's callback and results, in this transaction (if the hook
--- raises, nothing is recorded or changed), and keeps the barrier, stamped refired_at (see
--- above). Without the current claim nothing happens and the result is false.
+-- only while it is still stranded; an operator's always) and its markers. `refired` keeps the
+-- barrier, and needs recovery_lock's `refire` in this transaction (the re-fire it made is
+-- committed with this record). Without the current claim nothing happens and the result is
+-- false.
 --
 --   SELECT outbox_resolve(42, 3, 'marked_error');
 CREATE OR REPLACE FUNCTION @extschema@.outbox_resolve(id bigint, attempt integer, outcome text)
@@ -1129,8 +1170,6 @@ AS $$
 DECLARE
     f CONSTANT text := 'outbox_resolve';
     intent record;
-    input record;
-    hook regprocedure;
 BEGIN
     PERFORM @extschema@.pg_reaper_claim(f, id, attempt);
     IF outcome IS NULL OR outcome <> ALL (ARRAY['marked_error', 'already_terminal', 'gone', 'rearmed', 'refired']) THEN
@@ -1146,32 +1185,13 @@ BEGIN
         RETURN false;
     END IF;
     IF outcome = 'refired' THEN
-        hook := @extschema@.pg_reaper_hook();
-        IF hook IS NULL THEN
-            RAISE EXCEPTION '%: cannot re-fire: pg_reaper.refire_function is empty', f;
-        END IF;
-        -- A reaped re-fire needs every batch done, the barrier still stranded and not re-fired
-        -- before; an operator's only the callback.
-        SELECT s.callback, s.results INTO input
-          FROM @extschema@.pg_barrier_state s
-         WHERE s.execution_id = intent.execution_id AND s.callback IS NOT NULL
-           AND ((s.remaining = 0 AND s.refired_at IS NULL
-                 AND @extschema@.barrier_is_stranded(s.expires_at, s.last_progress_at, s.created_at,
-                                                     @extschema@.pg_reaper_stuck_timeout()))
-                OR intent.action IS NOT NULL)
-           FOR UPDATE;
+        -- now() is this transaction's start: stamped by its recovery_lock.
+        PERFORM FROM @extschema@.pg_barrier_state s
+          WHERE s.execution_id = intent.execution_id AND s.refired_at = now();
         IF NOT FOUND THEN
-            RAISE EXCEPTION '%: cannot re-fire execution %: its barrier is gone, not stranded, not at remaining 0, has no callback or was re-fired before',
-                f, intent.execution_id;
+            RAISE EXCEPTION '%: execution % was not re-fired in this transaction: ''refired'' follows recovery_lock''s ''refire'' verdict, in its transaction',
+                f, intent.execution_id USING ERRCODE = 'invalid_transaction_state';
         END IF;
-        -- Stamped first, so that a hook whose callback may run longer than the stuck timeout
-        -- can move expires_at and last_progress_at later itself.
-        UPDATE @extschema@.pg_barrier_state s
-           SET refired_at = now(), last_progress_at = now(),
-               expires_at = greatest(s.expires_at, now() + @extschema@.pg_reaper_stuck_timeout())
-         WHERE s.execution_id = intent.execution_id;
-        PERFORM @extschema@.pg_reaper_run_hook(hook, intent.execution_id, intent.organization_id,
-                                               input.callback, input.results);
     ELSIF outcome <> 'rearmed' THEN
         PERFORM @extschema@.pg_reaper_tear_down(
             intent.execution_id,

@@ -1101,6 +1101,39 @@ mod tests {
         );
     }
 
+    #[pg_test]
+    fn a_hook_that_declines_leaves_nothing_and_the_verdict_is_mark() {
+        run("CREATE TABLE refired (e text)");
+        run(
+            "CREATE FUNCTION picky(e text, o text, c jsonb, r jsonb) RETURNS void LANGUAGE plpgsql AS $$ \
+             BEGIN INSERT INTO public.refired VALUES (e); \
+             RAISE EXCEPTION 'not mine' USING ERRCODE = 'feature_not_supported'; END $$",
+        );
+        run("SET pg_reaper.refire_function = 'public.picky'");
+        let (id, attempt) = callback_lost(r#"{"transport": "celery"}"#, "1");
+        assert_eq!(verdict(id, attempt), ("mark".into(), Some(0)));
+        assert_eq!(
+            count("SELECT count(*) FROM refired"),
+            0,
+            "its writes undone"
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM pg_barrier_state WHERE refired_at IS NULL"),
+            1,
+            "not stamped"
+        );
+    }
+
+    #[pg_test(
+        error = "outbox_resolve: execution zero was not re-fired in this transaction: 'refired' follows recovery_lock's 'refire' verdict, in its transaction"
+    )]
+    fn refired_needs_the_refire_verdict() {
+        let (id, attempt) = callback_lost("{}", "null");
+        run(&format!(
+            "SELECT outbox_resolve({id}, {attempt}, 'refired')"
+        ));
+    }
+
     #[pg_test(
         error = "pg_reaper.refire_function = 'x(text); DROP TABLE pg_barrier_state; --' does not name a function f(text, text, jsonb, jsonb); fix the setting (or set it to '' to mark ERROR instead)"
     )]

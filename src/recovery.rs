@@ -1,6 +1,6 @@
 //! The re-fire hook's call, the one part of a recovery that needs native code: the hook runs as
 //! its owner, in a security-restricted operation, the way Postgres runs the index expressions of
-//! a table it maintains. `outbox_resolve` (`sql/recovery.sql`) resolves the hook and calls this.
+//! a table it maintains. `pg_reaper_refire` (`sql/recovery.sql`) resolves the hook and calls this.
 
 use pgrx::prelude::*;
 

@@ -122,6 +122,10 @@ impl Verdict {
     }
 }
 
+/// How the message of an error the re-fire hook raised in `recovery_lock` starts (the hook's
+/// own SQLSTATE is kept): the relay counts it as the hook's failure, not the database's.
+pub const REFIRE_HOOK_ERROR: &str = "re-fire hook ";
+
 /// What `outbox_fail` and `outbox_defer` answer when the caller's claim matched no row (they
 /// answer the intent's new state otherwise).
 pub const LOST: &str = "lost";

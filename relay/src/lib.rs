@@ -35,6 +35,19 @@ pub enum Error {
     Config(String),
 }
 
+impl Error {
+    /// An error the re-fire hook raised (the extension marks its message).
+    pub fn is_refire_hook(&self) -> bool {
+        match self {
+            Error::Db(e) => e.as_db_error().is_some_and(|db| {
+                db.message()
+                    .starts_with(pg_reaper_protocol::REFIRE_HOOK_ERROR)
+            }),
+            _ => false,
+        }
+    }
+}
+
 impl From<tokio_postgres::Error> for Error {
     fn from(e: tokio_postgres::Error) -> Error {
         Error::Db(e)

@@ -8,7 +8,8 @@
 //!             → indeterminate, or a failure: fail (counted) or defer (systemic, uncounted)
 //!             → non-terminal: hold the claim for the settle delay ("a mark may leave");
 //!               BEGIN; lock the barrier and re-check it:
-//!                 lost → end; rearmed → resolve; refire → resolve 'refired' (the hook runs);
+//!                 lost → end; rearmed → resolve; refire (the hook ran and took the
+//!                 callback) → resolve 'refired';
 //!                 mark → POST ERROR; 2xx → resolve, COMMIT; else ROLLBACK and fail or
 //!                 defer (an unanswered mark: for the settle delay, so the next status read
 //!                 comes after the API had time to apply it).
@@ -224,9 +225,14 @@ pub fn after_hold(held: bool) -> Next {
     }
 }
 
-/// After the re-check under the barrier's row lock.
+/// After the re-check under the barrier's row lock (where a re-fire runs the hook). A hook's
+/// error is a failure of this intent, retried; another error is the database's.
 pub fn after_verdict(verdict: Result<Verdict, Error>) -> Next {
     match verdict {
+        Err(e) if e.is_refire_hook() => Next::End(End::Failed {
+            cause: Cause::RefireHook,
+            error: e.to_string(),
+        }),
         Err(e) => Next::End(End::Failed {
             cause: Cause::Database,
             error: format!("re-check: {e}"),
@@ -268,16 +274,11 @@ pub fn after_mark(answer: Result<Mark, Failure>) -> Next {
     }
 }
 
-/// After recording `outcome`. A re-fire's error is its hook's (the intent fails, retried);
-/// another resolve's error is the database's, and ends the attempt with it.
+/// After recording `outcome`; an error is the database's, and ends the attempt with it.
 pub fn after_resolve(outcome: Outcome, applied: Result<bool, Error>) -> Result<End, Error> {
     match applied {
         Ok(true) => Ok(End::Resolved(outcome)),
         Ok(false) => Ok(End::Lost),
-        Err(e) if outcome == Outcome::Refired => Ok(End::Failed {
-            cause: Cause::RefireHook,
-            error: format!("re-fire hook: {e}"),
-        }),
         Err(e) => Err(e),
     }
 }
@@ -573,7 +574,7 @@ mod tests {
     }
 
     #[test]
-    fn only_a_hook_error_is_the_intents_own() {
+    fn a_resolve_error_ends_the_attempt() {
         assert_eq!(
             after_resolve(Outcome::Gone, Ok(true)).ok(),
             Some(End::Resolved(Outcome::Gone))
@@ -582,14 +583,7 @@ mod tests {
             after_resolve(Outcome::Gone, Ok(false)).ok(),
             Some(End::Lost)
         );
-        assert!(matches!(
-            after_resolve(Outcome::Refired, Err(Error::Protocol("hook".into()))),
-            Ok(End::Failed {
-                cause: Cause::RefireHook,
-                ..
-            })
-        ));
-        assert!(after_resolve(Outcome::Gone, Err(Error::Protocol("db".into()))).is_err());
+        assert!(after_resolve(Outcome::Refired, Err(Error::Protocol("db".into()))).is_err());
     }
 
     #[test]

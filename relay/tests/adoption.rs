@@ -453,6 +453,171 @@ fn a_refired_execution_is_left_alone_by_the_platforms_orphan_claim_sweep() {
     );
 }
 
+/// The Python interpreter with psycopg2 that scripts/setup.sh prepares.
+fn python() -> std::path::PathBuf {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let python = std::env::var("PG_REAPER_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| root.join("target/python/bin/python"));
+    assert!(
+        python.exists(),
+        "{} is missing: scripts/setup.sh installs psycopg2 there",
+        python.display()
+    );
+    python
+}
+
+/// The hook shipped for the platform's queue re-fires a lost PG-transport callback by writing
+/// the queue row the platform's worker writes for it (compared field by field with the row its
+/// client code writes through psycopg2), and declines what the platform could not fire, which
+/// is then marked ERROR.
+#[test]
+fn the_platforms_queue_hook_enqueues_the_row_its_worker_would_and_declines_the_rest() {
+    let env = Env::adopting("adopthook");
+    let mut c = env.db();
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let hook = std::fs::read_to_string(root.join("integrations/unstract/refire.sql"))
+        .expect("integrations/unstract/refire.sql");
+    c.batch_execute(&format!("SET search_path = unstract; {hook}"))
+        .expect("install the hook");
+    env.alter_database("pg_reaper.refire_function = 'unstract.pg_reaper_unstract_refire'");
+    let mut c = env.db();
+    let descriptor = |id: &str, queue: &str, fairness: Value, transport: Option<&str>| {
+        let mut d = json!({
+            "task_name": "process_batch_callback",
+            "kwargs": {"execution_id": id, "organization_id": "org-a", "pipeline_id": "p-1"},
+            "queue": queue,
+            "fairness_headers": fairness,
+        });
+        if let Some(t) = transport {
+            d["transport"] = json!(t);
+        }
+        d
+    };
+    let key = |org: Value, workload: &str, priority: Option<i32>| {
+        let mut k = json!({"org_id": org, "workload_type": workload});
+        if let Some(p) = priority {
+            k["pipeline_priority"] = json!(p);
+        }
+        json!({"x-fairness-key": k})
+    };
+    let mut stale_tag = descriptor("stale-tag", "", Value::Null, Some("pg_queue"));
+    stale_tag["kwargs"]["_pg_transport"] = json!(false);
+    let refired = [
+        (
+            "fair",
+            descriptor(
+                "fair",
+                "file_processing_callback",
+                key(json!("org-a"), "api", Some(9)),
+                Some("pg_queue"),
+            ),
+        ),
+        (
+            "plain",
+            descriptor("plain", "callback", Value::Null, Some("pg_queue")),
+        ),
+        (
+            "no-org",
+            descriptor(
+                "no-org",
+                "callback",
+                key(Value::Null, "non_api", None),
+                Some("pg_queue"),
+            ),
+        ),
+        ("stale-tag", stale_tag),
+    ];
+    let declined = [
+        (
+            "celery",
+            descriptor("celery", "callback", Value::Null, None),
+        ),
+        (
+            "bad-priority",
+            descriptor(
+                "bad-priority",
+                "callback",
+                key(json!("org-a"), "api", Some(11)),
+                Some("pg_queue"),
+            ),
+        ),
+    ];
+    for (id, d) in refired.iter().chain(declined.iter()) {
+        env.api.execution(id, "org-a", "EXECUTING");
+        c.execute(
+            "SELECT barrier_enqueue($1, 'org-a', 2, '1 hour', $2)",
+            &[id, d],
+        )
+        .expect("enqueue with the platform's descriptor");
+        for b in 0..2 {
+            c.execute(
+                "SELECT barrier_claim($1, $2), barrier_decrement($1, jsonb_build_object('file', $2))",
+                &[id, &b],
+            )
+            .expect("a batch");
+        }
+        pg_reaper_tests::expire(&mut c, id);
+    }
+    env.reap(&mut c);
+    env.relay_once(&[]);
+
+    for (id, _) in &refired {
+        assert_eq!(intent(&mut c, id)["outcome"], json!("refired"), "{id}");
+    }
+    let executions = env.api.executions();
+    for (id, _) in &declined {
+        assert_eq!(intent(&mut c, id)["outcome"], json!("marked_error"), "{id}");
+        assert_eq!(executions[*id]["error_marks"], json!(1), "{id}");
+    }
+
+    // What the hook wrote, against what the platform's client writes for the same callbacks.
+    let written = json(
+        &mut c,
+        "SELECT jsonb_agg(to_jsonb(m) - 'msg_id' - 'enqueued_at' - 'vt'
+                          || jsonb_build_object('enqueued_at_is_vt', m.enqueued_at = m.vt)
+                          ORDER BY m.message #>> '{kwargs,execution_id}')
+           FROM unstract.pg_queue_message m",
+    );
+    let mut sorted = refired.to_vec();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    let input: Vec<Value> = sorted
+        .iter()
+        .map(|(_, d)| json!([d, [{"file": 0}, {"file": 1}]]))
+        .collect();
+    let mut child = std::process::Command::new(python())
+        .arg(root.join("tests/python/platform_callback_row.py"))
+        .env("PLATFORM_DSN", env.cluster.url(&env.db))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the platform's client steps");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin
+            .write_all(Value::Array(input).to_string().as_bytes())
+            .expect("write the cases");
+    }
+    let out = child.wait_with_output().expect("the client's rows");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let client: Value = serde_json::from_slice(&out.stdout).expect("JSON rows");
+    assert_eq!(
+        written, client,
+        "the hook's rows (left), the client's (right)"
+    );
+    assert_eq!(
+        written[0]["priority"],
+        json!(9),
+        "the producer's priority: {written}"
+    );
+}
+
 /// Tables the platform could have but pg_reaper cannot work with, and the error each gets.
 #[test]
 fn a_table_that_cannot_be_adopted_fails_create_extension_and_changes_nothing() {
@@ -541,15 +706,7 @@ fn the_platforms_worker_flow_runs_through_pgbouncer_with_psycopg2() {
     adopt(&mut c);
     let bouncer = PgBouncer::start(&cluster, "q", "transaction", 4);
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let python = std::env::var("PG_REAPER_PYTHON")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| root.join("target/python/bin/python"));
-    assert!(
-        python.exists(),
-        "{} is missing: scripts/setup.sh installs psycopg2 there",
-        python.display()
-    );
-    let out = std::process::Command::new(&python)
+    let out = std::process::Command::new(python())
         .arg(root.join("tests/python/platform_worker.py"))
         .env("PLATFORM_DSN", bouncer.url("q"))
         .output()

@@ -347,7 +347,7 @@ fn refire_hook_instead_of_a_mark_and_a_raising_hook_is_a_failure() {
     );
     assert_eq!(
         bad["last_error"],
-        json!("re-fire hook: queue unavailable (SQLSTATE P0001)")
+        json!("re-fire hook public.refire: queue unavailable (SQLSTATE P0001)")
     );
     assert_eq!(
         intent(&mut c, "partial")["outcome"],
@@ -433,7 +433,7 @@ fn native_refire_hook_runs_as_its_owner_and_cannot_escalate() {
     // The words differ between majors ("must be superuser to alter superuser roles…" up to
     // 15, "permission denied to alter role" from 16); the SQLSTATE does not.
     assert!(
-        error.starts_with("re-fire hook: ") && error.ends_with("(SQLSTATE 42501)"),
+        error.starts_with("re-fire hook app.refire: ") && error.ends_with("(SQLSTATE 42501)"),
         "{error}"
     );
     let superuser: bool = c

@@ -119,7 +119,7 @@ impl Side for Model {
                 remaining,
                 callback,
             } => {
-                db.arm("e1", remaining, callback, true);
+                db.arm("e1", remaining, callback, true, true);
                 format!("queued {}", db.reap())
             }
             Op::Reap => format!("queued {}", db.reap()),

@@ -526,7 +526,15 @@ async fn schedule(seed: u64, config: Config, trace: bool) -> Result<Stats, Strin
             _ => ("EXECUTING", false),
         };
         let remaining = rng.i32(-1..3);
-        lock(&db).arm(&id, remaining, remaining == 0 && rng.bool(), true);
+        // One callback in four is on the Celery transport: the hook declines it.
+        let refirable = rng.u32(0..4) != 0;
+        lock(&db).arm(
+            &id,
+            remaining,
+            remaining == 0 && rng.bool(),
+            refirable,
+            true,
+        );
         execs.insert(
             id,
             Exec {

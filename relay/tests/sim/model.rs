@@ -39,8 +39,10 @@ pub struct Barrier {
     pub callback: bool,
     /// The stranded predicate's value (the simulation strands barriers or re-arms them).
     pub stranded: bool,
-    /// When a committed re-fire stamped it (it stays until the execution is terminal).
+    /// When a re-fire stamped it (it stays until the execution is terminal).
     pub refired_at: Option<Instant>,
+    /// Whether the hook takes its callback (it declines a Celery-transport one).
+    pub refirable: bool,
     lock: Option<u64>,
 }
 
@@ -142,7 +144,14 @@ impl Db {
         self.trace.push(format!("{t:9.3}s {what}"));
     }
 
-    pub fn arm(&mut self, execution_id: &str, remaining: i32, callback: bool, stranded: bool) {
+    pub fn arm(
+        &mut self,
+        execution_id: &str,
+        remaining: i32,
+        callback: bool,
+        refirable: bool,
+        stranded: bool,
+    ) {
         self.barriers.insert(
             execution_id.to_string(),
             Barrier {
@@ -150,6 +159,7 @@ impl Db {
                 callback,
                 stranded,
                 refired_at: None,
+                refirable,
                 lock: None,
             },
         );
@@ -496,14 +506,24 @@ impl Db {
         let Some(b) = self.barriers.get(&intent.execution_id).cloned() else {
             return Ok(Verdict::Rearmed);
         };
-        self.touch_barrier(session, &intent.execution_id);
+        let e = intent.execution_id.clone();
+        self.touch_barrier(session, &e);
         let verdict = if !b.stranded {
             Verdict::Rearmed
         } else if b.remaining == 0
             && b.callback
             && (b.refired_at.is_none() || self.defects.refire_unstamped)
             && self.hook
+            && b.refirable
         {
+            // The re-fire: the barrier stamped, the hook run; both commit with the resolve.
+            if let Some(tx) = self.sessions.get_mut(&session).and_then(|s| s.tx.as_mut()) {
+                tx.refires.push(e.clone());
+            }
+            if let Some(b) = self.barriers.get_mut(&e) {
+                b.stranded = false;
+                b.refired_at = Some(Instant::now());
+            }
             Verdict::Refire
         } else {
             Verdict::Mark {
@@ -518,8 +538,8 @@ impl Db {
     }
 
     /// outbox_resolve: the intent done with `outcome`; marked_error, already_terminal and gone
-    /// tear the barrier down while it is still stranded; refired runs the hook and keeps the
-    /// barrier, stamped and no longer stranded.
+    /// tear the barrier down while it is still stranded; refired keeps the barrier, and needs
+    /// the re-fire of recovery_lock in this transaction.
     pub fn resolve(
         &mut self,
         session: u64,
@@ -551,16 +571,15 @@ impl Db {
             ));
         }
         let e = intent.execution_id.clone();
-        if outcome == Outcome::Refired {
-            let ready = self.barriers.get(&e).is_some_and(|b| {
-                b.stranded
-                    && b.remaining == 0
-                    && b.callback
-                    && (b.refired_at.is_none() || self.defects.refire_unstamped)
-            });
-            if !self.hook || !ready {
-                return Err(Error::Protocol(format!("cannot re-fire execution {e}")));
-            }
+        if outcome == Outcome::Refired
+            && !self
+                .barriers
+                .get(&e)
+                .is_some_and(|b| b.refired_at.is_some() && b.lock == Some(session))
+        {
+            return Err(Error::Protocol(format!(
+                "execution {e} was not re-fired in this transaction"
+            )));
         }
         let autocommit = !self.in_tx(session);
         if autocommit {
@@ -573,18 +592,11 @@ impl Db {
             r.lease_expires_at = None;
         }
         if outcome == Outcome::Refired {
-            if let Some(tx) = self.sessions.get_mut(&session).and_then(|s| s.tx.as_mut()) {
-                tx.refires.push(e.clone());
-            }
-            self.touch_barrier(session, &e);
             if self.defects.refire_removes_barrier {
                 self.barriers.remove(&e);
                 if let Some(tx) = self.sessions.get_mut(&session).and_then(|s| s.tx.as_mut()) {
                     tx.deleted.push((e, outcome));
                 }
-            } else if let Some(b) = self.barriers.get_mut(&e) {
-                b.stranded = false;
-                b.refired_at = Some(Instant::now());
             }
         } else if outcome != Outcome::Rearmed && self.barriers.get(&e).is_some_and(|b| b.stranded) {
             self.touch_barrier(session, &e);
