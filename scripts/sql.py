@@ -35,6 +35,15 @@ def functions():
     return "\n".join(read(f) for f in parts()[1])
 
 
+def adoption():
+    """The check of the barrier tables, defined in the schema part (it runs before the tables
+    are adopted) and needed by an upgrade too."""
+    schema = read(parts()[0])
+    begin = schema.index("-- @adoption-begin")
+    end = schema.index("-- @adoption-end")
+    return schema[schema.index("\n", begin) + 1:end].rstrip("\n")
+
+
 def version():
     return re.search(r'^version = "([0-9.]+)"', read("Cargo.toml"), re.M).group(1)
 
@@ -42,6 +51,7 @@ def version():
 def upgrade():
     source, target = UPGRADE
     text = read(source)
+    text = text.replace("-- @adoption", adoption() + "\n-- (end of the adoption check)", 1)
     text = text.replace("-- @functions", functions() + "\n-- (end of the functions)", 1)
     text = text.replace("-- @finalize", read(parts()[2]) + "\n-- (end of the finalization)", 1)
     lines = text.split("\n", 1)

@@ -23,6 +23,7 @@ DECLARE
     live jsonb;
     state text;
     advice text;
+    drift CONSTANT text := @extschema@.pg_reaper_drift();
 BEGIN
     SELECT s.organization_id, s.remaining, s.created_at, s.expires_at, s.last_progress_at,
            least(s.expires_at, s.last_progress_at + stuck) AS stranded_at,
@@ -48,6 +49,8 @@ BEGIN
     SELECT i INTO live FROM jsonb_array_elements(intents) WITH ORDINALITY AS e(i, n)
      WHERE i->>'state' <> 'done' ORDER BY n DESC LIMIT 1;
     advice := CASE
+        WHEN drift IS NOT NULL THEN
+            'The barrier tables changed under pg_reaper (tables_drift): barrier_enqueue and barrier_claim fail until that is fixed; fix the table (a default for the new column, the old type back) first.'
         WHEN state = 'absent' AND jsonb_array_length(intents) > 0 THEN
             'No barrier: the execution finished, was recovered or was aborted; its recovery intents are listed.'
         WHEN state = 'absent' THEN
@@ -78,7 +81,7 @@ BEGIN
         'created_at', b.created_at, 'expires_at', b.expires_at,
         'last_progress_at', b.last_progress_at, 'stranded_at', b.stranded_at,
         'has_callback', b.has_callback, 'refired_at', b.refired_at,
-        'markers', markers, 'intents', intents, 'advice', advice);
+        'markers', markers, 'intents', intents, 'tables_drift', drift, 'advice', advice);
 END
 $$;
 

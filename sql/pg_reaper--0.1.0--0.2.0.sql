@@ -91,6 +91,105 @@ STABLE STRICT PARALLEL SAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'pg_reaper_guc_wrapper';
 
+-- What keeps pg_reaper's functions from working on the barrier tables of this schema, one row
+-- per problem, in the order they are checked: a table that is not a table, a column they read
+-- or write missing or of another type, a column they do not fill that is NOT NULL without a
+-- default, a missing unique key their ON CONFLICT relies on. Run before adopting a table
+-- (`adopting`: the columns pg_reaper adds itself may be missing then) and, by the worker and
+-- the status view, on the tables in use: the platform's migrations keep changing them.
+CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_table_problems(adopting boolean DEFAULT false)
+RETURNS TABLE (relation text, problem text, sqlstate text)
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    -- Columns the functions read and write: table, column, type. Anything else in an adopted
+    -- table must be fillable without them (nullable, a default, an identity).
+    needed CONSTANT text[][] := ARRAY[
+        ['pg_barrier_state', 'execution_id', 'text'],
+        ['pg_barrier_state', 'organization_id', 'text'],
+        ['pg_barrier_state', 'remaining', 'integer'],
+        ['pg_barrier_state', 'results', 'jsonb'],
+        ['pg_barrier_state', 'created_at', 'timestamp with time zone'],
+        ['pg_barrier_state', 'expires_at', 'timestamp with time zone'],
+        ['pg_barrier_state', 'last_progress_at', 'timestamp with time zone'],
+        ['pg_barrier_state', 'callback', 'jsonb'],
+        ['pg_barrier_state', 'refired_at', 'timestamp with time zone'],
+        ['pg_batch_dedup', 'execution_id', 'text'],
+        ['pg_batch_dedup', 'batch_index', 'integer'],
+        ['pg_batch_dedup', 'created_at', 'timestamp with time zone']];
+    -- The columns pg_reaper adds to a table it adopts.
+    added CONSTANT text[] := ARRAY['callback', 'refired_at'];
+    -- The unique key each table's ON CONFLICT relies on.
+    keys CONSTANT text[][] := ARRAY[
+        ['pg_barrier_state', 'execution_id'],
+        ['pg_batch_dedup', 'execution_id,batch_index']];
+    tbl text;
+    rel regclass;
+    kind "char";
+    i int;
+    col record;
+    found_type text;
+BEGIN
+    FOREACH tbl IN ARRAY ARRAY['pg_barrier_state', 'pg_batch_dedup'] LOOP
+        rel := to_regclass('@extschema@.' || tbl);
+        CONTINUE WHEN rel IS NULL;
+        relation := '@extschema@.' || tbl;
+        SELECT c.relkind INTO kind FROM pg_class c WHERE c.oid = rel;
+        IF kind <> 'r' THEN
+            problem := format('it is not an ordinary table (relkind %s)', kind);
+            sqlstate := 'wrong_object_type';
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+        FOR i IN 1 .. array_length(needed, 1) LOOP
+            CONTINUE WHEN needed[i][1] <> tbl;
+            SELECT format_type(a.atttypid, a.atttypmod) INTO found_type
+              FROM pg_attribute a
+             WHERE a.attrelid = rel AND a.attname = needed[i][2] AND NOT a.attisdropped;
+            IF found_type IS NULL AND NOT (adopting AND needed[i][2] = ANY (added)) THEN
+                problem := format('it has no column "%s" (%s)', needed[i][2], needed[i][3]);
+                sqlstate := 'undefined_column';
+                RETURN NEXT;
+            ELSIF found_type IS DISTINCT FROM needed[i][3] AND found_type IS NOT NULL THEN
+                problem := format('column "%s" is %s, expected %s', needed[i][2], found_type, needed[i][3]);
+                sqlstate := 'datatype_mismatch';
+                RETURN NEXT;
+            END IF;
+        END LOOP;
+        FOR col IN
+            SELECT a.attname FROM pg_attribute a
+             WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
+               AND a.attnotnull AND NOT a.atthasdef AND a.attidentity = '' AND a.attgenerated = ''
+               AND NOT a.attname::text = ANY (SELECT needed[j][2] FROM generate_subscripts(needed, 1) j
+                                               WHERE needed[j][1] = tbl)
+             ORDER BY a.attnum
+        LOOP
+            problem := format('column "%s" is NOT NULL without a default, and pg_reaper''s functions do not fill it', col.attname);
+            sqlstate := 'not_null_violation';
+            RETURN NEXT;
+        END LOOP;
+        FOR i IN 1 .. array_length(keys, 1) LOOP
+            CONTINUE WHEN keys[i][1] <> tbl;
+            PERFORM FROM pg_index x
+              WHERE x.indrelid = rel AND x.indisunique AND x.indisvalid AND x.indpred IS NULL
+                AND x.indexprs IS NULL
+                AND (SELECT string_agg(a.attname, ',' ORDER BY a.attname)
+                       FROM pg_attribute a
+                      WHERE a.attrelid = rel AND a.attnum = ANY (x.indkey::int2[]))
+                    = (SELECT string_agg(k, ',' ORDER BY k)
+                         FROM unnest(string_to_array(keys[i][2], ',')) k);
+            IF NOT FOUND THEN
+                problem := format('it has no unique index or constraint on exactly (%s)', keys[i][2]);
+                sqlstate := 'invalid_table_definition';
+                RETURN NEXT;
+            END IF;
+        END LOOP;
+    END LOOP;
+END
+$$;
+-- (end of the adoption check): the check of the barrier tables, as sql/schema.sql defines it
+
 -- Settings. Every setting has a name `pg_reaper.x`. Its value is, in this order: the GUC when it
 -- is set to something other than its default anywhere (postgresql.conf, ALTER SYSTEM, ALTER
 -- DATABASE or ROLE, a session's SET);
@@ -1227,6 +1326,7 @@ DECLARE
     live jsonb;
     state text;
     advice text;
+    drift CONSTANT text := @extschema@.pg_reaper_drift();
 BEGIN
     SELECT s.organization_id, s.remaining, s.created_at, s.expires_at, s.last_progress_at,
            least(s.expires_at, s.last_progress_at + stuck) AS stranded_at,
@@ -1252,6 +1352,8 @@ BEGIN
     SELECT i INTO live FROM jsonb_array_elements(intents) WITH ORDINALITY AS e(i, n)
      WHERE i->>'state' <> 'done' ORDER BY n DESC LIMIT 1;
     advice := CASE
+        WHEN drift IS NOT NULL THEN
+            'The barrier tables changed under pg_reaper (tables_drift): barrier_enqueue and barrier_claim fail until that is fixed; fix the table (a default for the new column, the old type back) first.'
         WHEN state = 'absent' AND jsonb_array_length(intents) > 0 THEN
             'No barrier: the execution finished, was recovered or was aborted; its recovery intents are listed.'
         WHEN state = 'absent' THEN
@@ -1282,7 +1384,7 @@ BEGIN
         'created_at', b.created_at, 'expires_at', b.expires_at,
         'last_progress_at', b.last_progress_at, 'stranded_at', b.stranded_at,
         'has_callback', b.has_callback, 'refired_at', b.refired_at,
-        'markers', markers, 'intents', intents, 'advice', advice);
+        'markers', markers, 'intents', intents, 'tables_drift', drift, 'advice', advice);
 END
 $$;
 
@@ -1362,6 +1464,33 @@ AS $$
                       FROM @extschema@.pg_barrier_state) x) b
 $$;
 
+-- What changed in the barrier tables under pg_reaper (a column added NOT NULL without a
+-- default, a type changed, a key dropped: the platform's migrations keep changing them), one
+-- line; NULL while its functions can work on them.
+CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_drift()
+RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT string_agg(p.relation || ': ' || p.problem, '; ')
+      FROM @extschema@.pg_reaper_table_problems() p
+$$;
+
+-- The log line when the drift changed: a WARNING naming it, or a LOG once it was fixed.
+CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_warn_drift(drift text)
+RETURNS void
+LANGUAGE plpgsql PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF drift IS NULL THEN
+        RAISE LOG 'pg_reaper: the barrier tables are usable by pg_reaper''s functions again';
+    ELSE
+        RAISE WARNING 'pg_reaper: the barrier tables changed under pg_reaper: %; barrier_enqueue and barrier_claim fail until this is fixed', drift;
+    END IF;
+END
+$$;
+
 -- The row behind the pg_reaper_status view.
 CREATE OR REPLACE FUNCTION @extschema@.reaper_status()
 RETURNS TABLE (
@@ -1369,7 +1498,8 @@ RETURNS TABLE (
     outbox_pending bigint, outbox_in_flight bigint, outbox_dead bigint, outbox_done bigint,
     oldest_pending_age interval, barriers_live bigint, barriers_stranded bigint,
     worker_state text, failed_ticks bigint,
-    lock_holder_pid integer, lock_holder_role text, lock_holder_application text)
+    lock_holder_pid integer, lock_holder_role text, lock_holder_application text,
+    tables_drift text)
 LANGUAGE sql SECURITY DEFINER PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -1377,7 +1507,8 @@ AS $$
            g.outbox_pending, g.outbox_in_flight, g.outbox_dead, g.outbox_done,
            g.oldest_pending_age, g.barriers_live, g.barriers_stranded,
            w.worker_state, w.failed_ticks,
-           w.lock_holder_pid, w.lock_holder_role, w.lock_holder_application
+           w.lock_holder_pid, w.lock_holder_role, w.lock_holder_application,
+           @extschema@.pg_reaper_drift()
       FROM @extschema@.pg_reaper_worker() w, @extschema@.pg_reaper_gauges() g
 $$;
 

@@ -15,6 +15,7 @@ BEGIN
             last_tick_queued integer,
             last_error       text,
             last_no_org      integer NOT NULL DEFAULT 0,
+            last_drift       text,
             expired_at       timestamptz NOT NULL DEFAULT '-infinity',
             expired_id       text NOT NULL DEFAULT '',
             stale_at         timestamptz NOT NULL DEFAULT '-infinity',
@@ -27,7 +28,7 @@ $ticks$;
 
 -- pg_reaper_tick(): one tick of the worker: queue strands (steps of the walk until it caught
 -- up, or for at most about ten seconds), re-offer expired leases, sweep orphaned markers, prune
--- done intents. Concurrent calls never overlap: one runs, the others return NULL at once. A
+-- done intents, check the barrier tables (a WARNING when what broke them changed). Concurrent calls never overlap: one runs, the others return NULL at once. A
 -- failing tick is rolled back and counted (failed_ticks, last_error in pg_reaper_ticks).
 -- Returns how many intents it queued.
 --
@@ -45,6 +46,7 @@ DECLARE
     queued integer := 0;
     n integer;
     sample text[];
+    drift text;
 BEGIN
     -- The tick's record is its lock: a second driver skips instead of waiting.
     SELECT * INTO t FROM @extschema@.pg_reaper_ticks FOR UPDATE SKIP LOCKED;
@@ -75,9 +77,13 @@ BEGIN
             @extschema@.pg_reaper_duration('pg_reaper.dedup_retention'));
         PERFORM @extschema@.pg_reaper_prune_done(
             @extschema@.pg_reaper_duration('pg_reaper.outbox_retention'));
+        drift := @extschema@.pg_reaper_drift();
+        IF drift IS DISTINCT FROM t.last_drift THEN
+            PERFORM @extschema@.pg_reaper_warn_drift(drift);
+        END IF;
         UPDATE @extschema@.pg_reaper_ticks
            SET ticks = ticks + 1, last_tick_at = now(), last_tick_queued = queued,
-               last_error = NULL, last_no_org = t.last_no_org,
+               last_error = NULL, last_no_org = t.last_no_org, last_drift = drift,
                expired_at = t.expired_at, expired_id = t.expired_id,
                stale_at = t.stale_at, stale_id = t.stale_id;
         RETURN queued;

@@ -117,7 +117,18 @@ BEGIN
 END
 $switch$;
 
-DO $adopt$
+-- @adoption-begin (the upgrade script takes this function from here)
+-- What keeps pg_reaper's functions from working on the barrier tables of this schema, one row
+-- per problem, in the order they are checked: a table that is not a table, a column they read
+-- or write missing or of another type, a column they do not fill that is NOT NULL without a
+-- default, a missing unique key their ON CONFLICT relies on. Run before adopting a table
+-- (`adopting`: the columns pg_reaper adds itself may be missing then) and, by the worker and
+-- the status view, on the tables in use: the platform's migrations keep changing them.
+CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_table_problems(adopting boolean DEFAULT false)
+RETURNS TABLE (relation text, problem text, sqlstate text)
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
 DECLARE
     -- Columns the functions read and write: table, column, type. Anything else in an adopted
     -- table must be fillable without them (nullable, a default, an identity).
@@ -134,71 +145,93 @@ DECLARE
         ['pg_batch_dedup', 'execution_id', 'text'],
         ['pg_batch_dedup', 'batch_index', 'integer'],
         ['pg_batch_dedup', 'created_at', 'timestamp with time zone']];
+    -- The columns pg_reaper adds to a table it adopts.
+    added CONSTANT text[] := ARRAY['callback', 'refired_at'];
     -- The unique key each table's ON CONFLICT relies on.
     keys CONSTANT text[][] := ARRAY[
         ['pg_barrier_state', 'execution_id'],
         ['pg_batch_dedup', 'execution_id,batch_index']];
     tbl text;
-    cols text;
     rel regclass;
-    qualified text;
     kind "char";
     i int;
     col record;
     found_type text;
+BEGIN
+    FOREACH tbl IN ARRAY ARRAY['pg_barrier_state', 'pg_batch_dedup'] LOOP
+        rel := to_regclass('@extschema@.' || tbl);
+        CONTINUE WHEN rel IS NULL;
+        relation := '@extschema@.' || tbl;
+        SELECT c.relkind INTO kind FROM pg_class c WHERE c.oid = rel;
+        IF kind <> 'r' THEN
+            problem := format('it is not an ordinary table (relkind %s)', kind);
+            sqlstate := 'wrong_object_type';
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+        FOR i IN 1 .. array_length(needed, 1) LOOP
+            CONTINUE WHEN needed[i][1] <> tbl;
+            SELECT format_type(a.atttypid, a.atttypmod) INTO found_type
+              FROM pg_attribute a
+             WHERE a.attrelid = rel AND a.attname = needed[i][2] AND NOT a.attisdropped;
+            IF found_type IS NULL AND NOT (adopting AND needed[i][2] = ANY (added)) THEN
+                problem := format('it has no column "%s" (%s)', needed[i][2], needed[i][3]);
+                sqlstate := 'undefined_column';
+                RETURN NEXT;
+            ELSIF found_type IS DISTINCT FROM needed[i][3] AND found_type IS NOT NULL THEN
+                problem := format('column "%s" is %s, expected %s', needed[i][2], found_type, needed[i][3]);
+                sqlstate := 'datatype_mismatch';
+                RETURN NEXT;
+            END IF;
+        END LOOP;
+        FOR col IN
+            SELECT a.attname FROM pg_attribute a
+             WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
+               AND a.attnotnull AND NOT a.atthasdef AND a.attidentity = '' AND a.attgenerated = ''
+               AND NOT a.attname::text = ANY (SELECT needed[j][2] FROM generate_subscripts(needed, 1) j
+                                               WHERE needed[j][1] = tbl)
+             ORDER BY a.attnum
+        LOOP
+            problem := format('column "%s" is NOT NULL without a default, and pg_reaper''s functions do not fill it', col.attname);
+            sqlstate := 'not_null_violation';
+            RETURN NEXT;
+        END LOOP;
+        FOR i IN 1 .. array_length(keys, 1) LOOP
+            CONTINUE WHEN keys[i][1] <> tbl;
+            PERFORM FROM pg_index x
+              WHERE x.indrelid = rel AND x.indisunique AND x.indisvalid AND x.indpred IS NULL
+                AND x.indexprs IS NULL
+                AND (SELECT string_agg(a.attname, ',' ORDER BY a.attname)
+                       FROM pg_attribute a
+                      WHERE a.attrelid = rel AND a.attnum = ANY (x.indkey::int2[]))
+                    = (SELECT string_agg(k, ',' ORDER BY k)
+                         FROM unnest(string_to_array(keys[i][2], ',')) k);
+            IF NOT FOUND THEN
+                problem := format('it has no unique index or constraint on exactly (%s)', keys[i][2]);
+                sqlstate := 'invalid_table_definition';
+                RETURN NEXT;
+            END IF;
+        END LOOP;
+    END LOOP;
+END
+$$;
+-- @adoption-end
+
+DO $adopt$
+DECLARE
+    tbl text;
+    cols text;
+    i int;
+    col record;
     barrier_adopted boolean;
     dedup_adopted boolean;
     -- CREATE EXTENSION, or the extension-free edition's file.
     in_extension CONSTANT boolean := EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'pg_reaper');
 BEGIN
     -- Check both tables before changing either: an ERROR here leaves the database as it was.
-    FOREACH tbl IN ARRAY ARRAY['pg_barrier_state', 'pg_batch_dedup'] LOOP
-        rel := pg_catalog.to_regclass('@extschema@.' OPERATOR(pg_catalog.||) tbl);
-        CONTINUE WHEN rel IS NULL;
-        qualified := '@extschema@.' OPERATOR(pg_catalog.||) tbl;
-        SELECT c.relkind INTO kind FROM pg_catalog.pg_class c WHERE c.oid = rel;
-        IF kind <> 'r' THEN
-            RAISE EXCEPTION 'pg_reaper cannot adopt %: it is not an ordinary table (relkind %)', qualified, kind
-                USING ERRCODE = 'wrong_object_type';
-        END IF;
-        FOR i IN 1 .. pg_catalog.array_length(needed, 1) LOOP
-            CONTINUE WHEN needed[i][1] <> tbl;
-            SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) INTO found_type
-              FROM pg_catalog.pg_attribute a
-             WHERE a.attrelid = rel AND a.attname = needed[i][2] AND NOT a.attisdropped;
-            IF found_type IS NULL AND needed[i][2] NOT IN ('callback', 'refired_at') THEN
-                RAISE EXCEPTION 'pg_reaper cannot adopt %: it has no column "%" (%)', qualified, needed[i][2], needed[i][3]
-                    USING ERRCODE = 'undefined_column';
-            ELSIF found_type IS DISTINCT FROM needed[i][3] AND found_type IS NOT NULL THEN
-                RAISE EXCEPTION 'pg_reaper cannot adopt %: column "%" is %, expected %', qualified, needed[i][2], found_type, needed[i][3]
-                    USING ERRCODE = 'datatype_mismatch';
-            END IF;
-        END LOOP;
-        FOR col IN
-            SELECT a.attname FROM pg_catalog.pg_attribute a
-             WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
-               AND a.attnotnull AND NOT a.atthasdef AND a.attidentity = '' AND a.attgenerated = ''
-               AND NOT a.attname::text = ANY (SELECT needed[j][2] FROM pg_catalog.generate_subscripts(needed, 1) j
-                                               WHERE needed[j][1] = tbl)
-        LOOP
-            RAISE EXCEPTION 'pg_reaper cannot adopt %: column "%" is NOT NULL without a default, and pg_reaper''s functions do not fill it', qualified, col.attname
-                USING ERRCODE = 'not_null_violation';
-        END LOOP;
-        FOR i IN 1 .. pg_catalog.array_length(keys, 1) LOOP
-            CONTINUE WHEN keys[i][1] <> tbl;
-            PERFORM FROM pg_catalog.pg_index x
-              WHERE x.indrelid = rel AND x.indisunique AND x.indisvalid AND x.indpred IS NULL
-                AND x.indexprs IS NULL
-                AND (SELECT pg_catalog.string_agg(a.attname, ',' ORDER BY a.attname)
-                       FROM pg_catalog.pg_attribute a
-                      WHERE a.attrelid = rel AND a.attnum = ANY (x.indkey::int2[]))
-                    = (SELECT pg_catalog.string_agg(k, ',' ORDER BY k)
-                         FROM pg_catalog.unnest(pg_catalog.string_to_array(keys[i][2], ',')) k);
-            IF NOT FOUND THEN
-                RAISE EXCEPTION 'pg_reaper cannot adopt %: it has no unique index or constraint on exactly (%)', qualified, keys[i][2]
-                    USING ERRCODE = 'invalid_table_definition';
-            END IF;
-        END LOOP;
+    FOR col IN SELECT * FROM @extschema@.pg_reaper_table_problems(true) LOOP
+        RAISE EXCEPTION 'pg_reaper cannot adopt %: %', col.relation, col.problem
+            USING ERRCODE = col.sqlstate;
     END LOOP;
 
     barrier_adopted := pg_catalog.to_regclass('@extschema@.pg_barrier_state') IS NOT NULL;

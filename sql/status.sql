@@ -22,6 +22,33 @@ AS $$
                       FROM @extschema@.pg_barrier_state) x) b
 $$;
 
+-- What changed in the barrier tables under pg_reaper (a column added NOT NULL without a
+-- default, a type changed, a key dropped: the platform's migrations keep changing them), one
+-- line; NULL while its functions can work on them.
+CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_drift()
+RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT string_agg(p.relation || ': ' || p.problem, '; ')
+      FROM @extschema@.pg_reaper_table_problems() p
+$$;
+
+-- The log line when the drift changed: a WARNING naming it, or a LOG once it was fixed.
+CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_warn_drift(drift text)
+RETURNS void
+LANGUAGE plpgsql PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF drift IS NULL THEN
+        RAISE LOG 'pg_reaper: the barrier tables are usable by pg_reaper''s functions again';
+    ELSE
+        RAISE WARNING 'pg_reaper: the barrier tables changed under pg_reaper: %; barrier_enqueue and barrier_claim fail until this is fixed', drift;
+    END IF;
+END
+$$;
+
 -- The row behind the pg_reaper_status view.
 CREATE OR REPLACE FUNCTION @extschema@.reaper_status()
 RETURNS TABLE (
@@ -29,7 +56,8 @@ RETURNS TABLE (
     outbox_pending bigint, outbox_in_flight bigint, outbox_dead bigint, outbox_done bigint,
     oldest_pending_age interval, barriers_live bigint, barriers_stranded bigint,
     worker_state text, failed_ticks bigint,
-    lock_holder_pid integer, lock_holder_role text, lock_holder_application text)
+    lock_holder_pid integer, lock_holder_role text, lock_holder_application text,
+    tables_drift text)
 LANGUAGE sql SECURITY DEFINER PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -37,6 +65,7 @@ AS $$
            g.outbox_pending, g.outbox_in_flight, g.outbox_dead, g.outbox_done,
            g.oldest_pending_age, g.barriers_live, g.barriers_stranded,
            w.worker_state, w.failed_ticks,
-           w.lock_holder_pid, w.lock_holder_role, w.lock_holder_application
+           w.lock_holder_pid, w.lock_holder_role, w.lock_holder_application,
+           @extschema@.pg_reaper_drift()
       FROM @extschema@.pg_reaper_worker() w, @extschema@.pg_reaper_gauges() g
 $$;

@@ -1102,6 +1102,38 @@ mod tests {
     }
 
     #[pg_test]
+    fn the_tables_are_checked_again_at_run_time() {
+        assert_eq!(one::<String>("SELECT pg_reaper_drift()"), None);
+        run("ALTER TABLE pg_barrier_state ALTER COLUMN remaining TYPE bigint");
+        run("ALTER TABLE pg_batch_dedup DROP CONSTRAINT pg_batch_dedup_pkey");
+        let drift = "public.pg_barrier_state: column \"remaining\" is bigint, expected integer; \
+                     public.pg_batch_dedup: it has no unique index or constraint on exactly \
+                     (execution_id,batch_index)";
+        assert_eq!(
+            one::<String>("SELECT pg_reaper_drift()").as_deref(),
+            Some(drift)
+        );
+        assert_eq!(
+            one::<String>("SELECT tables_drift FROM pg_reaper_status").as_deref(),
+            Some(drift)
+        );
+        assert_eq!(
+            json("SELECT barrier_explain('e')->'tables_drift'"),
+            json!(drift)
+        );
+        // The columns pg_reaper adds are needed too, once adopted.
+        run("ALTER TABLE pg_barrier_state ALTER COLUMN remaining TYPE integer");
+        run("ALTER TABLE pg_batch_dedup ADD PRIMARY KEY (execution_id, batch_index)");
+        run("ALTER TABLE pg_barrier_state DROP COLUMN refired_at");
+        assert_eq!(
+            one::<String>("SELECT pg_reaper_drift()").as_deref(),
+            Some(
+                "public.pg_barrier_state: it has no column \"refired_at\" (timestamp with time zone)"
+            )
+        );
+    }
+
+    #[pg_test]
     fn a_hook_that_declines_leaves_nothing_and_the_verdict_is_mark() {
         run("CREATE TABLE refired (e text)");
         run(

@@ -29,6 +29,18 @@ const WARN_NO_ORG: Statement = Statement {
     writes: false,
 };
 
+const DRIFT: Statement = Statement {
+    sql: "SELECT @extschema@.pg_reaper_drift()",
+    args: &[],
+    writes: false,
+};
+
+const WARN_DRIFT: Statement = Statement {
+    sql: "SELECT @extschema@.pg_reaper_warn_drift($1)",
+    args: &[pg_sys::TEXTOID],
+    writes: false,
+};
+
 const BATCH_SIZE: Statement = Statement {
     sql: "SELECT @extschema@.pg_reaper_setting('pg_reaper.batch_size')::int8",
     args: &[],
@@ -96,6 +108,21 @@ pub fn walk_step(schema: pg_sys::Oid, walk: &Walk) -> (Step, Walk) {
         Ok::<_, pgrx::spi::SpiError>((step, next))
     })
     .unwrap_or_else(|e| error!("pg_reaper: reaping: {e}"))
+}
+
+/// What changed in the barrier tables under pg_reaper (None while its functions can work on
+/// them), logged when it is not `last`.
+pub fn drift(schema: pg_sys::Oid, last: Option<&str>) -> Option<String> {
+    Spi::connect_mut(|client| {
+        let now = plan::run(client, schema, &DRIFT, &[])?
+            .first()
+            .get::<String>(1)?;
+        if now.as_deref() != last {
+            plan::run(client, schema, &WARN_DRIFT, &[now.clone().into()])?;
+        }
+        Ok::<_, pgrx::spi::SpiError>(now)
+    })
+    .unwrap_or_else(|e| error!("pg_reaper: checking the barrier tables: {e}"))
 }
 
 /// Counts the strands nobody can recover (no organization) and, when their number is not

@@ -4,7 +4,8 @@
 //! short transaction, what the worker may do (is there a database, the extension, a primary,
 //! is it enabled, does it hold the leader lock) and, as leader, runs its chores, each in a
 //! transaction of its own with a lock and a statement timeout: reap, re-offer intents whose
-//! relay lease expired, sweep orphaned dedup markers, prune done intents. A failing chore is
+//! relay lease expired, sweep orphaned dedup markers, prune done intents, check the barrier
+//! tables (the platform's migrations change them: a drift is named in a WARNING). A failing chore is
 //! rolled back and logged with its SQLSTATE, the others still run, and the next tick runs: the
 //! worker never takes the server down and never spins in a crash-restart loop. It shows what it
 //! is doing in `pg_stat_activity`, flushes its table statistics after its commits (autovacuum
@@ -407,6 +408,8 @@ struct Worker {
     installed_version: String,
     consecutive_failures: u64,
     last_no_org: i32,
+    /// What changed in the barrier tables, as last logged (None: usable).
+    last_drift: Option<String>,
     /// Where the walk over the strands stands (see `reap::walk_step`).
     walk: reap::Walk,
     /// When the sweep and the prune last ran: once per naptime, also while catching up.
@@ -430,6 +433,8 @@ enum Chore {
     ReofferLeases,
     SweepMarkers,
     PruneDone,
+    /// Once per naptime: the barrier tables as the platform's migrations left them.
+    CheckTables,
 }
 
 impl Chore {
@@ -442,6 +447,7 @@ impl Chore {
             Chore::ReofferLeases => "re-offer expired leases",
             Chore::SweepMarkers => "sweep dedup markers",
             Chore::PruneDone => "prune done intents",
+            Chore::CheckTables => "check the barrier tables",
         }
     }
 
@@ -454,6 +460,7 @@ impl Chore {
             Chore::ReofferLeases => c"pg_reaper: re-offer expired leases",
             Chore::SweepMarkers => c"pg_reaper: sweep dedup markers",
             Chore::PruneDone => c"pg_reaper: prune done intents",
+            Chore::CheckTables => c"pg_reaper: check the barrier tables",
         }
     }
 }
@@ -571,7 +578,14 @@ impl Worker {
             let swept =
                 self.run_chore(Chore::SweepMarkers, || outbox::sweep_orphan_markers(schema));
             let pruned = self.run_chore(Chore::PruneDone, || outbox::prune_done(schema));
-            done.failed |= swept.is_none() || pruned.is_none();
+            // Named in a WARNING when it changes, not every time.
+            let last = self.last_drift.clone();
+            let checked =
+                self.run_chore(Chore::CheckTables, || reap::drift(schema, last.as_deref()));
+            done.failed |= swept.is_none() || pruned.is_none() || checked.is_none();
+            if let Some(drift) = checked {
+                self.last_drift = drift;
+            }
             done.work.swept = swept.unwrap_or(0);
             done.work.pruned = pruned.unwrap_or(0);
             self.last_housekeeping = Some(std::time::Instant::now());

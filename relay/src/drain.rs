@@ -195,16 +195,21 @@ impl Shared {
 }
 
 /// Reads `pg_reaper_status` into the metrics every poll interval, on a connection of its own.
-/// A role without the grants for it gets one WARNING, and the database gauges stay absent.
-fn collect_database_gauges(
+/// A change of the barrier tables that breaks pg_reaper's functions is logged as an ERROR from
+/// the first read on (at start, too), and once more when it is fixed. With `gauges` (metrics
+/// served), a role without the grants for the view gets one WARNING, and the database gauges
+/// stay absent.
+fn watch_status(
     target: crate::db::Target,
     transaction_idle: Duration,
     every: Duration,
     metrics: Arc<Metrics>,
+    gauges: bool,
 ) {
     tokio::spawn(async move {
         let mut store: Option<Store> = None;
         let mut warned = false;
+        let mut drift: Option<String> = None;
         loop {
             if store.as_ref().is_none_or(Store::is_closed) {
                 store = Store::connect(&target, None, transaction_idle).await.ok();
@@ -212,12 +217,23 @@ fn collect_database_gauges(
             if let Some(s) = &store {
                 match s.status().await {
                     Ok(g) => {
+                        if g.tables_drift != drift {
+                            match &g.tables_drift {
+                                Some(d) => error!(
+                                    drift = %d,
+                                    "the barrier tables changed under pg_reaper: barrier_enqueue \
+                                     and barrier_claim fail until this is fixed"
+                                ),
+                                None => info!("the barrier tables are usable again"),
+                            }
+                            drift = g.tables_drift.clone();
+                        }
                         metrics.database(Some(g));
                         warned = false;
                     }
                     Err(e) => {
                         metrics.database(None);
-                        if !warned {
+                        if gauges && !warned {
                             warn!(error = %e, "cannot read pg_reaper_status for the database gauges \
                                    (the relay's role needs SELECT on it and EXECUTE on reaper_status())");
                             warned = true;
@@ -312,12 +328,13 @@ pub async fn run(
     database_gauges: bool,
     shutdown: watch::Receiver<bool>,
 ) -> i32 {
-    if database_gauges {
-        collect_database_gauges(
+    if !settings.once {
+        watch_status(
             settings.database.clone(),
             settings.transaction_idle(),
             settings.poll_interval,
             metrics.clone(),
+            database_gauges,
         );
     }
     metrics.api_reachable(true);

@@ -41,6 +41,8 @@ pub struct DbGauges {
     /// None without a worker serving this database.
     pub worker_last_tick_age_seconds: Option<f64>,
     pub worker_failed_ticks: Option<i64>,
+    /// What changed in the barrier tables under pg_reaper; None while they are usable.
+    pub tables_drift: Option<String>,
 }
 
 pub struct Metrics {
@@ -290,6 +292,13 @@ impl Collector for Database {
                 age,
             )?;
         }
+        gauge(
+            &mut encoder,
+            "pg_reaper_tables_drift",
+            "Whether the barrier tables changed so that pg_reaper's functions cannot work on them \
+             (pg_reaper_status.tables_drift says how).",
+            i64::from(db.tables_drift.is_some()),
+        )?;
         if let Some(n) = db.worker_failed_ticks {
             let metric = encoder.encode_descriptor(
                 "pg_reaper_worker_failed_ticks",

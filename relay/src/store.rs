@@ -52,7 +52,7 @@ const STATUS: &str = "SELECT outbox_pending, outbox_in_flight, outbox_dead, outb
                              extract(epoch FROM oldest_pending_age)::float8,
                              barriers_live, barriers_stranded, leader_pid IS NOT NULL,
                              extract(epoch FROM pg_catalog.now() - last_tick_at)::float8,
-                             failed_ticks
+                             failed_ticks, tables_drift
                         FROM @extschema@.pg_reaper_status";
 
 /// A Postgres `interval` from a Duration, sent in the binary form (microseconds, no days or
@@ -295,6 +295,7 @@ impl Store {
             worker_leader: column(&r, 7)?,
             worker_last_tick_age_seconds: column(&r, 8)?,
             worker_failed_ticks: column(&r, 9)?,
+            tables_drift: column(&r, 10)?,
         })
     }
 

@@ -618,6 +618,87 @@ fn the_platforms_queue_hook_enqueues_the_row_its_worker_would_and_declines_the_r
     );
 }
 
+/// A later migration of the platform's (Django adds a NOT NULL column with a default, then drops
+/// the default) breaks the functions' INSERTs: the worker (or the tick) names the change in a
+/// WARNING, the status view and barrier_explain show it, the relay logs it and exports it, and
+/// the failing call names the column; once fixed, all of them clear.
+#[test]
+fn a_platform_migration_that_breaks_the_tables_is_reported_at_run_time() {
+    let env = Env::adopting("adoptdrift");
+    let mut c = env.db();
+    let mut relay = env.spawn_relay(&[]);
+    assert_eq!(
+        json(
+            &mut c,
+            "SELECT to_jsonb(tables_drift) FROM pg_reaper_status"
+        ),
+        Value::Null
+    );
+    // Django's AddField(models.CharField(default="eu")) on PostgreSQL.
+    c.batch_execute(
+        "BEGIN;
+         ALTER TABLE unstract.pg_barrier_state ADD COLUMN region varchar(16) DEFAULT 'eu' NOT NULL;
+         ALTER TABLE unstract.pg_barrier_state ALTER COLUMN region DROP DEFAULT;
+         COMMIT;",
+    )
+    .expect("the platform's migration");
+    let drift = "unstract.pg_barrier_state: column \"region\" is NOT NULL without a default, and pg_reaper's functions do not fill it";
+    assert_eq!(
+        json(
+            &mut c,
+            "SELECT to_jsonb(tables_drift) FROM pg_reaper_status"
+        ),
+        json!(drift)
+    );
+    assert_eq!(
+        json(&mut c, "SELECT barrier_explain('any')->'tables_drift'"),
+        json!(drift)
+    );
+    wait_for(60, "the WARNING naming the change", || {
+        env.cluster
+            .log()
+            .contains(&format!(
+                "WARNING:  pg_reaper: the barrier tables changed under pg_reaper: {drift}"
+            ))
+            .then_some(())
+    });
+    wait_for(60, "the relay's ERROR naming it", || {
+        relay
+            .log()
+            .contains("the barrier tables changed under pg_reaper")
+            .then_some(())
+    });
+    let err = c
+        .execute("SELECT barrier_enqueue('after-migration', 'org-a', 2)", &[])
+        .expect_err("the INSERT cannot fill the new column");
+    let db = err.as_db_error().expect("a server error");
+    assert_eq!(
+        (db.code().code(), db.column()),
+        ("23502", Some("region")),
+        "{db:?}"
+    );
+
+    // Fixed with a default: usable again, and said so.
+    c.batch_execute("ALTER TABLE unstract.pg_barrier_state ALTER COLUMN region SET DEFAULT 'eu'")
+        .expect("fix");
+    assert_eq!(
+        json(
+            &mut c,
+            "SELECT to_jsonb(tables_drift) FROM pg_reaper_status"
+        ),
+        Value::Null
+    );
+    c.execute("SELECT barrier_enqueue('after-fix', 'org-a', 2)", &[])
+        .expect("enqueue again");
+    wait_for(60, "the relay's line that it is fixed", || {
+        relay
+            .log()
+            .contains("the barrier tables are usable again")
+            .then_some(())
+    });
+    relay.terminate();
+}
+
 /// Tables the platform could have but pg_reaper cannot work with, and the error each gets.
 #[test]
 fn a_table_that_cannot_be_adopted_fails_create_extension_and_changes_nothing() {

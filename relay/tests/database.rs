@@ -249,7 +249,8 @@ fn a_relay_naming_primary_and_standby_follows_a_failover_by_itself() {
     });
     env.api.execution("after", "org", "EXECUTING");
     pg_reaper_tests::strand(&mut p, "after", "org", 1);
-    assert_eq!(env.reap(&mut p), 1);
+    // Queued here, or already by the relay's own tick in the extension-free edition.
+    env.reap(&mut p);
     wait_for(
         120,
         "the intent queued on the new primary recovered",

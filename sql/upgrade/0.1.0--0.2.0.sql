@@ -90,6 +90,8 @@ STABLE STRICT PARALLEL SAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'pg_reaper_guc_wrapper';
 
+-- @adoption: the check of the barrier tables, as sql/schema.sql defines it
+
 -- @functions: every function, as a fresh install creates it (sql/*.sql, in src/lib.rs's order)
 
 -- @finalize: the status view and the revocation from PUBLIC, as a fresh install does them
