@@ -1,5 +1,5 @@
 # pg_reaper's entry points. Each installs what it uses when it is missing (scripts/setup.sh).
-.PHONY: help test check run bench soak setup install lint audit package portable
+.PHONY: help test check run bench soak setup install lint audit package portable images
 
 help: ## this list
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{ printf "  make %-8s %s\n", $$1, $$2 }'
@@ -40,3 +40,6 @@ portable: ## the extension-free edition: one SQL file, target/portable/pg_reaper
 
 package: ## the Debian packages of the extension and the relay
 	bash scripts/package.sh
+
+images: ## the database and relay container images (podman, from Debian and the packages)
+	bash scripts/containers.sh

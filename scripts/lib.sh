@@ -50,3 +50,8 @@ wait_for_port() {
   echo "nothing listens on port $1" >&2
   return 1
 }
+
+# podman as these machines need it (cgroups in hybrid mode, no CAP_SYS_RESOURCE): runc and
+# cgroupfs; `pod_run` adds the limits crun's defaults would fail to set, and the host network.
+pod() { podman --runtime runc --cgroup-manager cgroupfs "$@"; }
+pod_run() { pod run --ulimit nofile=1024:1024 --ulimit nproc=4096:4096 --network host "$@"; }

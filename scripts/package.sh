@@ -63,7 +63,8 @@ Package: pg-reaper-relay
 Version: $VERSION
 Architecture: $ARCH
 Maintainer: pg_reaper developers <pg-reaper@localhost>
-Depends: libc6, systemd
+Depends: libc6
+Suggests: systemd
 Section: database
 Priority: optional
 Description: drains pg_reaper's outbox into the platform's internal status API

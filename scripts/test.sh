@@ -67,6 +67,8 @@ if [ "$FULL" = 15 ]; then
   rm -f "$LOG.run"
   echo "== Debian packages: built, installed with apt-get, used, removed"
   bash scripts/package_test.sh
+  echo "== container images: built with podman from Debian and the packages, run as the platform's compose runs them"
+  bash scripts/containers_test.sh
 fi
 echo "== PostgreSQL $FULL, everything: $((SECONDS - start)) s"
 

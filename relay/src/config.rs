@@ -30,9 +30,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     about = "Drains pg_reaper's outbox of recovery intents into the platform's internal status API"
 )]
 pub struct Args {
-    /// Postgres connection string (libpq URL or key=value) of the database with pg_reaper.
+    /// Postgres connection string (libpq URL or key=value) of the database with pg_reaper (else
+    /// built from the platform's DB_HOST, DB_PORT, DB_USER, DB_PASSWORD and DB_NAME).
     #[arg(long, env = "PG_REAPER_DATABASE_URL", hide_env_values = true)]
-    pub database_url: String,
+    pub database_url: Option<String>,
     /// Base URL of the internal API, e.g. http://backend:8000/internal (else the platform's
     /// INTERNAL_API_BASE_URL).
     #[arg(long, env = "PG_REAPER_API_BASE_URL")]
@@ -125,6 +126,35 @@ impl fmt::Debug for ApiKey {
 /// relay can share the platform's env files.
 const PLATFORM_BASE_URL: &str = "INTERNAL_API_BASE_URL";
 const PLATFORM_KEY: &str = "INTERNAL_SERVICE_API_KEY";
+
+/// `--database-url` (or `PG_REAPER_DATABASE_URL`), else a key=value string from the platform's
+/// `DB_HOST` (required then), `DB_PORT`, `DB_USER`, `DB_PASSWORD` and `DB_NAME`.
+pub fn database_url(args: &Args) -> Result<String, String> {
+    if let Some(url) = &args.database_url {
+        return Ok(url.clone());
+    }
+    let Some(host) = env("DB_HOST") else {
+        return Err(
+            "--database-url is required (a flag, PG_REAPER_DATABASE_URL, or the platform's \
+             DB_HOST with DB_PORT, DB_USER, DB_PASSWORD and DB_NAME)"
+                .to_string(),
+        );
+    };
+    // key=value syntax: a value in single quotes, with \ and ' escaped.
+    let quoted = |v: String| format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"));
+    let mut parts = vec![format!("host={}", quoted(host))];
+    for (key, var) in [
+        ("port", "DB_PORT"),
+        ("user", "DB_USER"),
+        ("password", "DB_PASSWORD"),
+        ("dbname", "DB_NAME"),
+    ] {
+        if let Some(v) = env(var) {
+            parts.push(format!("{key}={}", quoted(v)));
+        }
+    }
+    Ok(parts.join(" "))
+}
 
 /// A variable that is set and not empty.
 fn env(name: &str) -> Option<String> {

@@ -48,7 +48,8 @@ fn start(args: config::Args) -> Result<i32, Error> {
         ));
     }
     let settings = drain::Settings {
-        database: db::Target::parse(&args.database_url).map_err(Error::Config)?,
+        database: db::Target::parse(&config::database_url(&args).map_err(Error::Config)?)
+            .map_err(Error::Config)?,
         concurrency: args.concurrency as usize,
         policy: Policy {
             lease: args.lease,

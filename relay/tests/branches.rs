@@ -823,8 +823,15 @@ fn the_platforms_own_variables_and_bare_seconds() {
     let mut cmd = env.relay_command(&["--once"]);
     cmd.env_remove("PG_REAPER_API_BASE_URL")
         .env_remove("PG_REAPER_API_KEY_FILE")
+        .env_remove("PG_REAPER_DATABASE_URL")
         .env("INTERNAL_API_BASE_URL", env.api.base_url())
         .env("INTERNAL_SERVICE_API_KEY", key.trim())
+        .env("DB_HOST", "127.0.0.1")
+        .env("DB_PORT", env.cluster.port.to_string())
+        .env("DB_USER", "postgres")
+        // Unused (trust), but it must survive the connection string's quoting.
+        .env("DB_PASSWORD", r"it's a \ secret")
+        .env("DB_NAME", &env.db)
         .env("PG_REAPER_HTTP_TIMEOUT", "120")
         .env("PG_REAPER_SETTLE_DELAY", "240");
     let out = common::run_ok(&mut cmd);
