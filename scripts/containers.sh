@@ -5,7 +5,8 @@
 #   localhost/pg-reaper-debian:bookworm   Debian 12 minbase with PostgreSQL 15 (built once)
 #   localhost/pg-reaper-db:<version>      pg_reaper preloaded, pg-reaper-init inside
 #   localhost/pg-reaper-relay:<version>   the relay, as nobody
-# PACKAGE_PROFILE=debug packages the debug builds (the container test does).
+# PACKAGE_PROFILE=debug packages the debug builds; DEBS="a.deb b.deb" takes packages already
+# built instead (the container test, right after the package test built them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SETUP_FOR=images bash scripts/setup.sh
@@ -22,7 +23,11 @@ if ! pod image exists "$BASE"; then
   rm -f "$work/rootfs.tar"
 fi
 
-mapfile -t debs < <(bash scripts/package.sh)
+if [ -n "${DEBS:-}" ]; then
+  read -r -a debs <<< "$DEBS"
+else
+  mapfile -t debs < <(bash scripts/package.sh)
+fi
 context="$work/context"
 rm -rf "$context" && mkdir -p "$context"
 cp deploy/containers/* "${debs[@]}" "$context/"

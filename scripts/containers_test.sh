@@ -12,6 +12,8 @@ cd "$(dirname "$0")/.."
 source scripts/lib.sh
 fail() { echo "container test: $*" >&2; exit 1; }
 
+# DEBS: the packages to build the images from (make test passes the package test's); else the
+# debug builds are packaged here.
 mapfile -t images < <(PACKAGE_PROFILE=debug bash scripts/containers.sh)
 DB_IMAGE="${images[0]}"; RELAY_IMAGE="${images[1]}"
 cargo build --locked -q -p pg-reaper-sample-api

@@ -68,7 +68,8 @@ if [ "$FULL" = 15 ]; then
   echo "== Debian packages: built, installed with apt-get, used, removed"
   bash scripts/package_test.sh
   echo "== container images: built with podman from Debian and the packages, run as the platform's compose runs them"
-  bash scripts/containers_test.sh
+  DEBS="$(echo target/package/postgresql-15-pg-reaper_*.deb target/package/pg-reaper-relay_*.deb)" \
+    bash scripts/containers_test.sh
 fi
 echo "== PostgreSQL $FULL, everything: $((SECONDS - start)) s"
 

@@ -130,10 +130,15 @@ const PLATFORM_KEY: &str = "INTERNAL_SERVICE_API_KEY";
 /// `--database-url` (or `PG_REAPER_DATABASE_URL`), else a key=value string from the platform's
 /// `DB_HOST` (required then), `DB_PORT`, `DB_USER`, `DB_PASSWORD` and `DB_NAME`.
 pub fn database_url(args: &Args) -> Result<String, String> {
-    if let Some(url) = &args.database_url {
-        return Ok(url.clone());
+    match &args.database_url {
+        Some(url) => Ok(url.clone()),
+        None => database_url_from(env),
     }
-    let Some(host) = env("DB_HOST") else {
+}
+
+/// The key=value connection string from the platform's DB_* variables, as `var` reads them.
+fn database_url_from(var: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let Some(host) = var("DB_HOST") else {
         return Err(
             "--database-url is required (a flag, PG_REAPER_DATABASE_URL, or the platform's \
              DB_HOST with DB_PORT, DB_USER, DB_PASSWORD and DB_NAME)"
@@ -143,13 +148,13 @@ pub fn database_url(args: &Args) -> Result<String, String> {
     // key=value syntax: a value in single quotes, with \ and ' escaped.
     let quoted = |v: String| format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"));
     let mut parts = vec![format!("host={}", quoted(host))];
-    for (key, var) in [
+    for (key, name) in [
         ("port", "DB_PORT"),
         ("user", "DB_USER"),
         ("password", "DB_PASSWORD"),
         ("dbname", "DB_NAME"),
     ] {
-        if let Some(v) = env(var) {
+        if let Some(v) = var(name) {
             parts.push(format!("{key}={}", quoted(v)));
         }
     }
@@ -214,6 +219,34 @@ mod tests {
         for bad in ["s", "-1s", "-1", "5 parsecs", "", "0s", "0", "1.5"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_platforms_db_variables_make_a_quoted_connection_string() {
+        let vars = |name: &str| {
+            match name {
+                "DB_HOST" => Some("unstract-db"),
+                "DB_PORT" => Some("5432"),
+                "DB_USER" => Some("unstract_dev"),
+                "DB_PASSWORD" => Some(r"it's a \ secret"),
+                _ => None,
+            }
+            .map(str::to_string)
+        };
+        assert_eq!(
+            database_url_from(vars),
+            Ok(
+                r"host='unstract-db' port='5432' user='unstract_dev' password='it\'s a \\ secret'"
+                    .to_string()
+            )
+        );
+        assert!(database_url_from(|_| None).is_err());
+        // What tokio-postgres reads back is the password as written.
+        let config: tokio_postgres::Config = database_url_from(vars)
+            .expect("a string")
+            .parse()
+            .expect("key=value");
+        assert_eq!(config.get_password(), Some(r"it's a \ secret".as_bytes()));
     }
 
     #[test]
