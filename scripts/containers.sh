@@ -37,3 +37,5 @@ for image in db relay; do
     --build-arg BASE="$BASE" -f "$context/Containerfile.$image" -t "localhost/pg-reaper-$image:$VERSION" "$context" >/dev/null
   echo "localhost/pg-reaper-$image:$VERSION"
 done
+# A rebuild leaves the previous images untagged: remove them rather than fill the disk.
+pod image prune -f >/dev/null
