@@ -9,7 +9,7 @@
 # built instead (the container test, right after the package test built them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SETUP_FOR=images bash scripts/setup.sh
+SETUP_FOR=images bash scripts/setup.sh >&2
 source scripts/lib.sh
 VERSION="$(sed -nE 's/^version = "([0-9.]+)"$/\1/p' Cargo.toml | head -1)"
 BASE=localhost/pg-reaper-debian:bookworm

@@ -15,6 +15,7 @@ fail() { echo "container test: $*" >&2; exit 1; }
 # DEBS: the packages to build the images from (make test passes the package test's); else the
 # debug builds are packaged here.
 mapfile -t images < <(PACKAGE_PROFILE=debug bash scripts/containers.sh)
+[ "${#images[@]}" = 2 ] || fail "make images built ${#images[@]} images, not 2"
 DB_IMAGE="${images[0]}"; RELAY_IMAGE="${images[1]}"
 cargo build --locked -q -p pg-reaper-sample-api
 PG_PORT="${CONTAINER_TEST_PG_PORT:-25479}"; API_PORT="${CONTAINER_TEST_API_PORT:-25480}"

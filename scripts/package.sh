@@ -9,7 +9,7 @@
 set -euo pipefail
 export PATH="$HOME/.cargo/bin:$PATH"
 cd "$(dirname "$0")/.."
-SETUP_FOR=build bash scripts/setup.sh
+SETUP_FOR=build bash scripts/setup.sh >&2
 PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 VERSION="$(sed -nE 's/^version = "([0-9.]+)"$/\1/p' Cargo.toml | head -1)"
 ARCH="$(dpkg --print-architecture)"
