@@ -1228,9 +1228,9 @@ BEGIN
         RETURN QUERY SELECT 'rearmed', NULL::integer;
         RETURN;
     END IF;
-    hook := @extschema@.pg_reaper_hook();
     -- An operator's choice, checked again now: the callback or the hook may have gone since.
     IF intent.action = 'refire' THEN
+        hook := @extschema@.pg_reaper_hook();
         IF NOT b.has_callback OR hook IS NULL THEN
             RAISE EXCEPTION 'cannot re-fire execution % as asked by barrier_recover(): its barrier has no callback or pg_reaper.refire_function is empty', intent.execution_id;
         END IF;
@@ -1239,12 +1239,20 @@ BEGIN
                 USING ERRCODE = 'feature_not_supported';
         END IF;
         RETURN QUERY SELECT 'refire', b.left_;
+        RETURN;
     ELSIF intent.action = 'error' THEN
         RETURN QUERY SELECT 'mark', b.left_;
+        RETURN;
     ELSIF NOT b.stranded THEN
         RETURN QUERY SELECT 'rearmed', b.left_;
-    ELSIF b.left_ = 0 AND b.has_callback AND NOT b.refired AND hook IS NOT NULL
-          AND @extschema@.pg_reaper_refire(intent.execution_id, intent.organization_id, hook) THEN
+        RETURN;
+    END IF;
+    -- Stranded: re-fired where it can be (the hook is looked up only then), else marked.
+    IF b.left_ = 0 AND b.has_callback AND NOT b.refired THEN
+        hook := @extschema@.pg_reaper_hook();
+    END IF;
+    IF hook IS NOT NULL
+       AND @extschema@.pg_reaper_refire(intent.execution_id, intent.organization_id, hook) THEN
         RETURN QUERY SELECT 'refire', b.left_;
     ELSE
         RETURN QUERY SELECT 'mark', b.left_;

@@ -96,6 +96,11 @@ fn every_schedule_keeps_the_invariants() {
 #[test]
 fn the_simulation_finds_the_defects_of_earlier_rounds() {
     let budget = schedules().min(2_000);
+    let defect = |d: Defects| Config {
+        defects: d,
+        ..Config::default()
+    };
+    let none = Defects::default();
     let defects = [
         (
             "no settle delay",
@@ -106,43 +111,31 @@ fn the_simulation_finds_the_defects_of_earlier_rounds() {
         ),
         (
             "resolve without the claim's fence",
-            Config {
-                defects: Defects {
-                    unfenced_resolve: true,
-                    ..Defects::default()
-                },
-                ..Config::default()
-            },
+            defect(Defects {
+                unfenced_resolve: true,
+                ..none
+            }),
         ),
         (
             "a re-offer that waits on a locked row",
-            Config {
-                defects: Defects {
-                    reoffer_waits: true,
-                    ..Defects::default()
-                },
-                ..Config::default()
-            },
+            defect(Defects {
+                reoffer_waits: true,
+                ..none
+            }),
         ),
         (
             "a re-fire that removes the barrier at once",
-            Config {
-                defects: Defects {
-                    refire_removes_barrier: true,
-                    ..Defects::default()
-                },
-                ..Config::default()
-            },
+            defect(Defects {
+                refire_removes_barrier: true,
+                ..none
+            }),
         ),
         (
             "a re-fire that leaves no stamp",
-            Config {
-                defects: Defects {
-                    refire_unstamped: true,
-                    ..Defects::default()
-                },
-                ..Config::default()
-            },
+            defect(Defects {
+                refire_unstamped: true,
+                ..none
+            }),
         ),
     ];
     for (name, config) in defects {

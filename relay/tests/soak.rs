@@ -149,6 +149,7 @@ fn sustained_load_ends_every_execution_exactly_once() {
          CREATE FUNCTION public.refire(e text, o text, cb jsonb, r jsonb) RETURNS void
          LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
              INSERT INTO public.refired VALUES (e, cb, r);
+             SELECT pg_notify('refired', e);
              UPDATE public.pg_barrier_state
                 SET expires_at = now() + interval '1 hour', last_progress_at = now() + interval '1 hour'
               WHERE execution_id = e $$;
@@ -199,6 +200,7 @@ fn sustained_load_ends_every_execution_exactly_once() {
         let finished = done.clone();
         let handle = std::thread::spawn(move || {
             let mut c = env.db();
+            c.batch_execute("LISTEN refired").expect("listen");
             while !finished.load(Relaxed) {
                 let ids: Vec<String> = c
                     .query(
@@ -218,9 +220,12 @@ fn sustained_load_ends_every_execution_exactly_once() {
                         c.execute("SELECT barrier_finish($1)", &[id]),
                     );
                 }
-                if ids.is_empty() {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
+                // Until the next re-fire commits (its NOTIFY), or a moment to look at the flag.
+                use postgres::fallible_iterator::FallibleIterator;
+                let _ = c
+                    .notifications()
+                    .timeout_iter(Duration::from_millis(500))
+                    .next();
             }
         });
         (handle, done)
