@@ -654,19 +654,31 @@ fn a_platform_migration_that_breaks_the_tables_is_reported_at_run_time() {
         json(&mut c, "SELECT barrier_explain('any')->'tables_drift'"),
         json!(drift)
     );
+    // On a timeout, the lines last seen say what happened instead.
+    let seen = |log: String, word: &str, line: &str| {
+        if log.contains(line) {
+            Ok(())
+        } else {
+            Err(log
+                .lines()
+                .filter(|l| l.contains(word))
+                .collect::<Vec<_>>()
+                .join("\n"))
+        }
+    };
     wait_for(60, "the WARNING naming the change", || {
-        env.cluster
-            .log()
-            .contains(&format!(
-                "WARNING:  pg_reaper: the barrier tables changed under pg_reaper: {drift}"
-            ))
-            .then_some(())
+        seen(
+            env.cluster.log(),
+            "pg_reaper",
+            &format!("WARNING:  pg_reaper: the barrier tables changed under pg_reaper: {drift}"),
+        )
     });
     wait_for(60, "the relay's ERROR naming it", || {
-        relay
-            .log()
-            .contains("the barrier tables changed under pg_reaper")
-            .then_some(())
+        seen(
+            relay.log(),
+            "",
+            "the barrier tables changed under pg_reaper",
+        )
     });
     let err = c
         .execute("SELECT barrier_enqueue('after-migration', 'org-a', 2)", &[])
@@ -691,10 +703,7 @@ fn a_platform_migration_that_breaks_the_tables_is_reported_at_run_time() {
     c.execute("SELECT barrier_enqueue('after-fix', 'org-a', 2)", &[])
         .expect("enqueue again");
     wait_for(60, "the relay's line that it is fixed", || {
-        relay
-            .log()
-            .contains("the barrier tables are usable again")
-            .then_some(())
+        seen(relay.log(), "", "the barrier tables are usable again")
     });
     relay.terminate();
 }
