@@ -137,6 +137,8 @@ BEGIN
         results = '[]',
         callback = excluded.callback,
         refired_at = NULL,
+        callback_due_at = NULL,
+        cut_from = NULL,
         created_at = excluded.created_at,
         expires_at = excluded.expires_at,
         last_progress_at = excluded.last_progress_at
@@ -181,7 +183,10 @@ $$;
 -- that saw 0, with every batch's result in order (it fires the callback, then calls
 -- barrier_finish); `abandoned` when there is no barrier, or it went below 0 (then it is deleted,
 -- as a torn-down barrier). The results go only to the caller that completes: shipping the growing
--- array back on every decrement would make a fan-out of n batches cost O(n^2).
+-- array back on every decrement would make a fan-out of n batches cost O(n^2). A barrier with a
+-- callback, completed while a re-fire hook is configured, is given until now +
+-- pg_reaper.callback_timeout to be finished (callback_due_at): past that, the worker strands it
+-- and the relay re-fires the callback.
 --
 --   SELECT status, remaining, results FROM barrier_decrement('exec-1', '{"files": 10}');
 CREATE OR REPLACE FUNCTION @extschema@.barrier_decrement(execution_id text, result jsonb DEFAULT NULL)
@@ -193,6 +198,7 @@ DECLARE
     eid CONSTANT text := barrier_decrement.execution_id;
     left_ integer;
     all_ jsonb;
+    has_callback boolean;
 BEGIN
     IF eid IS NULL OR eid OPERATOR(pg_catalog.=) ''
        OR pg_catalog.octet_length(eid) OPERATOR(pg_catalog.>) 1024 THEN
@@ -203,8 +209,9 @@ BEGIN
            results = results OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_array(barrier_decrement.result),
            last_progress_at = pg_catalog.now()
      WHERE execution_id OPERATOR(pg_catalog.=) eid
-    RETURNING remaining, CASE WHEN remaining OPERATOR(pg_catalog.=) 0 THEN results END
-         INTO left_, all_;
+    RETURNING remaining, CASE WHEN remaining OPERATOR(pg_catalog.=) 0 THEN results END,
+              callback IS NOT NULL
+         INTO left_, all_, has_callback;
     IF NOT FOUND THEN
         RETURN ROW('abandoned', NULL, NULL)::@extschema@.barrier_decrement_result;
     ELSIF left_ OPERATOR(pg_catalog.<) 0 THEN
@@ -212,9 +219,161 @@ BEGIN
          WHERE execution_id OPERATOR(pg_catalog.=) eid AND remaining OPERATOR(pg_catalog.<) 0;
         RETURN ROW('abandoned', left_, NULL)::@extschema@.barrier_decrement_result;
     ELSIF left_ OPERATOR(pg_catalog.=) 0 THEN
+        IF has_callback THEN
+            PERFORM @extschema@.pg_reaper_await_callback(eid);
+        END IF;
         RETURN ROW('complete', 0, all_)::@extschema@.barrier_decrement_result;
     END IF;
     RETURN ROW('pending', left_, NULL)::@extschema@.barrier_decrement_result;
+END
+$$;
+
+-- The final decrement of a barrier with a callback: sets the callback's deadline, now +
+-- pg_reaper.callback_timeout, when a re-fire hook is configured and the timeout is not 0.
+-- (Without a hook an unfinished barrier waits for the stuck timeout, as before: stranding it
+-- early could only end in an earlier ERROR mark.)
+CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_await_callback(id text)
+RETURNS void
+LANGUAGE plpgsql PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    timeout CONSTANT interval := @extschema@.pg_reaper_duration('pg_reaper.callback_timeout');
+BEGIN
+    IF timeout > interval '0' AND btrim(@extschema@.pg_reaper_setting('pg_reaper.refire_function')) <> '' THEN
+        UPDATE @extschema@.pg_barrier_state b SET callback_due_at = now() + timeout
+         WHERE b.execution_id = pg_reaper_await_callback.id;
+    END IF;
+END
+$$;
+
+-- barrier_claim_lease(execution_id, batch_index, lease): barrier_claim with a lease. Returns the
+-- claim's fencing token, or NULL when the batch must be skipped: it is done, or another claim's
+-- lease on it lives. A batch whose lease lapsed (its worker died, or stopped renewing) is claimed
+-- again with a new, larger token: the old one is refused from then on. Renew the lease with
+-- barrier_renew_lease well within its length, count the batch down with barrier_decrement_lease.
+-- A lease that lapsed and that nobody claims again within pg_reaper.reclaim_timeout strands the
+-- execution at the worker's next tick. A batch claimed without a lease (barrier_claim) is never
+-- claimed again, as before.
+--
+--   SELECT barrier_claim_lease('exec-1', 0, '60 seconds');   -- 17, then NULL while it lives
+CREATE OR REPLACE FUNCTION @extschema@.barrier_claim_lease(execution_id text, batch_index integer,
+                                                           lease interval DEFAULT '60 seconds')
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER PARALLEL UNSAFE
+AS $$
+#variable_conflict use_column
+DECLARE
+    f CONSTANT text := 'barrier_claim_lease';
+    eid CONSTANT text := barrier_claim_lease.execution_id;
+    token bigint;
+BEGIN
+    IF eid IS NULL OR eid OPERATOR(pg_catalog.=) ''
+       OR pg_catalog.octet_length(eid) OPERATOR(pg_catalog.>) 1024
+       OR barrier_claim_lease.batch_index IS NULL OR barrier_claim_lease.batch_index OPERATOR(pg_catalog.<) 0
+       OR lease IS NULL
+       OR NOT pg_catalog.now() OPERATOR(pg_catalog.+) lease OPERATOR(pg_catalog.>) pg_catalog.now() THEN
+        PERFORM @extschema@.pg_reaper_lease_args(f, eid, barrier_claim_lease.batch_index, 0, lease);
+    END IF;
+    INSERT INTO @extschema@.pg_batch_dedup AS d
+        (execution_id, batch_index, created_at, lease_token, lease_expires_at)
+    VALUES (eid, barrier_claim_lease.batch_index, pg_catalog.now(),
+            pg_catalog.nextval('@extschema@.pg_reaper_lease_token_seq'::pg_catalog.regclass),
+            pg_catalog.now() OPERATOR(pg_catalog.+) lease)
+    ON CONFLICT (execution_id, batch_index) DO UPDATE
+       SET lease_token = excluded.lease_token, lease_expires_at = excluded.lease_expires_at
+     WHERE d.lease_expires_at OPERATOR(pg_catalog.<) pg_catalog.now()
+    RETURNING d.lease_token INTO token;
+    RETURN token;
+END
+$$;
+
+-- barrier_renew_lease(execution_id, batch_index, token, lease): moves the end of the caller's
+-- lease to now + lease. Returns it, or NULL when `token` is no longer the batch's (its lease
+-- lapsed and the batch was claimed again, or it is done): stop working on it and do not count
+-- it down. A lapsed lease nobody claimed again is renewed.
+--
+--   SELECT barrier_renew_lease('exec-1', 0, 17, '60 seconds');
+CREATE OR REPLACE FUNCTION @extschema@.barrier_renew_lease(execution_id text, batch_index integer,
+                                                           token bigint,
+                                                           lease interval DEFAULT '60 seconds')
+RETURNS timestamptz
+LANGUAGE plpgsql SECURITY DEFINER PARALLEL UNSAFE
+AS $$
+#variable_conflict use_column
+DECLARE
+    f CONSTANT text := 'barrier_renew_lease';
+    eid CONSTANT text := barrier_renew_lease.execution_id;
+    ends timestamptz;
+BEGIN
+    IF eid IS NULL OR eid OPERATOR(pg_catalog.=) ''
+       OR pg_catalog.octet_length(eid) OPERATOR(pg_catalog.>) 1024
+       OR barrier_renew_lease.batch_index IS NULL OR barrier_renew_lease.batch_index OPERATOR(pg_catalog.<) 0 OR token IS NULL
+       OR lease IS NULL
+       OR NOT pg_catalog.now() OPERATOR(pg_catalog.+) lease OPERATOR(pg_catalog.>) pg_catalog.now() THEN
+        PERFORM @extschema@.pg_reaper_lease_args(f, eid, barrier_renew_lease.batch_index, token, lease);
+    END IF;
+    UPDATE @extschema@.pg_batch_dedup d
+       SET lease_expires_at = pg_catalog.now() OPERATOR(pg_catalog.+) lease
+     WHERE d.execution_id OPERATOR(pg_catalog.=) eid
+       AND d.batch_index OPERATOR(pg_catalog.=) barrier_renew_lease.batch_index
+       AND d.lease_token OPERATOR(pg_catalog.=) token AND d.lease_expires_at IS NOT NULL
+    RETURNING d.lease_expires_at INTO ends;
+    RETURN ends;
+END
+$$;
+
+-- barrier_decrement_lease(execution_id, batch_index, token, result): barrier_decrement for a
+-- batch claimed with barrier_claim_lease, fenced by its token. Returns what barrier_decrement
+-- returns or, when `token` is no longer the batch's (another claim took the batch over, it was
+-- counted already, or the lapse stranded the execution), status `fenced`: nothing changed. The
+-- batch is done from then on: never claimed again, however its lease would have lapsed.
+--
+--   SELECT status, remaining, results FROM barrier_decrement_lease('exec-1', 0, 17, '{"files": 10}');
+CREATE OR REPLACE FUNCTION @extschema@.barrier_decrement_lease(execution_id text, batch_index integer,
+                                                               token bigint, result jsonb DEFAULT NULL)
+RETURNS @extschema@.barrier_decrement_result
+LANGUAGE plpgsql SECURITY DEFINER PARALLEL UNSAFE
+AS $$
+#variable_conflict use_column
+DECLARE
+    f CONSTANT text := 'barrier_decrement_lease';
+    eid CONSTANT text := barrier_decrement_lease.execution_id;
+BEGIN
+    IF eid IS NULL OR eid OPERATOR(pg_catalog.=) ''
+       OR pg_catalog.octet_length(eid) OPERATOR(pg_catalog.>) 1024
+       OR barrier_decrement_lease.batch_index IS NULL OR barrier_decrement_lease.batch_index OPERATOR(pg_catalog.<) 0 OR token IS NULL THEN
+        PERFORM @extschema@.pg_reaper_lease_args(f, eid, barrier_decrement_lease.batch_index, token, '1 second');
+    END IF;
+    UPDATE @extschema@.pg_batch_dedup d SET lease_expires_at = NULL
+     WHERE d.execution_id OPERATOR(pg_catalog.=) eid
+       AND d.batch_index OPERATOR(pg_catalog.=) barrier_decrement_lease.batch_index
+       AND d.lease_token OPERATOR(pg_catalog.=) token AND d.lease_expires_at IS NOT NULL;
+    IF NOT FOUND THEN
+        RETURN ROW('fenced', NULL, NULL)::@extschema@.barrier_decrement_result;
+    END IF;
+    RETURN @extschema@.barrier_decrement(eid, barrier_decrement_lease.result);
+END
+$$;
+
+-- The argument checks of the lease functions, which call it only when one fails (a call on
+-- every claim would cost the hot path a settings save and restore): raises the first problem.
+CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_lease_args(func text, id text, batch_index integer,
+                                                          token bigint, lease interval)
+RETURNS void
+LANGUAGE plpgsql PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM @extschema@.pg_reaper_execution_id(func, id);
+    IF batch_index IS NULL THEN
+        PERFORM @extschema@.pg_reaper_invalid(func, 'batch_index', 'must not be NULL');
+    ELSIF batch_index < 0 THEN
+        PERFORM @extschema@.pg_reaper_invalid(func, 'batch_index', 'must not be negative');
+    ELSIF token IS NULL THEN
+        PERFORM @extschema@.pg_reaper_invalid(func, 'token', 'must not be NULL (it is what barrier_claim_lease returned)');
+    END IF;
+    PERFORM @extschema@.pg_reaper_interval(func, 'lease', lease);
 END
 $$;
 

@@ -19,6 +19,8 @@ DECLARE
     stuck CONSTANT interval := @extschema@.pg_reaper_stuck_timeout();
     b record;
     markers bigint;
+    leases_live bigint;
+    leases_lapsed bigint;
     intents jsonb;
     live jsonb;
     state text;
@@ -26,20 +28,24 @@ DECLARE
     drift CONSTANT text := @extschema@.pg_reaper_drift();
 BEGIN
     SELECT s.organization_id, s.remaining, s.created_at, s.expires_at, s.last_progress_at,
-           least(s.expires_at, s.last_progress_at + stuck) AS stranded_at,
-           s.callback IS NOT NULL AS has_callback, s.refired_at,
+           least(s.expires_at, s.last_progress_at + stuck, s.callback_due_at) AS stranded_at,
+           s.callback IS NOT NULL AS has_callback, s.refired_at, s.callback_due_at, s.cut_from,
            @extschema@.barrier_is_stranded(s.expires_at, s.last_progress_at, s.created_at, stuck) AS stranded,
            s.expires_at < now() AS expired
       INTO b
       FROM @extschema@.pg_barrier_state s WHERE s.execution_id = eid;
     state := CASE WHEN NOT FOUND THEN 'absent'
                   WHEN b.remaining < 0 THEN 'torn_down'
+                  WHEN b.stranded AND b.cut_from IS NOT NULL THEN 'callback_overdue'
                   WHEN b.stranded AND b.expired THEN 'stranded_expired'
                   WHEN b.stranded THEN 'stranded_no_progress'
                   WHEN b.refired_at IS NOT NULL THEN 'refired'
                   WHEN b.remaining = 0 THEN 'complete_awaiting_finish'
                   ELSE 'live' END;
-    SELECT count(*) INTO markers FROM @extschema@.pg_batch_dedup d WHERE d.execution_id = eid;
+    SELECT count(*), count(*) FILTER (WHERE d.lease_expires_at >= now()),
+           count(*) FILTER (WHERE d.lease_expires_at < now())
+      INTO markers, leases_live, leases_lapsed
+      FROM @extschema@.pg_batch_dedup d WHERE d.execution_id = eid;
     SELECT coalesce(jsonb_agg(jsonb_build_object(
                'id', o.id, 'state', o.state, 'outcome', o.outcome, 'attempts', o.attempts,
                'failures', o.failures, 'action', o.action, 'last_error', o.last_error,
@@ -63,13 +69,19 @@ BEGIN
         WHEN live IS NOT NULL THEN
             format('Recovery intent %s is %s: a relay carries it out (if it stays so, check that a relay runs and can reach the status API).',
                    live->>'id', live->>'state')
-        WHEN state IN ('stranded_expired', 'stranded_no_progress')
+        WHEN state IN ('stranded_expired', 'stranded_no_progress', 'callback_overdue')
              AND NOT @extschema@.pg_reaper_recoverable(b.organization_id) THEN
             'Stranded, but it has no organization_id: the org-scoped status API cannot recover it; mark the execution yourself, then remove the barrier with barrier_abort().'
+        WHEN state = 'callback_overdue' THEN
+            'Every batch is done but nobody finished the barrier within pg_reaper.callback_timeout (the callback was lost): the next tick queues it and a relay re-fires the callback (if the hook declines, its deadline cut_from comes back).'
+        WHEN state IN ('stranded_expired', 'stranded_no_progress') AND leases_lapsed > 0 THEN
+            format('Stranded, with %s batch lease(s) lapsed: a worker died and its batch was not claimed again. The next tick queues it, or run SELECT * FROM reap_expired().', leases_lapsed)
         WHEN state IN ('stranded_expired', 'stranded_no_progress') THEN
             'Stranded and not queued yet: the next tick queues it (the worker''s, within a naptime; in the extension-free edition, its driver''s), or run SELECT * FROM reap_expired().'
         WHEN state = 'refired' THEN
             'Its callback was re-fired at refired_at; the barrier stays as the execution''s handle. At stranded_at a relay reads its status: terminal removes the barrier, anything else is marked ERROR (a callback is never re-fired twice).'
+        WHEN state = 'complete_awaiting_finish' AND b.callback_due_at IS NOT NULL THEN
+            'Every batch is done: the caller that saw ''complete'' must fire the callback and call barrier_finish(); if it died, the callback is re-fired after callback_due_at.'
         WHEN state = 'complete_awaiting_finish' THEN
             'Every batch is done: the caller that saw ''complete'' must fire the callback and call barrier_finish(); if it died, the barrier strands at stranded_at and is recovered then, or now with barrier_recover().'
         ELSE
@@ -81,7 +93,8 @@ BEGIN
         'created_at', b.created_at, 'expires_at', b.expires_at,
         'last_progress_at', b.last_progress_at, 'stranded_at', b.stranded_at,
         'has_callback', b.has_callback, 'refired_at', b.refired_at,
-        'markers', markers, 'intents', intents, 'tables_drift', drift, 'advice', advice);
+        'callback_due_at', b.callback_due_at, 'cut_from', b.cut_from,
+        'markers', markers, 'leases_live', leases_live, 'leases_lapsed', leases_lapsed, 'intents', intents, 'tables_drift', drift, 'advice', advice);
 END
 $$;
 

@@ -26,9 +26,11 @@ BEGIN
 END
 $ticks$;
 
--- pg_reaper_tick(): one tick of the worker: queue strands (steps of the walk until it caught
--- up, or for at most about ten seconds), re-offer expired leases, sweep orphaned markers, prune
--- done intents, check the barrier tables (a WARNING when what broke them changed). Concurrent calls never overlap: one runs, the others return NULL at once. A
+-- pg_reaper_tick(): one tick of the worker: strand overdue callbacks and lapsed batch leases
+-- (pg_reaper_cut_deadlines), queue strands (steps of the walk until it caught up, or for at most
+-- about ten seconds), re-offer expired leases, sweep orphaned markers, prune done intents, check
+-- the barrier tables (a WARNING when what broke them changed). Concurrent calls never overlap:
+-- one runs, the others return NULL at once. A
 -- failing tick is rolled back and counted (failed_ticks, last_error in pg_reaper_ticks).
 -- Returns how many intents it queued.
 --
@@ -43,6 +45,7 @@ DECLARE
     started CONSTANT timestamptz := clock_timestamp();
     t record;
     step record;
+    cut record;
     queued integer := 0;
     n integer;
     sample text[];
@@ -54,6 +57,12 @@ BEGIN
         RETURN NULL;
     END IF;
     BEGIN
+        -- Before the walk, which then queues what was cut.
+        LOOP
+            cut := @extschema@.pg_reaper_cut_deadlines(
+                @extschema@.pg_reaper_setting('pg_reaper.batch_size')::bigint);
+            EXIT WHEN NOT cut.full_ OR clock_timestamp() - started > interval '5 seconds';
+        END LOOP;
         LOOP
             step := @extschema@.pg_reaper_walk(
                 @extschema@.pg_reaper_setting('pg_reaper.batch_size')::bigint,

@@ -210,3 +210,61 @@ BEGIN
     caught_up := expired < budget AND budget - expired > 0 AND stale < budget - expired;
 END
 $$;
+
+-- Strands now what is known to be lost before its deadline, at most `budget` barriers of each
+-- kind, by cutting its deadline (expires_at) to just before now: from then on the stranded
+-- predicate, the walk and the relay treat it as any expired barrier.
+--
+-- - A completed barrier whose callback is overdue (callback_due_at passed, see barrier_decrement):
+--   the relay re-fires it. Its deadline is kept in cut_from: a re-fire the hook declines puts it
+--   back, so that it is then handled as without the callback timeout (never marked ERROR
+--   earlier). Without a hook configured any more, only the due time is cleared.
+-- - A barrier with a batch whose lease lapsed more than pg_reaper.reclaim_timeout ago and that
+--   nobody claimed again: that worker died and the queue did not deliver the batch again, so the
+--   barrier can never complete. The batch is given up (never claimed again); the relay marks the
+--   execution ERROR.
+--
+-- Returns how many barriers it cut and leases it gave up, and whether either kind filled its
+-- budget (more may be waiting). Rows locked by a decrement or a recovery are left to the next
+-- tick.
+CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_cut_deadlines(budget bigint, OUT cut integer,
+                                                              OUT lapsed integer, OUT full_ boolean)
+LANGUAGE plpgsql PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    hooked CONSTANT boolean := btrim(@extschema@.pg_reaper_setting('pg_reaper.refire_function')) <> '';
+    reclaim CONSTANT interval := @extschema@.pg_reaper_duration('pg_reaper.reclaim_timeout');
+    -- A microsecond before now: stranded already in this transaction, so that the walk of the
+    -- same tick queues it.
+    cut_to CONSTANT timestamptz := now() - interval '1 microsecond';
+    ids text[];
+BEGIN
+    IF pg_is_in_recovery() THEN
+        RAISE EXCEPTION 'pg_reaper: the server is a standby (in recovery)'
+            USING ERRCODE = 'read_only_sql_transaction';
+    END IF;
+    UPDATE @extschema@.pg_barrier_state b
+       SET cut_from = CASE WHEN hooked THEN b.expires_at END,
+           expires_at = CASE WHEN hooked THEN least(b.expires_at, cut_to) ELSE b.expires_at END,
+           callback_due_at = NULL
+     WHERE b.execution_id IN (SELECT d.execution_id FROM @extschema@.pg_barrier_state d
+                               WHERE d.callback_due_at < now()
+                               ORDER BY d.callback_due_at LIMIT budget
+                                 FOR UPDATE SKIP LOCKED);
+    GET DIAGNOSTICS cut = ROW_COUNT;
+    WITH given_up AS (
+        UPDATE @extschema@.pg_batch_dedup d SET lease_expires_at = NULL
+         WHERE (d.execution_id, d.batch_index) IN (
+                   SELECT l.execution_id, l.batch_index FROM @extschema@.pg_batch_dedup l
+                    WHERE l.lease_expires_at < now() - reclaim
+                    ORDER BY l.lease_expires_at LIMIT budget
+                      FOR UPDATE SKIP LOCKED)
+     RETURNING d.execution_id
+    )
+    SELECT count(*)::int, array_agg(DISTINCT g.execution_id) INTO lapsed, ids FROM given_up g;
+    UPDATE @extschema@.pg_barrier_state b SET expires_at = cut_to
+     WHERE b.execution_id = ANY (ids) AND b.expires_at > cut_to AND b.remaining > 0;
+    full_ := cut >= budget OR lapsed >= budget;
+END
+$$;

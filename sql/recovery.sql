@@ -9,6 +9,10 @@
 -- (a terminal status or an applied mark), deletes the barrier (guarded by the same predicate)
 -- and its markers: the handle is never deleted before that.
 --
+-- A barrier the worker stranded early because its callback is overdue (pg_reaper_cut_deadlines)
+-- is re-fired the same way; when it cannot be, its deadline goes back and the verdict is
+-- `rearmed` unless it is stranded anyway.
+--
 -- A re-fire happens in recovery_lock, where the verdict is taken: the hook is called there, and
 -- the verdict is `refire` only if it took the callback (a hook declines one it cannot re-fire by
 -- raising feature_not_supported: the verdict is then `mark`, as without a hook). A re-fire does
@@ -61,7 +65,7 @@ DECLARE
     b record;
 BEGIN
     UPDATE @extschema@.pg_barrier_state s
-       SET refired_at = now(), last_progress_at = now(),
+       SET refired_at = now(), last_progress_at = now(), callback_due_at = NULL, cut_from = NULL,
            expires_at = greatest(s.expires_at, now() + @extschema@.pg_reaper_stuck_timeout())
      WHERE s.execution_id = pg_reaper_refire.id
  RETURNING s.callback, s.results INTO b;
@@ -106,7 +110,7 @@ BEGIN
     END IF;
     -- An operator's intent (barrier_recover) skips the stranded check.
     SELECT s.remaining AS left_, s.callback IS NOT NULL AS has_callback,
-           s.refired_at IS NOT NULL AS refired,
+           s.refired_at IS NOT NULL AS refired, s.cut_from,
            @extschema@.barrier_is_stranded(s.expires_at, s.last_progress_at, s.created_at,
                                            @extschema@.pg_reaper_stuck_timeout())
            OR intent.action IS NOT NULL AS stranded
@@ -144,9 +148,22 @@ BEGIN
     IF hook IS NOT NULL
        AND @extschema@.pg_reaper_refire(intent.execution_id, intent.organization_id, hook) THEN
         RETURN QUERY SELECT 'refire', b.left_;
-    ELSE
-        RETURN QUERY SELECT 'mark', b.left_;
+        RETURN;
     END IF;
+    -- Stranded early for a re-fire that did not happen (the hook declined, or is gone): its
+    -- deadline goes back, and it is decided as without the callback timeout.
+    IF b.cut_from IS NOT NULL THEN
+        UPDATE @extschema@.pg_barrier_state s SET expires_at = s.cut_from, cut_from = NULL
+         WHERE s.execution_id = intent.execution_id
+        RETURNING @extschema@.barrier_is_stranded(s.expires_at, s.last_progress_at, s.created_at,
+                                                  @extschema@.pg_reaper_stuck_timeout())
+             INTO b.stranded;
+        IF NOT b.stranded THEN
+            RETURN QUERY SELECT 'rearmed', b.left_;
+            RETURN;
+        END IF;
+    END IF;
+    RETURN QUERY SELECT 'mark', b.left_;
 END
 $$;
 

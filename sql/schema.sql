@@ -142,11 +142,16 @@ DECLARE
         ['pg_barrier_state', 'last_progress_at', 'timestamp with time zone'],
         ['pg_barrier_state', 'callback', 'jsonb'],
         ['pg_barrier_state', 'refired_at', 'timestamp with time zone'],
+        ['pg_barrier_state', 'callback_due_at', 'timestamp with time zone'],
+        ['pg_barrier_state', 'cut_from', 'timestamp with time zone'],
         ['pg_batch_dedup', 'execution_id', 'text'],
         ['pg_batch_dedup', 'batch_index', 'integer'],
-        ['pg_batch_dedup', 'created_at', 'timestamp with time zone']];
+        ['pg_batch_dedup', 'created_at', 'timestamp with time zone'],
+        ['pg_batch_dedup', 'lease_token', 'bigint'],
+        ['pg_batch_dedup', 'lease_expires_at', 'timestamp with time zone']];
     -- The columns pg_reaper adds to a table it adopts.
-    added CONSTANT text[] := ARRAY['callback', 'refired_at'];
+    added CONSTANT text[] := ARRAY['callback', 'refired_at', 'callback_due_at', 'cut_from',
+                                   'lease_token', 'lease_expires_at'];
     -- The unique key each table's ON CONFLICT relies on.
     keys CONSTANT text[][] := ARRAY[
         ['pg_barrier_state', 'execution_id'],
@@ -241,7 +246,8 @@ BEGIN
     -- is the "already torn down" signal that barrier_decrement turns into a delete.
     IF barrier_adopted THEN
         -- The columns pg_reaper adds, nullable: the platform's own SQL never writes them.
-        FOR col IN SELECT * FROM (VALUES ('callback', 'jsonb'), ('refired_at', 'timestamptz')) AS c(name, type)
+        FOR col IN SELECT * FROM (VALUES ('callback', 'jsonb'), ('refired_at', 'timestamptz'),
+                                         ('callback_due_at', 'timestamptz'), ('cut_from', 'timestamptz')) AS c(name, type)
                     WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_attribute a
                                        WHERE a.attrelid = '@extschema@.pg_barrier_state'::regclass
                                          AND a.attname = c.name AND NOT a.attisdropped) LOOP
@@ -266,6 +272,12 @@ BEGIN
             -- until a status read finds it terminal, and is never re-fired again. (Last, as
             -- an upgrade adds it.)
             refired_at       timestamptz,
+            -- Set by the final decrement of a barrier with a callback while a re-fire hook is
+            -- configured: past it, nobody finished the barrier, and the worker's tick strands
+            -- it (cutting expires_at to then, saving the deadline in cut_from, which a
+            -- declined re-fire puts back).
+            callback_due_at  timestamptz,
+            cut_from         timestamptz,
             CONSTRAINT pg_barrier_execution_id_not_empty CHECK (execution_id <> ''),
             CONSTRAINT pg_barrier_expires_after_created CHECK (expires_at > created_at),
             CONSTRAINT pg_barrier_results_is_array CHECK (jsonb_typeof(results) = 'array')
@@ -279,11 +291,22 @@ BEGIN
 
     -- One marker per claimed batch. No foreign key to the barrier on purpose: a marker may
     -- outlive its barrier (barrier_abort with preserve_dedup) so that a redelivery is skipped.
-    IF NOT dedup_adopted THEN
+    -- A batch claimed with a lease (barrier_claim_lease) has its fencing token and, while it
+    -- runs, the lease's end; NULL there means done (or given up): never claimed again.
+    IF dedup_adopted THEN
+        FOR col IN SELECT * FROM (VALUES ('lease_token', 'bigint'), ('lease_expires_at', 'timestamptz')) AS c(name, type)
+                    WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_attribute a
+                                       WHERE a.attrelid = '@extschema@.pg_batch_dedup'::regclass
+                                         AND a.attname = c.name AND NOT a.attisdropped) LOOP
+            EXECUTE pg_catalog.format('ALTER TABLE @extschema@.pg_batch_dedup ADD COLUMN %I %s', col.name, col.type);
+        END LOOP;
+    ELSE
         CREATE TABLE @extschema@.pg_batch_dedup (
-            execution_id text        NOT NULL,
-            batch_index  integer     NOT NULL,
-            created_at   timestamptz NOT NULL DEFAULT now(),
+            execution_id     text        NOT NULL,
+            batch_index      integer     NOT NULL,
+            created_at       timestamptz NOT NULL DEFAULT now(),
+            lease_token      bigint,
+            lease_expires_at timestamptz,
             CONSTRAINT pg_batch_dedup_pkey PRIMARY KEY (execution_id, batch_index),
             CONSTRAINT pg_batch_dedup_batch_index_non_negative CHECK (batch_index >= 0)
         );
@@ -312,6 +335,21 @@ BEGIN
             (ARRAY['pg_barrier_expires_key_idx', 'pg_barrier_created_key_idx', 'pg_batch_dedup_created_idx'])[i],
             tbl, cols);
     END LOOP;
+    -- The deadlines the tick cuts short (overdue callbacks, lapsed leases): partial, so that
+    -- they hold only the few rows concerned. Neither column is written by a decrement before
+    -- the last, so those stay HOT updates.
+    CREATE INDEX IF NOT EXISTS pg_barrier_callback_due_idx
+        ON @extschema@.pg_barrier_state (callback_due_at) WHERE callback_due_at IS NOT NULL;
+    CREATE INDEX IF NOT EXISTS pg_batch_dedup_lease_idx
+        ON @extschema@.pg_batch_dedup (lease_expires_at) WHERE lease_expires_at IS NOT NULL;
+    -- Fencing tokens of leased claims: each claim of a batch gets a new, larger one.
+    CREATE SEQUENCE IF NOT EXISTS @extschema@.pg_reaper_lease_token_seq;
+    IF in_extension AND EXISTS (
+        SELECT FROM pg_catalog.pg_depend d
+         WHERE d.classid = 'pg_catalog.pg_class'::regclass
+           AND d.objid = '@extschema@.pg_reaper_lease_token_seq'::regclass AND d.deptype = 'e') THEN
+        PERFORM pg_catalog.pg_extension_config_dump('@extschema@.pg_reaper_lease_token_seq', '');
+    END IF;
 END
 $adopt$;
 

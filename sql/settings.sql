@@ -12,15 +12,18 @@ BEGIN
     IF pg_catalog.to_regclass('@extschema@.pg_reaper_settings') IS NULL THEN
         CREATE TABLE @extschema@.pg_reaper_settings (
             name  text PRIMARY KEY,
-            value text NOT NULL,
-            CONSTRAINT pg_reaper_settings_name_valid CHECK (name IN (
-                'pg_reaper.stuck_timeout', 'pg_reaper.batch_size', 'pg_reaper.dedup_retention',
-                'pg_reaper.outbox_retention', 'pg_reaper.refire_function'))
+            value text NOT NULL
         );
         IF EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'pg_reaper') THEN
             PERFORM pg_catalog.pg_extension_config_dump('@extschema@.pg_reaper_settings', '');
         END IF;
     END IF;
+    -- Replaced on every install and upgrade: a newer version knows more names.
+    ALTER TABLE @extschema@.pg_reaper_settings DROP CONSTRAINT IF EXISTS pg_reaper_settings_name_valid;
+    ALTER TABLE @extschema@.pg_reaper_settings ADD CONSTRAINT pg_reaper_settings_name_valid CHECK (name IN (
+        'pg_reaper.stuck_timeout', 'pg_reaper.batch_size', 'pg_reaper.dedup_retention',
+        'pg_reaper.outbox_retention', 'pg_reaper.refire_function', 'pg_reaper.callback_timeout',
+        'pg_reaper.reclaim_timeout'));
 END
 $settings$;
 
@@ -44,6 +47,8 @@ BEGIN
         WHEN 'pg_reaper.dedup_retention' THEN '86400'
         WHEN 'pg_reaper.outbox_retention' THEN '86400'
         WHEN 'pg_reaper.refire_function' THEN ''
+        WHEN 'pg_reaper.callback_timeout' THEN '300'
+        WHEN 'pg_reaper.reclaim_timeout' THEN '600'
     END);
 END
 $$;

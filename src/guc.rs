@@ -27,6 +27,13 @@ const RETENTION_DEFAULT: i32 = 86400;
 pub static LEADER_GRACE: GucSetting<i32> = GucSetting::<i32>::new(30);
 /// Whether the worker leads and reaps.
 pub static ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
+/// Seconds after a barrier's last batch within which its callback must finish it, before the
+/// worker strands it for a re-fire (only with a callback and a re-fire hook). 0: off.
+pub static CALLBACK_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(CALLBACK_TIMEOUT_DEFAULT);
+const CALLBACK_TIMEOUT_DEFAULT: i32 = 300;
+/// Seconds a batch's lapsed lease waits for another claim before its execution is stranded.
+pub static RECLAIM_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(RECLAIM_TIMEOUT_DEFAULT);
+const RECLAIM_TIMEOUT_DEFAULT: i32 = 600;
 /// Function the relay calls instead of marking ERROR when all batches finished.
 pub static REFIRE_FUNCTION: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
@@ -112,6 +119,26 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::default(),
     );
+    GucRegistry::define_int_guc(
+        c"pg_reaper.callback_timeout",
+        c"Seconds after its last batch within which a barrier with a callback must be finished.",
+        c"Past it the worker strands the barrier and the relay re-fires its callback (with pg_reaper.refire_function set). 0: off, wait for the stuck timeout.",
+        &CALLBACK_TIMEOUT,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_reaper.reclaim_timeout",
+        c"Seconds a batch whose lease lapsed waits for another claim before its execution is stranded.",
+        c"Keep it above the queue's redelivery delay (its visibility timeout and reaper interval).",
+        &RECLAIM_TIMEOUT,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
     GucRegistry::define_string_guc(
         c"pg_reaper.refire_function",
         c"Function the relay calls to re-fire a stranded callback instead of marking ERROR.",
@@ -152,6 +179,8 @@ fn pg_reaper_guc(name: &str) -> Option<String> {
         "pg_reaper.batch_size" => int(&BATCH_SIZE, BATCH_SIZE_DEFAULT),
         "pg_reaper.dedup_retention" => int(&DEDUP_RETENTION, RETENTION_DEFAULT),
         "pg_reaper.outbox_retention" => int(&OUTBOX_RETENTION, RETENTION_DEFAULT),
+        "pg_reaper.callback_timeout" => int(&CALLBACK_TIMEOUT, CALLBACK_TIMEOUT_DEFAULT),
+        "pg_reaper.reclaim_timeout" => int(&RECLAIM_TIMEOUT, RECLAIM_TIMEOUT_DEFAULT),
         "pg_reaper.refire_function" => REFIRE_FUNCTION
             .get()
             .map(|f| f.to_string_lossy().into_owned())

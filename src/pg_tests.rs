@@ -105,7 +105,8 @@ mod tests {
         assert_eq!(
             row,
             json!({"execution_id": "e1", "organization_id": "org-1", "remaining": 3,
-                   "results": [], "callback": {"task": "cb"}, "refired_at": null})
+                   "results": [], "callback": {"task": "cb"}, "refired_at": null,
+                   "callback_due_at": null, "cut_from": null})
         );
         assert_eq!(expires, one("SELECT expires_at FROM pg_barrier_state"));
         assert_eq!(
@@ -148,7 +149,8 @@ mod tests {
         assert_eq!(
             row,
             json!({"execution_id": "e1", "organization_id": "new-org", "remaining": 2,
-                   "results": [], "callback": {"v": 2}, "refired_at": null})
+                   "results": [], "callback": {"v": 2}, "refired_at": null,
+                   "callback_due_at": null, "cut_from": null})
         );
         assert_eq!(
             one::<bool>(
@@ -1154,6 +1156,284 @@ mod tests {
             1,
             "not stamped"
         );
+    }
+
+    /// (cut, lapsed) of one pg_reaper_cut_deadlines.
+    fn cut() -> (i32, i32) {
+        let row = json("SELECT to_jsonb(c) FROM pg_reaper_cut_deadlines(1000) c");
+        (
+            row["cut"].as_i64().expect("cut") as i32,
+            row["lapsed"].as_i64().expect("lapsed") as i32,
+        )
+    }
+
+    #[pg_test]
+    fn an_overdue_callback_is_stranded_for_a_refire_and_a_decline_gives_its_deadline_back() {
+        run("CREATE TABLE refired (e text)");
+        run(
+            "CREATE FUNCTION picky(e text, o text, c jsonb, r jsonb) RETURNS void LANGUAGE plpgsql AS $$ \
+             BEGIN IF c ? 'celery' THEN RAISE EXCEPTION 'not mine' USING ERRCODE = 'feature_not_supported'; END IF; \
+             INSERT INTO public.refired VALUES (e); END $$",
+        );
+        // Without a hook, the final decrement sets no callback deadline: as before.
+        run("SELECT barrier_enqueue('nohook', 'org', 1, '1 hour', '{}')");
+        run("SELECT barrier_decrement('nohook')");
+        run("SET pg_reaper.refire_function = 'public.picky'");
+        run(
+            "INSERT INTO pg_reaper_settings VALUES ('pg_reaper.callback_timeout', '120') ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        );
+        // Nor without a callback; nor before the last batch.
+        run("SELECT barrier_enqueue('nocallback', 'org', 1, '1 hour')");
+        run("SELECT barrier_decrement('nocallback')");
+        for id in ["lost", "celery"] {
+            let callback = if id == "celery" {
+                r#"{"celery": 1}"#
+            } else {
+                "{}"
+            };
+            run(&format!(
+                "SELECT barrier_enqueue('{id}', 'org', 2, '1 hour', '{callback}')"
+            ));
+            run(&format!("SELECT barrier_decrement('{id}')"));
+        }
+        assert_eq!(
+            count("SELECT count(*) FROM pg_barrier_state WHERE callback_due_at IS NOT NULL"),
+            0
+        );
+        run("SELECT barrier_decrement('lost'), barrier_decrement('celery')");
+        assert_eq!(
+            json(
+                "SELECT jsonb_agg(execution_id ORDER BY execution_id) FROM pg_barrier_state \
+                 WHERE callback_due_at = now() + interval '120 seconds'"
+            ),
+            json!(["celery", "lost"])
+        );
+        assert_eq!(cut(), (0, 0), "nothing is due yet");
+        assert_eq!(
+            json("SELECT barrier_explain('lost')->'state'"),
+            json!("complete_awaiting_finish")
+        );
+        // The callback was lost: past its due time the tick strands the barrier.
+        // (Created in this test's transaction: a cut deadline must still follow creation.)
+        run("UPDATE pg_barrier_state SET created_at = now() - interval '1 minute'");
+        run(
+            "UPDATE pg_barrier_state SET callback_due_at = now() - interval '1 second' WHERE callback_due_at IS NOT NULL",
+        );
+        assert_eq!(cut(), (2, 0));
+        assert_eq!(
+            json(
+                "SELECT jsonb_agg(jsonb_build_array(execution_id, callback_due_at IS NULL, \
+                 cut_from = now() + interval '1 hour', \
+                 barrier_is_stranded(expires_at, last_progress_at, created_at, interval '1 day')) \
+                 ORDER BY execution_id) FROM pg_barrier_state WHERE cut_from IS NOT NULL"
+            ),
+            json!([["celery", true, true, true], ["lost", true, true, true]])
+        );
+        assert_eq!(
+            json("SELECT barrier_explain('lost')->'state'"),
+            json!("callback_overdue")
+        );
+        assert_eq!(reap("").1, 2, "the walk queues both");
+        let mut verdicts = std::collections::BTreeMap::new();
+        for _ in 0..2 {
+            let (id, attempt) = claim_one();
+            let e = one::<String>(&format!(
+                "SELECT execution_id FROM pg_reaper_outbox WHERE id = {id}"
+            ))
+            .expect("execution id");
+            verdicts.insert(e, verdict(id, attempt).0);
+        }
+        assert_eq!(
+            verdicts,
+            [
+                ("celery".into(), "rearmed".into()),
+                ("lost".into(), "refire".into())
+            ]
+            .into(),
+            "re-fired; the declined one is not marked early"
+        );
+        assert_eq!(
+            json(
+                "SELECT jsonb_agg(jsonb_build_array(execution_id, cut_from, \
+                 expires_at = now() + interval '1 hour', refired_at IS NOT NULL) \
+                 ORDER BY execution_id) FROM pg_barrier_state WHERE execution_id IN ('celery', 'lost')"
+            ),
+            json!([["celery", null, true, false], ["lost", null, false, true]]),
+            "the declined one has its deadline back; the re-fired one is stamped"
+        );
+        assert_eq!(json("SELECT jsonb_agg(e) FROM refired"), json!(["lost"]));
+        assert_eq!(cut(), (0, 0), "neither is due again");
+    }
+
+    #[pg_test]
+    fn a_callback_deadline_without_a_hook_any_more_is_only_cleared() {
+        run("SET pg_reaper.refire_function = 'public.gone'");
+        run("SELECT barrier_enqueue('e', 'org', 1, '1 hour', '{}')");
+        run("SELECT barrier_decrement('e')");
+        run("SET pg_reaper.refire_function = ''");
+        run("UPDATE pg_barrier_state SET callback_due_at = now() - interval '1 second'");
+        run("UPDATE pg_barrier_state SET created_at = now() - interval '1 minute'");
+        assert_eq!(cut(), (1, 0));
+        assert_eq!(
+            json(
+                "SELECT to_jsonb(array[callback_due_at IS NULL, cut_from IS NULL, \
+                 expires_at = now() + interval '1 hour']) FROM pg_barrier_state"
+            ),
+            json!([true, true, true])
+        );
+        // callback_timeout = 0 turns it off.
+        run("SET pg_reaper.refire_function = 'public.gone'");
+        run(
+            "INSERT INTO pg_reaper_settings VALUES ('pg_reaper.callback_timeout', '0') ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        );
+        run("SELECT barrier_enqueue('e', 'org', 1, '1 hour', '{}')");
+        run("SELECT barrier_decrement('e')");
+        assert_eq!(
+            count("SELECT count(*) FROM pg_barrier_state WHERE callback_due_at IS NOT NULL"),
+            0
+        );
+    }
+
+    #[pg_test]
+    fn a_lease_fences_every_claim_but_the_last() {
+        run("SELECT barrier_enqueue('e', 'org', 2)");
+        let first = one::<i64>("SELECT barrier_claim_lease('e', 0, '30 seconds')").expect("token");
+        assert_eq!(
+            one::<i64>("SELECT barrier_claim_lease('e', 0, '30 seconds')"),
+            None,
+            "a redelivery is skipped while the lease lives"
+        );
+        assert!(
+            one::<bool>(&format!(
+                "SELECT barrier_renew_lease('e', 0, {first}, '1 minute') = now() + interval '1 minute'"
+            ))
+            .unwrap_or(false)
+        );
+        // The worker stalls: its lease lapses and a redelivery takes the batch over.
+        run("UPDATE pg_batch_dedup SET lease_expires_at = now() - interval '1 second'");
+        let second = one::<i64>("SELECT barrier_claim_lease('e', 0)").expect("token");
+        assert!(second > first, "{second} > {first}");
+        // The first worker comes back: refused, and nothing changes.
+        assert_eq!(
+            one::<pgrx::datum::TimestampWithTimeZone>(&format!(
+                "SELECT barrier_renew_lease('e', 0, {first})"
+            )),
+            None
+        );
+        assert_eq!(
+            json(&format!(
+                "SELECT to_jsonb(d) FROM barrier_decrement_lease('e', 0, {first}, '1') d"
+            )),
+            json!({"status": "fenced", "remaining": null, "results": null})
+        );
+        assert_eq!(count("SELECT remaining FROM pg_barrier_state"), 2);
+        // The second counts it down once; the batch is done for good.
+        assert_eq!(
+            json(&format!(
+                "SELECT to_jsonb(d) FROM barrier_decrement_lease('e', 0, {second}, '2') d"
+            )),
+            json!({"status": "pending", "remaining": 1, "results": null})
+        );
+        assert_eq!(
+            json(&format!(
+                "SELECT to_jsonb(d)->'status' FROM barrier_decrement_lease('e', 0, {second}, '2') d"
+            )),
+            json!("fenced"),
+            "a decrement repeated is refused"
+        );
+        run("UPDATE pg_batch_dedup SET created_at = created_at - interval '1 day'");
+        assert_eq!(one::<i64>("SELECT barrier_claim_lease('e', 0)"), None);
+        // A batch claimed without a lease is never claimed again, with or without one.
+        assert_eq!(one::<bool>("SELECT barrier_claim('e', 1)"), Some(true));
+        assert_eq!(one::<i64>("SELECT barrier_claim_lease('e', 1)"), None);
+        assert_eq!(count("SELECT remaining FROM pg_barrier_state"), 1);
+    }
+
+    #[pg_test]
+    fn lease_arguments_are_checked_before_anything_changes() {
+        create_try();
+        for (sql, error) in [
+            (
+                "SELECT barrier_claim_lease('e', 0, '0 seconds')",
+                "22023 barrier_claim_lease: lease must be a positive interval",
+            ),
+            (
+                "SELECT barrier_claim_lease('e', -1)",
+                "22023 barrier_claim_lease: batch_index must not be negative",
+            ),
+            (
+                "SELECT barrier_claim_lease('', 0)",
+                "22023 barrier_claim_lease: execution_id must not be NULL or empty",
+            ),
+            (
+                "SELECT barrier_renew_lease('e', 0, NULL)",
+                "22023 barrier_renew_lease: token must not be NULL (it is what barrier_claim_lease returned)",
+            ),
+            (
+                "SELECT barrier_renew_lease('e', 0, 1, NULL)",
+                "22023 barrier_renew_lease: lease must not be NULL",
+            ),
+            (
+                "SELECT barrier_decrement_lease('e', NULL, 1)",
+                "22023 barrier_decrement_lease: batch_index must not be NULL",
+            ),
+        ] {
+            assert_eq!(
+                one::<String>(&format!("SELECT pg_reaper_try($q${sql}$q$)")).as_deref(),
+                Some(error),
+                "{sql}"
+            );
+        }
+        assert_eq!(count("SELECT count(*) FROM pg_batch_dedup"), 0);
+    }
+
+    #[pg_test]
+    fn a_lease_nobody_claims_again_strands_its_execution() {
+        run(
+            "INSERT INTO pg_reaper_settings VALUES ('pg_reaper.reclaim_timeout', '60') ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        );
+        run("SELECT barrier_enqueue('dead', 'org', 2), barrier_enqueue('slow', 'org', 2)");
+        let dead = one::<i64>("SELECT barrier_claim_lease('dead', 0)").expect("token");
+        run("SELECT barrier_claim_lease('slow', 0)");
+        run("UPDATE pg_barrier_state SET created_at = now() - interval '1 hour'");
+        run(
+            "UPDATE pg_batch_dedup SET lease_expires_at = now() - interval '61 seconds' WHERE execution_id = 'dead'",
+        );
+        run(
+            "UPDATE pg_batch_dedup SET lease_expires_at = now() - interval '59 seconds' WHERE execution_id = 'slow'",
+        );
+        assert_eq!(
+            cut(),
+            (0, 1),
+            "only the lease lapsed beyond the reclaim timeout"
+        );
+        assert_eq!(
+            json(
+                "SELECT jsonb_agg(jsonb_build_array(execution_id, \
+                 barrier_is_stranded(expires_at, last_progress_at, created_at, interval '1 day')) \
+                 ORDER BY execution_id) FROM pg_barrier_state"
+            ),
+            json!([["dead", true], ["slow", false]])
+        );
+        assert_eq!(
+            one::<i64>("SELECT barrier_claim_lease('dead', 0)"),
+            None,
+            "the batch was given up"
+        );
+        assert_eq!(
+            json(&format!(
+                "SELECT to_jsonb(d)->'status' FROM barrier_decrement_lease('dead', 0, {dead}) d"
+            )),
+            json!("fenced")
+        );
+        assert_eq!(
+            json("SELECT barrier_explain('dead')->'advice'"),
+            json!(
+                "Stranded and not queued yet: the next tick queues it (the worker's, within a naptime; in the extension-free edition, its driver's), or run SELECT * FROM reap_expired()."
+            )
+        );
+        assert_eq!(reap("").1, 1);
+        assert_eq!(cut(), (0, 0), "given up once");
     }
 
     #[pg_test(

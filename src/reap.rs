@@ -17,6 +17,13 @@ const WALK: Statement = Statement {
     writes: true,
 };
 
+const CUT_DEADLINES: Statement = Statement {
+    sql: "SELECT cut, lapsed, full_ FROM @extschema@.pg_reaper_cut_deadlines(
+                     @extschema@.pg_reaper_setting('pg_reaper.batch_size')::int8)",
+    args: &[],
+    writes: true,
+};
+
 const ORGLESS: Statement = Statement {
     sql: "SELECT n, sample FROM @extschema@.pg_reaper_orgless()",
     args: &[],
@@ -108,6 +115,31 @@ pub fn walk_step(schema: pg_sys::Oid, walk: &Walk) -> (Step, Walk) {
         Ok::<_, pgrx::spi::SpiError>((step, next))
     })
     .unwrap_or_else(|e| error!("pg_reaper: reaping: {e}"))
+}
+
+/// What one cut of deadlines did (see `cut_deadlines`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Cut {
+    /// Completed barriers whose callback is overdue, stranded for a re-fire.
+    pub callbacks: i32,
+    /// Batch leases that lapsed and were not claimed again: given up, their barriers stranded.
+    pub leases: i32,
+    /// A kind filled its batch: more may be waiting.
+    pub full: bool,
+}
+
+/// Strands what is known to be lost before its deadline (`pg_reaper_cut_deadlines` in
+/// `sql/reap.sql`), before the walk queues it.
+pub fn cut_deadlines(schema: pg_sys::Oid) -> Cut {
+    Spi::connect_mut(|client| {
+        let row = plan::run(client, schema, &CUT_DEADLINES, &[])?.first();
+        Ok::<_, pgrx::spi::SpiError>(Cut {
+            callbacks: row.get::<i32>(1)?.unwrap_or_default(),
+            leases: row.get::<i32>(2)?.unwrap_or_default(),
+            full: row.get::<bool>(3)?.unwrap_or(false),
+        })
+    })
+    .unwrap_or_else(|e| error!("pg_reaper: cutting deadlines: {e}"))
 }
 
 /// What changed in the barrier tables under pg_reaper (None while its functions can work on

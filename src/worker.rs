@@ -424,6 +424,8 @@ struct Worker {
 /// The leader's chores, in the order a tick runs them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Chore {
+    /// Overdue callbacks and lapsed leases stranded now (see `reap::cut_deadlines`).
+    CutDeadlines,
     /// A step of the walk over the strands (see `reap::walk_step`).
     Reap,
     /// While catching up: the outbox's statistics, for the relays' claims.
@@ -441,6 +443,7 @@ impl Chore {
     /// What it is called in the log.
     fn name(self) -> &'static str {
         match self {
+            Chore::CutDeadlines => "cut deadlines",
             Chore::Reap => "reap",
             Chore::AnalyzeOutbox => "analyze the outbox",
             Chore::CountOrgless => "count org-less strands",
@@ -454,6 +457,7 @@ impl Chore {
     /// What `pg_stat_activity` shows while it runs.
     fn activity(self) -> &'static std::ffi::CStr {
         match self {
+            Chore::CutDeadlines => c"pg_reaper: cut deadlines",
             Chore::Reap => c"pg_reaper: reap",
             Chore::AnalyzeOutbox => c"pg_reaper: analyze the outbox",
             Chore::CountOrgless => c"pg_reaper: count org-less strands",
@@ -478,6 +482,8 @@ struct Done {
 /// What leader ticks did.
 #[derive(Default)]
 struct Work {
+    overdue_callbacks: i64,
+    lapsed_leases: i64,
     queued: i64,
     reoffered: usize,
     swept: usize,
@@ -548,6 +554,13 @@ impl Worker {
             .is_none_or(|t| t.elapsed() >= naptime());
         let analyze_due = self.last_analyze.is_none_or(|t| t.elapsed() >= naptime());
 
+        // Before the walk, which then queues what was cut in the same tick.
+        let cut = self.run_chore(Chore::CutDeadlines, || reap::cut_deadlines(schema));
+        done.failed |= cut.is_none();
+        let cut = cut.unwrap_or_default();
+        done.work.overdue_callbacks = i64::from(cut.callbacks);
+        done.work.lapsed_leases = i64::from(cut.leases);
+
         // The walk moves on only once its step committed: a rolled-back step is walked again.
         let current = self.walk.clone();
         let walked = self.run_chore(Chore::Reap, || reap::walk_step(schema, &current));
@@ -594,7 +607,7 @@ impl Worker {
             self.walk = next;
         }
         done.work.queued = i64::from(step.queued);
-        done.caught_up = step.caught_up;
+        done.caught_up = step.caught_up && !cut.full;
         done
     }
 
@@ -728,15 +741,26 @@ impl Worker {
     fn report(&mut self, work: Work, caught_up: bool) {
         STATS.exclusive().last_tick_queued = work.queued as i32;
         let u = &mut self.unreported;
+        u.overdue_callbacks += work.overdue_callbacks;
+        u.lapsed_leases += work.lapsed_leases;
         u.queued += work.queued;
         u.reoffered += work.reoffered;
         u.swept += work.swept;
         u.pruned += work.pruned;
         let due = caught_up || self.last_report.is_none_or(|t| t.elapsed() >= naptime());
-        if due && (u.queued > 0 || u.reoffered > 0 || u.swept > 0 || u.pruned > 0) {
+        let any = u.overdue_callbacks > 0
+            || u.lapsed_leases > 0
+            || u.queued > 0
+            || u.reoffered > 0
+            || u.swept > 0
+            || u.pruned > 0;
+        if due && any {
             log!(
-                "pg_reaper: queued {} recovery intent(s){}, re-offered {} expired lease(s), \
+                "pg_reaper: stranded {} overdue callback(s) and {} lapsed batch lease(s), \
+                 queued {} recovery intent(s){}, re-offered {} expired lease(s), \
                  swept {} orphaned dedup marker(s), pruned {} done intent(s)",
+                u.overdue_callbacks,
+                u.lapsed_leases,
                 u.queued,
                 if caught_up { "" } else { " (catching up)" },
                 u.reoffered,

@@ -1,6 +1,8 @@
 -- pg_reaper 0.1.0 → 0.2.0: ALTER EXTENSION pg_reaper UPDATE runs this in one transaction.
 --
--- What changes: the outbox gains failures, mark_sent_at and action, pg_barrier_state refired_at; the two reaping indexes of
+-- What changes: the outbox gains failures, mark_sent_at and action, pg_barrier_state refired_at,
+-- callback_due_at and cut_from, pg_batch_dedup the lease columns (with an index each for the
+-- deadlines the worker cuts, and a sequence for the leases' tokens); the two reaping indexes of
 -- pg_barrier_state become (expires_at, execution_id) and (created_at, execution_id), the
 -- outbox's due index (next_attempt_at, id); the settings table is new; every function becomes
 -- SQL (the same definitions as a fresh install: this file is generated, see below);
@@ -21,6 +23,20 @@ ALTER TABLE @extschema@.pg_reaper_outbox
 
 -- A re-fired execution's barrier stays, marked, until its status is terminal.
 ALTER TABLE @extschema@.pg_barrier_state ADD COLUMN IF NOT EXISTS refired_at timestamptz;
+-- The callback timeout's deadline, and the deadline a cut for it saved.
+ALTER TABLE @extschema@.pg_barrier_state
+    ADD COLUMN IF NOT EXISTS callback_due_at timestamptz,
+    ADD COLUMN IF NOT EXISTS cut_from timestamptz;
+-- Leased claims: the fencing token and the lease's end.
+ALTER TABLE @extschema@.pg_batch_dedup
+    ADD COLUMN IF NOT EXISTS lease_token bigint,
+    ADD COLUMN IF NOT EXISTS lease_expires_at timestamptz;
+CREATE INDEX IF NOT EXISTS pg_barrier_callback_due_idx
+    ON @extschema@.pg_barrier_state (callback_due_at) WHERE callback_due_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS pg_batch_dedup_lease_idx
+    ON @extschema@.pg_batch_dedup (lease_expires_at) WHERE lease_expires_at IS NOT NULL;
+CREATE SEQUENCE @extschema@.pg_reaper_lease_token_seq;
+SELECT pg_catalog.pg_extension_config_dump('@extschema@.pg_reaper_lease_token_seq', '');
 
 -- 0.1.0 counted every claim towards --max-attempts; 0.2.0 counts failures. A live intent keeps
 -- the budget it has used: its earlier claims (not the one in flight) count as failures.
