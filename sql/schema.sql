@@ -338,12 +338,20 @@ BEGIN
     -- The deadlines the tick cuts short (overdue callbacks, lapsed leases): partial, so that
     -- they hold only the few rows concerned. Neither column is written by a decrement before
     -- the last, so those stay HOT updates.
-    CREATE INDEX IF NOT EXISTS pg_barrier_callback_due_idx
-        ON @extschema@.pg_barrier_state (callback_due_at) WHERE callback_due_at IS NOT NULL;
-    CREATE INDEX IF NOT EXISTS pg_batch_dedup_lease_idx
-        ON @extschema@.pg_batch_dedup (lease_expires_at) WHERE lease_expires_at IS NOT NULL;
+    -- (Checked by name, not IF NOT EXISTS: inside CREATE EXTENSION that refuses an object
+    -- the extension does not own, such as the extension-free edition's.)
+    IF pg_catalog.to_regclass('@extschema@.pg_barrier_callback_due_idx') IS NULL THEN
+        CREATE INDEX pg_barrier_callback_due_idx
+            ON @extschema@.pg_barrier_state (callback_due_at) WHERE callback_due_at IS NOT NULL;
+    END IF;
+    IF pg_catalog.to_regclass('@extschema@.pg_batch_dedup_lease_idx') IS NULL THEN
+        CREATE INDEX pg_batch_dedup_lease_idx
+            ON @extschema@.pg_batch_dedup (lease_expires_at) WHERE lease_expires_at IS NOT NULL;
+    END IF;
     -- Fencing tokens of leased claims: each claim of a batch gets a new, larger one.
-    CREATE SEQUENCE IF NOT EXISTS @extschema@.pg_reaper_lease_token_seq;
+    IF pg_catalog.to_regclass('@extschema@.pg_reaper_lease_token_seq') IS NULL THEN
+        CREATE SEQUENCE @extschema@.pg_reaper_lease_token_seq;
+    END IF;
     IF in_extension AND EXISTS (
         SELECT FROM pg_catalog.pg_depend d
          WHERE d.classid = 'pg_catalog.pg_class'::regclass

@@ -1082,3 +1082,130 @@ fn native_reap_interval_is_refused_by_the_extension_and_the_relay_drains_on() {
         )
     });
 }
+
+/// Heal before the stuck timeout: a completed barrier whose callback was lost is re-fired once
+/// the callback timeout passed (one whose descriptor the hook declines keeps its deadline and is
+/// never marked early), a batch whose worker died is claimed again by its redelivery under a new
+/// lease, the stale worker's late decrement is fenced, and a batch nobody claimed again within
+/// the reclaim timeout gets its execution marked ERROR, once. The stuck timeout (2.5 hours) is
+/// never reached.
+#[test]
+fn lost_callbacks_are_refired_and_dead_batches_reclaimed_or_marked_before_the_stuck_timeout() {
+    let env = Env::shared("rheal");
+    let mut c = env.db();
+    c.batch_execute(
+        "CREATE TABLE public.refired (e text);
+         CREATE FUNCTION public.refire(e text, o text, c jsonb, r jsonb) RETURNS void LANGUAGE plpgsql
+         SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+         BEGIN
+             IF c ? 'celery' THEN RAISE EXCEPTION 'not on this queue' USING ERRCODE = 'feature_not_supported'; END IF;
+             INSERT INTO public.refired VALUES (e);
+         END $$;
+         INSERT INTO pg_reaper_settings VALUES ('pg_reaper.refire_function', 'public.refire'),
+             ('pg_reaper.callback_timeout', '1'), ('pg_reaper.reclaim_timeout', '1');",
+    )
+    .expect("hook and settings");
+    for id in ["lost", "celery", "healed", "dead"] {
+        env.api.execution(id, "org", "EXECUTING");
+    }
+    // Both callbacks lost: every batch counted down, nobody finished the barrier.
+    c.batch_execute(
+        "SELECT barrier_enqueue('lost', 'org', 1, '1 hour', '{\"task\": \"aggregate\"}'),
+                barrier_enqueue('celery', 'org', 1, '1 hour', '{\"celery\": true}');
+         SELECT barrier_decrement('lost', '1'), barrier_decrement('celery', '1');",
+    )
+    .expect("callbacks lost");
+    // Two batches under leases of a second whose workers die.
+    let token = |c: &mut Client, id: &str| -> Option<i64> {
+        c.query_one("SELECT barrier_claim_lease($1, 0, '1 second')", &[&id])
+            .expect("claim")
+            .get(0)
+    };
+    c.batch_execute(
+        "SELECT barrier_enqueue('healed', 'org', 1), barrier_enqueue('dead', 'org', 1)",
+    )
+    .expect("enqueue");
+    let stale = token(&mut c, "healed").expect("first claim");
+    token(&mut c, "dead").expect("first claim");
+    assert_eq!(token(&mut c, "healed"), None, "the lease lives");
+    wait_for(60, "the leases to lapse", || {
+        equal(
+            json(
+                &mut c,
+                "SELECT to_jsonb(count(*)) FROM pg_batch_dedup WHERE lease_expires_at < now()",
+            ),
+            json!(2),
+        )
+    });
+    // The queue redelivers 'healed': claimed again with a new token, and counted once.
+    let fresh = token(&mut c, "healed").expect("a lapsed lease is claimed again");
+    assert!(fresh > stale);
+    let decrement = |c: &mut Client, token: i64| -> Value {
+        json(
+            c,
+            &format!(
+                "SELECT to_jsonb(d.status) FROM barrier_decrement_lease('healed', 0, {token}, '1') d"
+            ),
+        )
+    };
+    assert_eq!(decrement(&mut c, stale), json!("fenced"));
+    assert_eq!(decrement(&mut c, fresh), json!("complete"));
+    c.batch_execute("SELECT barrier_finish('healed')")
+        .expect("finish");
+    assert_eq!(decrement(&mut c, stale), json!("fenced"));
+
+    wait_for(60, "the callback and reclaim timeouts to pass", || {
+        equal(
+            json(
+                &mut c,
+                "SELECT jsonb_build_array(
+                     (SELECT count(*) FROM pg_barrier_state WHERE callback_due_at < now()),
+                     (SELECT count(*) FROM pg_batch_dedup
+                       WHERE lease_expires_at < now() - interval '1 second'))",
+            ),
+            json!([2, 1]),
+        )
+    });
+    assert_eq!(
+        json(
+            &mut c,
+            "SELECT to_jsonb(c) FROM pg_reaper_cut_deadlines(100) c"
+        ),
+        json!({"cut": 2, "lapsed": 1, "full_": false})
+    );
+    assert_eq!(env.reap(&mut c), 3);
+    env.relay_once(&[]);
+    assert_eq!(
+        json(&mut c, "SELECT jsonb_agg(e) FROM public.refired"),
+        json!(["lost"])
+    );
+    let outcomes =
+        |c: &mut Client| ["lost", "celery", "dead"].map(|id| intent(c, id)["outcome"].clone());
+    assert_eq!(
+        outcomes(&mut c),
+        [json!("refired"), json!("rearmed"), json!("marked_error")]
+    );
+    assert_eq!(
+        json(
+            &mut c,
+            "SELECT to_jsonb(array[barrier_explain('celery')->>'state',
+                                   (expires_at > now() + interval '50 minutes')::text])
+               FROM pg_barrier_state WHERE execution_id = 'celery'"
+        ),
+        json!(["complete_awaiting_finish", "true"]),
+        "the declined one waits for its own deadline again"
+    );
+    let executions = env.api.executions();
+    for (id, marks) in [("lost", 0), ("celery", 0), ("healed", 0), ("dead", 1)] {
+        assert_eq!(executions[id]["error_marks"], json!(marks), "{id}");
+    }
+    // Nothing more to cut or queue.
+    assert_eq!(
+        json(
+            &mut c,
+            "SELECT to_jsonb(c) FROM pg_reaper_cut_deadlines(100) c"
+        ),
+        json!({"cut": 0, "lapsed": 0, "full_": false})
+    );
+    assert_eq!(env.reap(&mut c), 0);
+}

@@ -267,14 +267,29 @@ fn upgrade_from_0_1_0_keeps_every_row_grant_and_call() {
 
     // Every row kept; the new columns filled as 0.2.0 reads them.
     let after = rows(&mut c);
-    // The barriers gain refired_at, unset (none was re-fired under 0.2.0's rule yet).
-    let mut barriers = after["barriers"].clone();
-    for b in barriers.as_array_mut().expect("barriers") {
-        let b = b.as_object_mut().expect("a barrier");
-        assert_eq!(b.remove("refired_at"), Some(serde_json::Value::Null));
-    }
-    assert_eq!(barriers, before["barriers"]);
-    assert_eq!(after["markers"], before["markers"]);
+    // The barriers gain refired_at, callback_due_at and cut_from, the markers their lease
+    // columns, all unset (0.1.0 had no re-fire by this rule, no callback timeout, no leases).
+    let without = |rows: &serde_json::Value, columns: &[&str]| {
+        let mut rows = rows.clone();
+        for row in rows.as_array_mut().expect("rows") {
+            let row = row.as_object_mut().expect("a row");
+            for c in columns {
+                assert_eq!(row.remove(*c), Some(serde_json::Value::Null), "{c}");
+            }
+        }
+        rows
+    };
+    assert_eq!(
+        without(
+            &after["barriers"],
+            &["refired_at", "callback_due_at", "cut_from"]
+        ),
+        before["barriers"]
+    );
+    assert_eq!(
+        without(&after["markers"], &["lease_token", "lease_expires_at"]),
+        before["markers"]
+    );
     let old_intents = before["intents"].as_array().expect("intents");
     let new_intents = after["intents"].as_array().expect("intents");
     assert_eq!(old_intents.len(), new_intents.len());

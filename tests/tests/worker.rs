@@ -92,9 +92,47 @@ fn leader_reaps_both_kinds_of_strand_on_its_timer_and_never_a_live_barrier() {
         wait_ticks(&mut c, 2);
     }
     assert_eq!(intents(&mut c, "live"), 0);
+
+    // Known lost before any deadline: a batch whose lease lapsed and that nobody claimed again
+    // within the reclaim timeout, and a completed barrier whose callback nobody enqueued within
+    // the callback timeout (a hook is configured). The worker strands both; a lease that
+    // lapsed less long ago is left alone. (Timeouts far longer than this test.)
+    reload(&mut c, "pg_reaper.stuck_timeout = 3600");
+    c.batch_execute(
+        "INSERT INTO pg_reaper_settings VALUES ('pg_reaper.reclaim_timeout', '600'),
+                                               ('pg_reaper.callback_timeout', '60'),
+                                               ('pg_reaper.refire_function', 'public.some_hook');
+         SELECT barrier_enqueue('crashed', 'org', 2), barrier_enqueue('slow', 'org', 2),
+                barrier_enqueue('lost', 'org', 1, callback => '{}');
+         SELECT barrier_claim_lease('crashed', 0), barrier_claim_lease('slow', 0);
+         SELECT barrier_decrement('lost');
+         UPDATE pg_barrier_state SET created_at = now() - interval '10 minutes';
+         UPDATE pg_batch_dedup SET lease_expires_at = now() - interval '601 seconds'
+          WHERE execution_id = 'crashed';
+         UPDATE pg_batch_dedup SET lease_expires_at = now() - interval '60 seconds'
+          WHERE execution_id = 'slow';
+         UPDATE pg_barrier_state SET callback_due_at = now() - interval '1 second'
+          WHERE execution_id = 'lost' AND callback_due_at IS NOT NULL",
+    )
+    .expect("a crashed batch and a lost callback");
+    for id in ["crashed", "lost"] {
+        wait_for(60, &format!("intent for {id}"), || {
+            equal(intents(&mut c, id), 1)
+        });
+    }
+    wait_ticks(&mut c, 2);
+    assert_eq!(intents(&mut c, "slow"), 0);
+    assert_eq!(
+        json(
+            &mut c,
+            "SELECT jsonb_build_array(barrier_explain('lost')->'state', \
+                                      barrier_explain('crashed')->'state')"
+        ),
+        json!(["callback_overdue", "stranded_expired"])
+    );
     let s = status(&mut c);
     assert_eq!(s["leader_pid"], json!(worker_pid(&mut c)));
-    assert_eq!(s["outbox_pending"], json!(2));
+    assert_eq!(s["outbox_pending"], json!(4));
     assert!(
         cluster
             .log()
