@@ -129,15 +129,29 @@ fn adoption_keeps_the_platforms_rows_and_both_dialects_share_every_execution() {
 
     adopt(&mut c);
 
-    // Rows kept (the barrier gained a NULL callback and refired_at), nothing the platform owns
-    // became the extension's, and the pieces the functions rely on are there.
-    let mut expected = barriers_before.clone();
-    for b in expected.as_array_mut().expect("rows") {
-        b["callback"] = Value::Null;
-        b["refired_at"] = Value::Null;
-    }
-    assert_eq!(rows(&mut c, "pg_barrier_state"), expected);
-    assert_eq!(rows(&mut c, "pg_batch_dedup"), markers_before);
+    // Rows kept (the barrier gained its NULL callback, refired_at, callback_due_at and cut_from,
+    // the marker its NULL lease columns), nothing the platform owns became the extension's, and
+    // the pieces the functions rely on are there.
+    let with_nulls = |rows: &Value, columns: &[&str]| {
+        let mut rows = rows.clone();
+        for r in rows.as_array_mut().expect("rows") {
+            for c in columns {
+                r[*c] = Value::Null;
+            }
+        }
+        rows
+    };
+    assert_eq!(
+        rows(&mut c, "pg_barrier_state"),
+        with_nulls(
+            &barriers_before,
+            &["callback", "refired_at", "callback_due_at", "cut_from"]
+        )
+    );
+    assert_eq!(
+        rows(&mut c, "pg_batch_dedup"),
+        with_nulls(&markers_before, &["lease_token", "lease_expires_at"])
+    );
     let members: &[&str] = match pg_reaper_tests::edition() {
         Edition::Native => &["unstract.pg_reaper_outbox", "unstract.pg_reaper_settings"],
         Edition::Portable => &[], // no extension: nothing is anyone's member
@@ -153,9 +167,10 @@ fn adoption_keeps_the_platforms_rows_and_both_dialects_share_every_execution() {
     assert_eq!(
         shape,
         json!({"options": ["fillfactor=70"], "indexes": [
-            "pg_barrier_created_key_idx", "pg_barrier_expires_idx", "pg_barrier_expires_key_idx",
-            "pg_barrier_state_execution_id_03fb89ea_like", "pg_barrier_state_pkey",
-            "pg_batch_dedup_created_idx", "pg_batch_dedup_exec_batch_uniq", "pg_batch_dedup_pkey"]})
+            "pg_barrier_callback_due_idx", "pg_barrier_created_key_idx", "pg_barrier_expires_idx",
+            "pg_barrier_expires_key_idx", "pg_barrier_state_execution_id_03fb89ea_like",
+            "pg_barrier_state_pkey", "pg_batch_dedup_created_idx", "pg_batch_dedup_exec_batch_uniq",
+            "pg_batch_dedup_lease_idx", "pg_batch_dedup_pkey"]})
     );
 
     // The live platform barrier finishes through the functions.
