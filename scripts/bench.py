@@ -267,6 +267,42 @@ def hot_path(b):
     return decr_setup
 
 
+RENEW_SETUP = """TRUNCATE pg_batch_dedup;
+  INSERT INTO pg_batch_dedup (execution_id, batch_index, created_at, lease_token, lease_expires_at)
+  SELECT 'r' || i, 0, now(), i, now() + interval '1 hour' FROM generate_series(1, 10000) i;
+  VACUUM ANALYZE pg_batch_dedup;"""
+
+
+def leases(b, decr_setup):
+    """What a lease costs on the hot path: the leased calls against the lease-less ones."""
+    print("== 1b. leases on the hot path")
+    b.out("## 1b. What a lease costs on the hot path", "",
+          "The leased calls against the lease-less ones, alternating rounds in the same run. A batch",
+          "is a claim and its decrement in one statement (10,000 barriers, a new batch index each",
+          "time); a renewal moves one lease's end (10,000 leases), against a lease-less claim.", "",
+          "| operation | with a lease (tps) | without (tps) | ratio | target | |",
+          "|---|---|---|---|---|---|")
+    pairs = [
+        ("`barrier_claim_lease` vs `barrier_claim`", "TRUNCATE pg_batch_dedup", "TRUNCATE pg_batch_dedup",
+         "claim_lease_ext.sql", "claim_ext.sql"),
+        ("a batch: `barrier_claim_lease` + `barrier_decrement_lease` vs `barrier_claim` + `barrier_decrement`",
+         decr_setup, decr_setup, "batch_lease_ext.sql", "batch_ext.sql"),
+        ("`barrier_renew_lease` vs `barrier_claim`", RENEW_SETUP, "TRUNCATE pg_batch_dedup",
+         "renew_lease_ext.sql", "claim_ext.sql"),
+    ]
+    for name, setup_lease, setup_plain, lease, plain in pairs:
+        e, s = [], []
+        for _ in range(S.rounds):
+            b.psql(setup_lease)
+            e.append(b.pgbench(lease))
+            b.psql(setup_plain)
+            s.append(b.pgbench(plain))
+        em, sm = statistics.median(e), statistics.median(s)
+        r = ratio(em, sm)
+        b.out(f"| {name} | {em:.0f} | {sm:.0f} | {r:.2f} | ≥ 0.9 | {verdict(r, 0.9)} |")
+    b.out("")
+
+
 def hot_updates(b, decr_setup):
     print("== 2. HOT decrements")
     # The same run on the reference platform's own tables, adopted by CREATE EXTENSION.
@@ -706,6 +742,7 @@ def main():
         b.psql(open(PORTABLE_SQL).read(), db="bench_portable")
         machine(b)
         decr_setup = hot_path(b)
+        leases(b, decr_setup)
         hot_updates(b, decr_setup)
         reap_cost(b)
         key_file = os.path.join(b.data, "key")

@@ -317,7 +317,7 @@ BEGIN
        SET lease_expires_at = pg_catalog.now() OPERATOR(pg_catalog.+) lease
      WHERE d.execution_id OPERATOR(pg_catalog.=) eid
        AND d.batch_index OPERATOR(pg_catalog.=) barrier_renew_lease.batch_index
-       AND d.lease_token OPERATOR(pg_catalog.=) token AND d.lease_expires_at IS NOT NULL
+       AND d.lease_token OPERATOR(pg_catalog.=) token
     RETURNING d.lease_expires_at INTO ends;
     RETURN ends;
 END
@@ -345,10 +345,10 @@ BEGIN
        OR barrier_decrement_lease.batch_index IS NULL OR barrier_decrement_lease.batch_index OPERATOR(pg_catalog.<) 0 OR token IS NULL THEN
         PERFORM @extschema@.pg_reaper_lease_args(f, eid, barrier_decrement_lease.batch_index, token, '1 second');
     END IF;
-    UPDATE @extschema@.pg_batch_dedup d SET lease_expires_at = NULL
+    UPDATE @extschema@.pg_batch_dedup d SET lease_token = NULL, lease_expires_at = NULL
      WHERE d.execution_id OPERATOR(pg_catalog.=) eid
        AND d.batch_index OPERATOR(pg_catalog.=) barrier_decrement_lease.batch_index
-       AND d.lease_token OPERATOR(pg_catalog.=) token AND d.lease_expires_at IS NOT NULL;
+       AND d.lease_token OPERATOR(pg_catalog.=) token;
     IF NOT FOUND THEN
         RETURN ROW('fenced', NULL, NULL)::@extschema@.barrier_decrement_result;
     END IF;

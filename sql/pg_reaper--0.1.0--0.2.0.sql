@@ -35,7 +35,7 @@ ALTER TABLE @extschema@.pg_batch_dedup
 CREATE INDEX IF NOT EXISTS pg_barrier_callback_due_idx
     ON @extschema@.pg_barrier_state (callback_due_at) WHERE callback_due_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS pg_batch_dedup_lease_idx
-    ON @extschema@.pg_batch_dedup (lease_expires_at) WHERE lease_expires_at IS NOT NULL;
+    ON @extschema@.pg_batch_dedup (lease_token) WHERE lease_token IS NOT NULL;
 CREATE SEQUENCE @extschema@.pg_reaper_lease_token_seq;
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.pg_reaper_lease_token_seq', '');
 
@@ -605,7 +605,7 @@ BEGIN
        SET lease_expires_at = pg_catalog.now() OPERATOR(pg_catalog.+) lease
      WHERE d.execution_id OPERATOR(pg_catalog.=) eid
        AND d.batch_index OPERATOR(pg_catalog.=) barrier_renew_lease.batch_index
-       AND d.lease_token OPERATOR(pg_catalog.=) token AND d.lease_expires_at IS NOT NULL
+       AND d.lease_token OPERATOR(pg_catalog.=) token
     RETURNING d.lease_expires_at INTO ends;
     RETURN ends;
 END
@@ -633,10 +633,10 @@ BEGIN
        OR barrier_decrement_lease.batch_index IS NULL OR barrier_decrement_lease.batch_index OPERATOR(pg_catalog.<) 0 OR token IS NULL THEN
         PERFORM @extschema@.pg_reaper_lease_args(f, eid, barrier_decrement_lease.batch_index, token, '1 second');
     END IF;
-    UPDATE @extschema@.pg_batch_dedup d SET lease_expires_at = NULL
+    UPDATE @extschema@.pg_batch_dedup d SET lease_token = NULL, lease_expires_at = NULL
      WHERE d.execution_id OPERATOR(pg_catalog.=) eid
        AND d.batch_index OPERATOR(pg_catalog.=) barrier_decrement_lease.batch_index
-       AND d.lease_token OPERATOR(pg_catalog.=) token AND d.lease_expires_at IS NOT NULL;
+       AND d.lease_token OPERATOR(pg_catalog.=) token;
     IF NOT FOUND THEN
         RETURN ROW('fenced', NULL, NULL)::@extschema@.barrier_decrement_result;
     END IF;
@@ -1336,11 +1336,13 @@ BEGIN
                                  FOR UPDATE SKIP LOCKED);
     GET DIAGNOSTICS cut = ROW_COUNT;
     WITH given_up AS (
-        UPDATE @extschema@.pg_batch_dedup d SET lease_expires_at = NULL
+        -- Through the index of the leases that run (their tokens): as many as batches in
+        -- flight, however many were done.
+        UPDATE @extschema@.pg_batch_dedup d SET lease_token = NULL, lease_expires_at = NULL
          WHERE (d.execution_id, d.batch_index) IN (
                    SELECT l.execution_id, l.batch_index FROM @extschema@.pg_batch_dedup l
-                    WHERE l.lease_expires_at < now() - reclaim
-                    ORDER BY l.lease_expires_at LIMIT budget
+                    WHERE l.lease_token IS NOT NULL AND l.lease_expires_at < now() - reclaim
+                    LIMIT budget
                       FOR UPDATE SKIP LOCKED)
      RETURNING d.execution_id
     )

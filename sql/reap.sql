@@ -254,11 +254,13 @@ BEGIN
                                  FOR UPDATE SKIP LOCKED);
     GET DIAGNOSTICS cut = ROW_COUNT;
     WITH given_up AS (
-        UPDATE @extschema@.pg_batch_dedup d SET lease_expires_at = NULL
+        -- Through the index of the leases that run (their tokens): as many as batches in
+        -- flight, however many were done.
+        UPDATE @extschema@.pg_batch_dedup d SET lease_token = NULL, lease_expires_at = NULL
          WHERE (d.execution_id, d.batch_index) IN (
                    SELECT l.execution_id, l.batch_index FROM @extschema@.pg_batch_dedup l
-                    WHERE l.lease_expires_at < now() - reclaim
-                    ORDER BY l.lease_expires_at LIMIT budget
+                    WHERE l.lease_token IS NOT NULL AND l.lease_expires_at < now() - reclaim
+                    LIMIT budget
                       FOR UPDATE SKIP LOCKED)
      RETURNING d.execution_id
     )

@@ -291,8 +291,8 @@ BEGIN
 
     -- One marker per claimed batch. No foreign key to the barrier on purpose: a marker may
     -- outlive its barrier (barrier_abort with preserve_dedup) so that a redelivery is skipped.
-    -- A batch claimed with a lease (barrier_claim_lease) has its fencing token and, while it
-    -- runs, the lease's end; NULL there means done (or given up): never claimed again.
+    -- A batch claimed with a lease (barrier_claim_lease) has, while it runs, its fencing token
+    -- and the lease's end; both NULL once it is done (or given up): never claimed again.
     IF dedup_adopted THEN
         FOR col IN SELECT * FROM (VALUES ('lease_token', 'bigint'), ('lease_expires_at', 'timestamptz')) AS c(name, type)
                     WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_attribute a
@@ -336,8 +336,9 @@ BEGIN
             tbl, cols);
     END LOOP;
     -- The deadlines the tick cuts short (overdue callbacks, lapsed leases): partial, so that
-    -- they hold only the few rows concerned. Neither column is written by a decrement before
-    -- the last, so those stay HOT updates.
+    -- they hold only the few rows concerned. No decrement but the last writes callback_due_at,
+    -- and a renewal writes only lease_expires_at (the leases are found through their tokens,
+    -- which only a claim sets and only the end of the lease clears), so those stay HOT updates.
     -- (Checked by name, not IF NOT EXISTS: inside CREATE EXTENSION that refuses an object
     -- the extension does not own, such as the extension-free edition's.)
     IF pg_catalog.to_regclass('@extschema@.pg_barrier_callback_due_idx') IS NULL THEN
@@ -346,7 +347,7 @@ BEGIN
     END IF;
     IF pg_catalog.to_regclass('@extschema@.pg_batch_dedup_lease_idx') IS NULL THEN
         CREATE INDEX pg_batch_dedup_lease_idx
-            ON @extschema@.pg_batch_dedup (lease_expires_at) WHERE lease_expires_at IS NOT NULL;
+            ON @extschema@.pg_batch_dedup (lease_token) WHERE lease_token IS NOT NULL;
     END IF;
     -- Fencing tokens of leased claims: each claim of a batch gets a new, larger one.
     IF pg_catalog.to_regclass('@extschema@.pg_reaper_lease_token_seq') IS NULL THEN

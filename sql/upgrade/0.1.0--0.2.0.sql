@@ -34,7 +34,7 @@ ALTER TABLE @extschema@.pg_batch_dedup
 CREATE INDEX IF NOT EXISTS pg_barrier_callback_due_idx
     ON @extschema@.pg_barrier_state (callback_due_at) WHERE callback_due_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS pg_batch_dedup_lease_idx
-    ON @extschema@.pg_batch_dedup (lease_expires_at) WHERE lease_expires_at IS NOT NULL;
+    ON @extschema@.pg_batch_dedup (lease_token) WHERE lease_token IS NOT NULL;
 CREATE SEQUENCE @extschema@.pg_reaper_lease_token_seq;
 SELECT pg_catalog.pg_extension_config_dump('@extschema@.pg_reaper_lease_token_seq', '');
 
