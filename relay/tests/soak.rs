@@ -69,6 +69,8 @@ struct Queue {
     tx: Mutex<Option<SyncSender<Task>>>,
     rx: Mutex<Receiver<Task>>,
     invisible: Mutex<Vec<(Instant, Task)>>,
+    /// Signalled when a batch is acknowledged or crashes: the redelivery looks again.
+    changed: std::sync::Condvar,
     in_flight: AtomicU64,
 }
 
@@ -102,6 +104,7 @@ impl Queue {
     /// The worker is done with a batch (acknowledged, or crashed in plain mode).
     fn ack(&self) {
         self.in_flight.fetch_sub(1, Relaxed);
+        self.changed.notify_all();
     }
 
     /// The worker crashed holding `task`: it becomes visible again after the timeout.
@@ -110,6 +113,7 @@ impl Queue {
             .lock()
             .expect("queue")
             .push((Instant::now() + VISIBILITY, task));
+        self.changed.notify_all();
     }
 
     /// Delivers what became visible again; closes the queue once producers stopped and no
@@ -127,13 +131,19 @@ impl Queue {
                 self.ack();
                 self.send((id, b, n + 1));
             }
-            let idle = self.in_flight.load(Relaxed) == 0
-                && self.invisible.lock().expect("queue").is_empty();
-            if stop.load(Relaxed) && idle {
+            let invisible = self.invisible.lock().expect("queue");
+            if stop.load(Relaxed) && self.in_flight.load(Relaxed) == 0 && invisible.is_empty() {
                 self.tx.lock().expect("queue").take();
                 return;
             }
-            std::thread::sleep(Duration::from_millis(50));
+            // Until the next batch becomes visible, or one is acknowledged or crashes (the
+            // bound only re-reads the producers' stop flag, which signals nothing).
+            let next = invisible.iter().map(|(at, _)| *at).min();
+            let wait = next.map_or(Duration::from_millis(100), |at| {
+                at.saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(100))
+            });
+            let _ = self.changed.wait_timeout(invisible, wait).expect("queue");
         }
     }
 }
@@ -381,6 +391,7 @@ fn soak(mode: Mode, name: &str) {
         tx: Mutex::new(Some(tx)),
         rx: Mutex::new(rx),
         invisible: Mutex::new(Vec::new()),
+        changed: std::sync::Condvar::new(),
         in_flight: AtomicU64::new(0),
     });
     let started = Instant::now();
