@@ -6,17 +6,17 @@
 # The default, `SETUP_FOR=test` (make test, bench, soak), adds what the tests start: openssl
 # (they make certificates), prometheus (promtool and a real server for the alerting-rule and
 # dashboard tests), pgbouncer, patroni and etcd-server (the failover test), pg_cron (the
-# managed stand-in's scheduler), matplotlib (the benchmark's plots), a Python
-# virtualenv with psycopg (the platform-worker test), podman, mmdebstrap and runc (the
-# container images, also `SETUP_FOR=images`: make images), and every PostgreSQL major in
-# PG_MAJORS (default 15; the others from scripts/pg.sh).
+# managed stand-in's scheduler), matplotlib and valgrind (the benchmark's plots and its
+# instruction counts), a Python virtualenv with psycopg (the platform-worker test), podman,
+# mmdebstrap and runc (the container images, also `SETUP_FOR=images`: make images), and every
+# PostgreSQL major in PG_MAJORS (default 15; the others from scripts/pg.sh).
 set -euo pipefail
 export PATH="$HOME/.cargo/bin:$PATH"
 cd "$(dirname "$0")/.."
 FOR="${SETUP_FOR:-test}"
 packages=(postgresql-15 postgresql-server-dev-15 postgresql-client-15 libclang-dev clang sudo util-linux)
 if [ "$FOR" = test ]; then
-  packages+=(openssl prometheus pgbouncer postgresql-15-cron python3 python3-venv python3-matplotlib patroni etcd-server)
+  packages+=(openssl prometheus pgbouncer postgresql-15-cron python3 python3-venv python3-matplotlib patroni etcd-server valgrind)
 fi
 if [ "$FOR" = test ] || [ "$FOR" = images ]; then
   packages+=(podman mmdebstrap runc)

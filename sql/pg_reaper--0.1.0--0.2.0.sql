@@ -447,17 +447,14 @@ LANGUAGE plpgsql SECURITY DEFINER PARALLEL UNSAFE
 AS $$
 #variable_conflict use_column
 DECLARE
-    f CONSTANT text := 'barrier_claim';
-    eid CONSTANT text := barrier_claim.execution_id;
+    eid ALIAS FOR $1;  -- a name only: no expression to set up per call
 BEGIN
+    -- One test for every argument: each expression costs a call its set-up in every transaction.
     IF eid IS NULL OR eid OPERATOR(pg_catalog.=) ''
-       OR pg_catalog.octet_length(eid) OPERATOR(pg_catalog.>) 1024 THEN
-        PERFORM @extschema@.pg_reaper_execution_id(f, eid);
-    END IF;
-    IF barrier_claim.batch_index IS NULL THEN
-        PERFORM @extschema@.pg_reaper_invalid(f, 'batch_index', 'must not be NULL');
-    ELSIF barrier_claim.batch_index OPERATOR(pg_catalog.<) 0 THEN
-        PERFORM @extschema@.pg_reaper_invalid(f, 'batch_index', 'must not be negative');
+       OR pg_catalog.octet_length(eid) OPERATOR(pg_catalog.>) 1024
+       OR barrier_claim.batch_index IS NULL OR barrier_claim.batch_index OPERATOR(pg_catalog.<) 0 THEN
+        PERFORM @extschema@.pg_reaper_lease_args('barrier_claim', eid,
+                                                 barrier_claim.batch_index, 0, '1 second');
     END IF;
     INSERT INTO @extschema@.pg_batch_dedup (execution_id, batch_index, created_at)
     VALUES (eid, barrier_claim.batch_index, pg_catalog.now())
@@ -483,41 +480,41 @@ LANGUAGE plpgsql SECURITY DEFINER PARALLEL UNSAFE
 AS $$
 #variable_conflict use_column
 DECLARE
-    eid CONSTANT text := barrier_decrement.execution_id;
-    left_ integer;
-    all_ jsonb;
-    has_callback boolean;
+    eid ALIAS FOR $1;  -- a name only: no expression to set up per call
+    r @extschema@.barrier_decrement_result;
 BEGIN
-    IF eid IS NULL OR eid OPERATOR(pg_catalog.=) ''
-       OR pg_catalog.octet_length(eid) OPERATOR(pg_catalog.>) 1024 THEN
-        PERFORM @extschema@.pg_reaper_execution_id('barrier_decrement', eid);
-    END IF;
+    -- Every batch but the last takes one statement and one test; each expression costs a call
+    -- its set-up in every transaction. The id is checked only when no barrier was found: an id
+    -- that fails the checks matches none (barrier_enqueue refuses them), and the error rolls
+    -- back whatever the call did.
     UPDATE @extschema@.pg_barrier_state
        SET remaining = remaining OPERATOR(pg_catalog.-) 1,
            results = results OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_array(barrier_decrement.result),
            last_progress_at = pg_catalog.now()
      WHERE execution_id OPERATOR(pg_catalog.=) eid
-    RETURNING remaining, CASE WHEN remaining OPERATOR(pg_catalog.=) 0 THEN results END,
-              callback IS NOT NULL
-         INTO left_, all_, has_callback;
-    IF NOT FOUND THEN
-        RETURN ROW('abandoned', NULL, NULL)::@extschema@.barrier_decrement_result;
-    ELSIF left_ OPERATOR(pg_catalog.<) 0 THEN
-        DELETE FROM @extschema@.pg_barrier_state
-         WHERE execution_id OPERATOR(pg_catalog.=) eid AND remaining OPERATOR(pg_catalog.<) 0;
-        RETURN ROW('abandoned', left_, NULL)::@extschema@.barrier_decrement_result;
-    ELSIF left_ OPERATOR(pg_catalog.=) 0 THEN
-        IF has_callback THEN
+    RETURNING 'pending', remaining, CASE WHEN remaining OPERATOR(pg_catalog.=) 0 THEN results END
+         INTO r;
+    IF NOT FOUND OR r.remaining OPERATOR(pg_catalog.<=) 0 THEN
+        IF NOT FOUND THEN
+            PERFORM @extschema@.pg_reaper_execution_id('barrier_decrement', eid);
+            r.status := 'abandoned';
+        ELSIF r.remaining OPERATOR(pg_catalog.<) 0 THEN
+            DELETE FROM @extschema@.pg_barrier_state
+             WHERE execution_id OPERATOR(pg_catalog.=) eid
+               AND remaining OPERATOR(pg_catalog.<) 0;
+            r.status := 'abandoned';
+        ELSE
             PERFORM @extschema@.pg_reaper_await_callback(eid);
+            r.status := 'complete';
         END IF;
-        RETURN ROW('complete', 0, all_)::@extschema@.barrier_decrement_result;
     END IF;
-    RETURN ROW('pending', left_, NULL)::@extschema@.barrier_decrement_result;
+    RETURN r;
 END
 $$;
 
--- The final decrement of a barrier with a callback: sets the callback's deadline, now +
--- pg_reaper.callback_timeout, when a re-fire hook is configured and the timeout is not 0.
+-- The final decrement of a barrier: sets its callback's deadline, now +
+-- pg_reaper.callback_timeout, when it has a callback, a re-fire hook is configured and the
+-- timeout is not 0.
 -- (Without a hook an unfinished barrier waits for the stuck timeout, as before: stranding it
 -- early could only end in an earlier ERROR mark.)
 CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_await_callback(id text)
@@ -530,7 +527,7 @@ DECLARE
 BEGIN
     IF timeout > interval '0' AND btrim(@extschema@.pg_reaper_setting('pg_reaper.refire_function')) <> '' THEN
         UPDATE @extschema@.pg_barrier_state b SET callback_due_at = now() + timeout
-         WHERE b.execution_id = pg_reaper_await_callback.id;
+         WHERE b.execution_id = pg_reaper_await_callback.id AND b.callback IS NOT NULL;
     END IF;
 END
 $$;
@@ -552,8 +549,7 @@ LANGUAGE plpgsql SECURITY DEFINER PARALLEL UNSAFE
 AS $$
 #variable_conflict use_column
 DECLARE
-    f CONSTANT text := 'barrier_claim_lease';
-    eid CONSTANT text := barrier_claim_lease.execution_id;
+    eid ALIAS FOR $1;  -- a name only: no expression to set up per call
     token bigint;
 BEGIN
     IF eid IS NULL OR eid OPERATOR(pg_catalog.=) ''
@@ -561,7 +557,8 @@ BEGIN
        OR barrier_claim_lease.batch_index IS NULL OR barrier_claim_lease.batch_index OPERATOR(pg_catalog.<) 0
        OR lease IS NULL
        OR NOT pg_catalog.now() OPERATOR(pg_catalog.+) lease OPERATOR(pg_catalog.>) pg_catalog.now() THEN
-        PERFORM @extschema@.pg_reaper_lease_args(f, eid, barrier_claim_lease.batch_index, 0, lease);
+        PERFORM @extschema@.pg_reaper_lease_args('barrier_claim_lease', eid,
+                                                 barrier_claim_lease.batch_index, 0, lease);
     END IF;
     INSERT INTO @extschema@.pg_batch_dedup AS d
         (execution_id, batch_index, created_at, lease_token, lease_expires_at)
@@ -590,16 +587,17 @@ LANGUAGE plpgsql SECURITY DEFINER PARALLEL UNSAFE
 AS $$
 #variable_conflict use_column
 DECLARE
-    f CONSTANT text := 'barrier_renew_lease';
-    eid CONSTANT text := barrier_renew_lease.execution_id;
+    eid ALIAS FOR $1;  -- a name only: no expression to set up per call
     ends timestamptz;
 BEGIN
     IF eid IS NULL OR eid OPERATOR(pg_catalog.=) ''
        OR pg_catalog.octet_length(eid) OPERATOR(pg_catalog.>) 1024
-       OR barrier_renew_lease.batch_index IS NULL OR barrier_renew_lease.batch_index OPERATOR(pg_catalog.<) 0 OR token IS NULL
+       OR barrier_renew_lease.batch_index IS NULL
+       OR barrier_renew_lease.batch_index OPERATOR(pg_catalog.<) 0 OR token IS NULL
        OR lease IS NULL
        OR NOT pg_catalog.now() OPERATOR(pg_catalog.+) lease OPERATOR(pg_catalog.>) pg_catalog.now() THEN
-        PERFORM @extschema@.pg_reaper_lease_args(f, eid, barrier_renew_lease.batch_index, token, lease);
+        PERFORM @extschema@.pg_reaper_lease_args('barrier_renew_lease', eid,
+                                                 barrier_renew_lease.batch_index, token, lease);
     END IF;
     UPDATE @extschema@.pg_batch_dedup d
        SET lease_expires_at = pg_catalog.now() OPERATOR(pg_catalog.+) lease
@@ -625,13 +623,14 @@ LANGUAGE plpgsql SECURITY DEFINER PARALLEL UNSAFE
 AS $$
 #variable_conflict use_column
 DECLARE
-    f CONSTANT text := 'barrier_decrement_lease';
-    eid CONSTANT text := barrier_decrement_lease.execution_id;
+    eid ALIAS FOR $1;  -- a name only: no expression to set up per call
 BEGIN
     IF eid IS NULL OR eid OPERATOR(pg_catalog.=) ''
        OR pg_catalog.octet_length(eid) OPERATOR(pg_catalog.>) 1024
-       OR barrier_decrement_lease.batch_index IS NULL OR barrier_decrement_lease.batch_index OPERATOR(pg_catalog.<) 0 OR token IS NULL THEN
-        PERFORM @extschema@.pg_reaper_lease_args(f, eid, barrier_decrement_lease.batch_index, token, '1 second');
+       OR barrier_decrement_lease.batch_index IS NULL
+       OR barrier_decrement_lease.batch_index OPERATOR(pg_catalog.<) 0 OR token IS NULL THEN
+        PERFORM @extschema@.pg_reaper_lease_args('barrier_decrement_lease', eid,
+                                                 barrier_decrement_lease.batch_index, token, '1 second');
     END IF;
     UPDATE @extschema@.pg_batch_dedup d SET lease_token = NULL, lease_expires_at = NULL
      WHERE d.execution_id OPERATOR(pg_catalog.=) eid
@@ -644,8 +643,9 @@ BEGIN
 END
 $$;
 
--- The argument checks of the lease functions, which call it only when one fails (a call on
--- every claim would cost the hot path a settings save and restore): raises the first problem.
+-- The argument checks of barrier_claim and the lease functions, which call it only when one
+-- fails (a call on every claim would cost the hot path a settings save and restore): raises
+-- the first problem.
 CREATE OR REPLACE FUNCTION @extschema@.pg_reaper_lease_args(func text, id text, batch_index integer,
                                                           token bigint, lease interval)
 RETURNS void
