@@ -587,6 +587,108 @@ INSERT INTO bench_strand_at SELECT id, at FROM b;""")
     return delays
 
 
+HEAL_LEASE = 2  # seconds: the lease the killed workers hold, renewed every quarter of it
+HEAL_RECLAIM = 2  # pg_reaper.reclaim_timeout during this section
+HEAL_POLL = 0.1  # seconds between the queue's redeliveries
+
+
+def heal_latency(b):
+    """A worker holding a lease is SIGKILLed; how long until its batch runs again (the queue
+    redelivers it), and, where nothing redelivers, until the execution is queued for recovery."""
+    print("== 5b. time to heal a crashed batch")
+    n = 3 if SMOKE else 30
+    b.quiesce()
+    b.psql(f"""TRUNCATE pg_barrier_state, pg_reaper_outbox, pg_batch_dedup;
+CREATE TABLE IF NOT EXISTS bench_heal (execution_id text PRIMARY KEY, rerun_at timestamptz);
+TRUNCATE bench_heal;
+INSERT INTO bench_heal SELECT 'h-' || i FROM generate_series(1, {n}) i;
+SELECT count(barrier_enqueue(p || i, 'org', 1)) FROM generate_series(1, {n}) i, unnest('{{h-,q-}}'::text[]) p;""")
+    b.setting(f"pg_reaper.reclaim_timeout = {HEAL_RECLAIM}")
+    b.setting("pg_reaper.enabled = on")
+    lease = f"'{HEAL_LEASE} seconds'"
+    workers = {}
+    for prefix in ("h-", "q-"):
+        for i in range(1, n + 1):
+            eid = f"{prefix}{i}"
+            # A worker: claims the batch with a lease, then renews it until it is killed.
+            p = subprocess.Popen([f"{BIN}/psql", "-X", "-q", "-h", "127.0.0.1", "-p", str(PG_PORT),
+                                  "-U", "postgres", "-d", "bench", "-v", "ON_ERROR_STOP=1"],
+                                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+            b.procs.append(p)
+            p.stdin.write(f"SELECT barrier_claim_lease('{eid}', 0, {lease}) AS token \\gset\n"
+                          f"SELECT barrier_renew_lease('{eid}', 0, :token, {lease}) \\watch {HEAL_LEASE / 4}\n")
+            p.stdin.flush()
+            workers[eid] = p
+    deadline = time.time() + 120
+    while int(b.q("SELECT count(*) FROM pg_batch_dedup WHERE lease_token IS NOT NULL")) < 2 * n:
+        if time.time() > deadline:
+            raise SystemExit("the workers did not claim their batches")
+        time.sleep(0.1)
+    # Killed one by one at random moments over a few seconds, so that the kills fall anywhere
+    # in the renewal cycle and the worker's tick.
+    rnd = random.Random(2)
+    order = list(workers)
+    start = time.time() + HEAL_LEASE
+    kill_at = {eid: start + rnd.uniform(0, 3) for eid in order}
+    killed = {}
+    redeliver = f"""WITH claimed AS MATERIALIZED (
+  SELECT h.execution_id, t.token FROM bench_heal h
+   CROSS JOIN LATERAL barrier_claim_lease(h.execution_id, 0, {lease}) AS t(token)
+   WHERE h.rerun_at IS NULL
+), counted AS (
+  SELECT execution_id, (barrier_decrement_lease(execution_id, 0, token)).status FROM claimed
+   WHERE token IS NOT NULL
+)
+UPDATE bench_heal h SET rerun_at = clock_timestamp() FROM counted WHERE h.execution_id = counted.execution_id;"""
+    deadline = time.time() + 120
+    while True:
+        now = time.time()
+        for eid in order:
+            if eid not in killed and kill_at[eid] <= now:
+                workers[eid].kill()
+                killed[eid] = time.time()
+        b.psql(redeliver)  # the queue redelivers every batch not yet run again
+        rerun = int(b.q("SELECT count(rerun_at) FROM bench_heal"))
+        queued = int(b.q("SELECT count(*) FROM pg_reaper_outbox WHERE execution_id LIKE 'q-%'"))
+        if rerun == n and queued == n:
+            break
+        if time.time() > deadline:
+            raise SystemExit(f"after 120 s: {rerun} of {n} batches re-run, {queued} of {n} queued")
+        time.sleep(HEAL_POLL)
+    for p in workers.values():
+        p.wait()
+    b.setting("pg_reaper.reclaim_timeout = DEFAULT")
+
+    def delays(sql):
+        rows = dict(line.split("|") for line in b.psql(sql).split())
+        return [float(at) - killed[eid] for eid, at in rows.items()]
+
+    rerun = delays("SELECT execution_id, extract(epoch FROM rerun_at) FROM bench_heal")
+    queued = delays("SELECT execution_id, extract(epoch FROM created_at) FROM pg_reaper_outbox"
+                    " WHERE execution_id LIKE 'q-%'")
+    b.psql("TRUNCATE pg_barrier_state, pg_reaper_outbox, pg_batch_dedup")
+    bound_rerun = HEAL_LEASE + HEAL_POLL + 0.5
+    bound_queued = HEAL_LEASE + HEAL_RECLAIM + 1 + 1  # + naptime + the tick's own time
+    b.out("## 5b. Time to heal a crashed batch", "",
+          f"{2 * n} workers each claim one batch with a {HEAL_LEASE} s lease (`barrier_claim_lease`) and renew it",
+          f"every {HEAL_LEASE / 4} s (`barrier_renew_lease`), until each is SIGKILLed at a random moment. For",
+          f"{n} of them the queue redelivers the batch (a claim every {HEAL_POLL} s, as a visibility timeout",
+          f"would, compressed); for the other {n} nothing redelivers, and `pg_reaper.reclaim_timeout = {HEAL_RECLAIM}`,",
+          "`pg_reaper.naptime = 1s`. Delay from the SIGKILL:", "",
+          "| from a worker's SIGKILL to | p50 | p99 | max | bound | |", "|---|---|---|---|---|---|",
+          f"| its batch running again (the next claim gets a new token) | {percentile(rerun, 0.5):.3f} s "
+          f"| {percentile(rerun, 0.99):.3f} s | {max(rerun):.3f} s | lease + redelivery + 0.5 s = {bound_rerun:.1f} s "
+          f"| {verdict(percentile(rerun, 0.99), bound_rerun, False)} |",
+          f"| its execution queued for recovery (nothing redelivers) | {percentile(queued, 0.5):.3f} s "
+          f"| {percentile(queued, 0.99):.3f} s | {max(queued):.3f} s | lease + reclaim + naptime + 1 s = "
+          f"{bound_queued:.0f} s | {verdict(percentile(queued, 0.99), bound_queued, False)} |", "",
+          "The lease a worker holds when it dies has between three quarters and all of its length",
+          "left; the batch is claimed again at the first redelivery after it lapsed. Where nothing",
+          "redelivers, the worker's next tick after the reclaim timeout strands the execution. With",
+          "the defaults (a 60 s lease, `pg_reaper.reclaim_timeout = 600`) the same sums give about a",
+          "minute to re-run and about 11 minutes to be queued, against the stuck timeout's 2.5 h.", "")
+
+
 def idle_cost(b):
     print("== 6. idle cost")
     b.setting("pg_reaper.naptime = 5")
@@ -851,6 +953,7 @@ def main():
         b.wait_for_port(API_PORT)
         many = relay_drain(b)
         delays = time_to_recover(b)
+        heal_latency(b)
         idle_cost(b)
         one, two = backlog_section(b, many)
         edition_section(b)
