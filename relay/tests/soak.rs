@@ -21,7 +21,7 @@ mod common;
 use common::{Env, SampleApi};
 use pg_reaper_tests::{equal, json, wait_for};
 use serde_json::json;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
@@ -43,6 +43,13 @@ struct Ledger {
     reruns: AtomicU64,
     fenced: AtomicU64,
     counted_twice: AtomicU64,
+    /// When each execution last made progress (its enqueue or a decrement was sent), until
+    /// its final decrement; executions a loaded machine stalled past STALL (a batch then found
+    /// the barrier gone, or the callback came that late), which a timeout rightly ended; and
+    /// barriers found gone sooner than any timeout allows (a violation).
+    progress: Mutex<HashMap<String, Instant>>,
+    stalled: Mutex<HashSet<String>>,
+    gone_early: Mutex<Vec<String>>,
 }
 
 /// How workers claim, and what the queue does with a batch whose worker crashed.
@@ -62,6 +69,9 @@ type Task = (String, i32, u32);
 /// lease lapsed.
 const LEASE: &str = "1 second";
 const VISIBILITY: Duration = Duration::from_millis(1200);
+/// The shortest time without progress after which either mode may end a live execution (the
+/// stuck timeout without leases, the callback timeout with them).
+const STALL: Duration = Duration::from_secs(3);
 
 /// The soak's queue: batches to deliver, and the crashed ones waiting out their visibility
 /// timeout. Workers leave once producers stopped and nothing is in flight or invisible.
@@ -186,6 +196,11 @@ fn producer(
         let total: i32 = n % 4 + 2;
         n += 1;
         api.execution(&id, "org", "EXECUTING");
+        ledger
+            .progress
+            .lock()
+            .expect("ledger")
+            .insert(id.clone(), Instant::now());
         let enqueue = c.execute(
             "SELECT barrier_enqueue($1, 'org', $2, '1 hour', jsonb_build_object('task_name', 'aggregate', 'id', $1::text))",
             &[&id, &total],
@@ -267,6 +282,7 @@ fn worker(env: &Env, api: &SampleApi, mode: Mode, queue: &Queue, ledger: &Ledger
             }
             continue;
         }
+        let sent = Instant::now();
         let row = match mode {
             Mode::Plain => c.query_one(
                 "SELECT status, results FROM barrier_decrement($1, to_jsonb($2::int))",
@@ -299,7 +315,35 @@ fn worker(env: &Env, api: &SampleApi, mode: Mode, queue: &Queue, ledger: &Ledger
         let Some(row) = record(ledger, "decrement", row) else {
             continue;
         };
-        if row.get::<_, String>(0) != "complete" {
+        let status = row.get::<_, String>(0);
+        {
+            let mut progress = ledger.progress.lock().expect("ledger");
+            match (status.as_str(), progress.get(&id).copied()) {
+                // A batch of a live execution found its barrier gone: only a timeout may have
+                // ended it, so the execution made no progress for STALL before this call.
+                ("abandoned", Some(last)) => {
+                    if sent.duration_since(last) >= STALL {
+                        ledger.stalled.lock().expect("ledger").insert(id.clone());
+                    } else {
+                        let gap = sent.duration_since(last);
+                        ledger
+                            .gone_early
+                            .lock()
+                            .expect("ledger")
+                            .push(format!("{id} after {gap:?}"));
+                    }
+                }
+                ("pending", Some(last)) if sent > last => {
+                    progress.insert(id.clone(), sent);
+                }
+                // Done: a later redelivery may find the barrier finished.
+                ("complete", _) => {
+                    progress.remove(&id);
+                }
+                _ => {}
+            }
+        }
+        if status != "complete" {
             continue;
         }
         // Every batch counted exactly once: the results are 0 .. total in some order.
@@ -315,6 +359,10 @@ fn worker(env: &Env, api: &SampleApi, mode: Mode, queue: &Queue, ledger: &Ledger
         if coin(&id, 2, 5) {
             ledger.lost_callback.lock().expect("ledger").insert(id); // died before enqueueing it
             continue;
+        }
+        if sent.elapsed() >= STALL {
+            // A timeout may have found this callback lost and re-fired it.
+            ledger.stalled.lock().expect("ledger").insert(id.clone());
         }
         api.execution(&id, "org", "COMPLETED"); // the aggregating callback ran
         ledger.callbacks.lock().expect("ledger").insert(id.clone());
@@ -500,6 +548,12 @@ fn soak(mode: Mode, name: &str) {
     let callbacks = ledger.callbacks.lock().expect("ledger").clone();
     let crashed = ledger.crashed_mid_batch.lock().expect("ledger").clone();
     let lost_callback = ledger.lost_callback.lock().expect("ledger").clone();
+    let stalled = ledger.stalled.lock().expect("ledger").clone();
+    let gone_early = ledger.gone_early.lock().expect("ledger").clone();
+    assert!(
+        gone_early.is_empty(),
+        "a live execution's barrier removed sooner than any timeout allows: {gone_early:?}"
+    );
     let (mut completed, mut marked, mut refires) = (0, 0, 0);
     for (id, e) in api {
         let marks = e["error_marks"].as_u64().unwrap_or(0);
@@ -512,8 +566,8 @@ fn soak(mode: Mode, name: &str) {
                 assert_eq!(marks, 0, "{id}: a completed execution is never overwritten");
                 if refired_set.contains(id) {
                     assert!(
-                        lost_callback.contains(id),
-                        "{id}: re-fired only if its callback was really lost"
+                        lost_callback.contains(id) || stalled.contains(id),
+                        "{id}: re-fired only if its callback was really lost (or came {STALL:?} late)"
                     );
                     refires += 1;
                 } else {
@@ -523,8 +577,8 @@ fn soak(mode: Mode, name: &str) {
             "ERROR" => {
                 assert_eq!(marks, 1, "{id}: exactly one ERROR mark");
                 assert!(
-                    crashed.contains(id),
-                    "{id}: marked ERROR only if a batch really crashed"
+                    crashed.contains(id) || stalled.contains(id),
+                    "{id}: marked ERROR only if a batch really crashed (or it made no progress for {STALL:?})"
                 );
                 marked += 1;
             }
