@@ -322,10 +322,10 @@ fn worker(env: &Env, api: &SampleApi, mode: Mode, queue: &Queue, ledger: &Ledger
                 // A batch of a live execution found its barrier gone: only a timeout may have
                 // ended it, so the execution made no progress for STALL before this call.
                 ("abandoned", Some(last)) => {
-                    if sent.duration_since(last) >= STALL {
+                    let gap = sent.duration_since(last);
+                    if gap >= STALL {
                         ledger.stalled.lock().expect("ledger").insert(id.clone());
                     } else {
-                        let gap = sent.duration_since(last);
                         ledger
                             .gone_early
                             .lock()
