@@ -20,7 +20,14 @@ for d in "$PGRX_PGDATA"/*-*; do
 done
 
 start=$SECONDS
-echo "== lint and audit: rustfmt, cargo-deny over the lock file, clippy (warnings are errors)"
+# Each step's wall time, printed together at the end: where a run's time goes.
+times=()
+step() {
+  [ -z "${step_label:-}" ] || times+=("$step_label $((SECONDS - step_start)) s")
+  step_label="$1"; step_start=$SECONDS
+  [ -z "${2:-}" ] || echo "== $2"
+}
+step lint "lint and audit: rustfmt, cargo-deny over the lock file, clippy (warnings are errors)"
 cargo fmt --all --check
 bash scripts/audit.sh
 
@@ -28,17 +35,17 @@ LOG="$(mktemp /tmp/pg-reaper-test.XXXXXX)"
 skip=()
 trap 'rm -f "$LOG"' EXIT
 echo "== PostgreSQL $FULL: $("$PG_CONFIG" --version)"
-echo "== pg_tests (in-database)"
+step pg_tests "pg_tests (in-database)"
 cargo pgrx test "pg$FULL" --runas postgres --pgdata "$PGRX_PGDATA" 2>&1 | tee -a "$LOG"
 
 # The pg_test run installed a test build; the integration tests want the real one.
-echo "== install"
+step install "install"
 cargo pgrx install --pg-config "$PG_CONFIG"
 
-echo "== alerting rules: promtool unit tests"
+step promtool "alerting rules: promtool unit tests"
 (cd deploy/prometheus && promtool check rules pg_reaper.rules.yml && promtool test rules pg_reaper.rules.test.yml) 2>&1 | tee -a "$LOG"
 
-echo "== integration tests: throwaway clusters, concurrent sessions, the worker, the relay and the sample API"
+step integration "integration tests: throwaway clusters, concurrent sessions, the worker, the relay and the sample API"
 # The upgrade test builds 0.1.0, which supported PostgreSQL 15 to 17 only.
 case "$FULL" in
   15|16|17) ;;
@@ -53,25 +60,27 @@ fi
 python3 scripts/tests.py "${skip[@]}" -p pg_reaper_protocol -p pg_reaper_tests -p pg-reaper-relay 2>&1 | tee -a "$LOG"
 
 if [ "$FULL" = 15 ]; then
-  echo "== the same suites against the extension-free edition (no worker: the relays tick it; the tests named native_… are about the extension itself)"
+  step edition "the same suites against the extension-free edition (no worker: the relays tick it; the tests named native_… are about the extension itself)"
   PG_REAPER_EDITION=portable python3 scripts/tests.py --skip-test native_ -p pg_reaper_tests -p pg-reaper-relay \
     --test foundation --test branches --test chaos --test adoption --test database --test outbox_cases --test soak 2>&1 | tee -a "$LOG"
 fi
 
-echo "== benchmark smoke run (tiny sizes; the real run is make bench)"
+step bench "benchmark smoke run (tiny sizes; the real run is make bench)"
 BENCH_SMOKE=1 bash scripts/bench.sh
 if [ "$FULL" = 15 ]; then
-  echo "== make run, both editions (the newcomer's walkthrough, with its expected outcomes)"
+  step run "make run, both editions (the newcomer's walkthrough, with its expected outcomes)"
   bash scripts/run.sh > "$LOG.run" 2>&1 || { cat "$LOG.run"; exit 1; }
   EDITION=portable bash scripts/run.sh > "$LOG.run" 2>&1 || { cat "$LOG.run"; exit 1; }
   rm -f "$LOG.run"
-  echo "== Debian packages: built, installed with apt-get, used, removed"
+  step packages "Debian packages: built, installed with apt-get, used, removed"
   bash scripts/package_test.sh
-  echo "== container images: built with podman from Debian and the packages, run as the platform's compose runs them"
+  step containers "container images: built with podman from Debian and the packages, run as the platform's compose runs them"
   DEBS="$(echo target/package/postgresql-15-pg-reaper_*.deb target/package/pg-reaper-relay_*.deb)" \
     bash scripts/containers_test.sh
 fi
-echo "== PostgreSQL $FULL, everything: $((SECONDS - start)) s"
+step end
+echo "== PostgreSQL $FULL, everything: $((SECONDS - start)) s, by step:"
+printf '==   %s\n' "${times[@]}"
 
 for n in $OTHERS; do
   config="$(bash scripts/pg.sh "$n")"

@@ -60,8 +60,10 @@ def main():
             known = json.load(f)
     except (OSError, ValueError):
         known = {}
-    todo = sorted((b for b in binaries(cargo_args) if b[0] not in args.skip_binary),
-                  key=lambda b: -known.get(b[0], 0))
+    start = time.monotonic()
+    built = binaries(cargo_args)
+    print(f"== {len(built)} test binaries built in {time.monotonic() - start:.0f} s", flush=True)
+    todo = sorted((b for b in built if b[0] not in args.skip_binary), key=lambda b: -known.get(b[0], 0))
     test_args = [a for pattern in args.skip_test for a in ("--skip", pattern)]
     failed = []
     with ThreadPoolExecutor(max_workers=max(args.j, 1)) as pool:
