@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# `make package`: Debian packages in target/package/, built from this tree (release builds):
+# `make package`: a release's artifacts in target/package/, built from this tree (release builds):
 #   postgresql-15-pg-reaper_<version>_amd64.deb  the extension: library, control file and every
 #                                                SQL script, in Debian's PostgreSQL 15 layout
 #   pg-reaper-relay_<version>_amd64.deb          the relay, its systemd unit, an environment file
+#   pg_reaper-<version>.sql                      the extension-free edition (also in the first
+#                                                package's docs)
+#   SHA256SUMS                                   of the three, for `sha256sum --check`
+# It prints the packages' paths.
 # Only PostgreSQL 15 is packaged: the other majors' test installations are relocatable builds
 # with their own configuration, not Debian's, so a library built against them is not one to ship
 # for Debian's packages of that major.
@@ -91,5 +95,8 @@ PRERM
 chmod 0755 "$relay/DEBIAN/postinst" "$relay/DEBIAN/prerm"
 dpkg-deb --root-owner-group -Zxz --build "$relay" "$OUT/pg-reaper-relay_${VERSION}_${ARCH}.deb" >&2
 
+# --- the release artifacts: the packages, the edition's file, their checksums -------------
+cp target/portable/pg_reaper.sql "$OUT/pg_reaper-$VERSION.sql"
 rm -rf "$OUT/pgrx" "$ext" "$relay"
+(cd "$OUT" && sha256sum ./*.deb "pg_reaper-$VERSION.sql" | sed 's| \./| |' > SHA256SUMS)
 ls "$OUT"/*.deb

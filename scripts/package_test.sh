@@ -33,6 +33,12 @@ done
 for doc in pg_reaper-extension-free.sql unstract-refire.sql; do
   dpkg -L postgresql-15-pg-reaper | grep -qx "/usr/share/doc/postgresql-15-pg-reaper/$doc" || fail "$doc is not packaged"
 done
+# The release's other artifacts: the edition's file, the same as the packaged one, and checksums.
+version="$(dpkg-deb --field "${debs[0]}" Version)"
+cmp -s "target/package/pg_reaper-$version.sql" /usr/share/doc/postgresql-15-pg-reaper/pg_reaper-extension-free.sql \
+  || fail "target/package/pg_reaper-$version.sql is not the packaged edition file"
+(cd target/package && sha256sum --check --quiet SHA256SUMS) || fail "SHA256SUMS does not check"
+[ "$(wc -l < target/package/SHA256SUMS)" = 3 ] || fail "SHA256SUMS does not list the three artifacts"
 systemd-analyze verify /lib/systemd/system/pg-reaper-relay.service
 pg-reaper-relay --version
 
