@@ -44,12 +44,39 @@ struct Ledger {
     fenced: AtomicU64,
     counted_twice: AtomicU64,
     /// When each execution last made progress (its enqueue or a decrement was sent), until
-    /// its final decrement; executions a loaded machine stalled past STALL (a batch then found
-    /// the barrier gone, or the callback came that late), which a timeout rightly ended; and
-    /// barriers found gone sooner than any timeout allows (a violation).
+    /// its final decrement; executions a loaded machine stalled past STALL (a batch's answer
+    /// came that long after the last progress, or the callback came that late), which a
+    /// timeout rightly ended; and barriers found gone sooner than any timeout allows (a
+    /// violation).
     progress: Mutex<HashMap<String, Instant>>,
     stalled: Mutex<HashSet<String>>,
     gone_early: Mutex<Vec<String>>,
+    /// Each execution's client-side events with their times: what a failed invariant prints.
+    history: Mutex<HashMap<String, Vec<String>>>,
+    started: Option<Instant>,
+}
+
+impl Ledger {
+    fn new() -> Self {
+        Ledger {
+            started: Some(Instant::now()),
+            ..Ledger::default()
+        }
+    }
+
+    fn note(&self, id: &str, event: impl std::fmt::Display) {
+        let at = self.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+        let mut history = self.history.lock().expect("ledger");
+        history
+            .entry(id.to_string())
+            .or_default()
+            .push(format!("{at:.3} {event}"));
+    }
+
+    fn history(&self, id: &str) -> String {
+        let history = self.history.lock().expect("ledger");
+        history.get(id).map(|h| h.join("; ")).unwrap_or_default()
+    }
 }
 
 /// How workers claim, and what the queue does with a batch whose worker crashed.
@@ -74,7 +101,7 @@ const VISIBILITY: Duration = Duration::from_millis(1200);
 const STALL: Duration = Duration::from_secs(3);
 
 /// The soak's queue: batches to deliver, and the crashed ones waiting out their visibility
-/// timeout. Workers leave once producers stopped and nothing is in flight or invisible.
+/// timeout. Workers leave once every producer returned and nothing is in flight or invisible.
 struct Queue {
     tx: Mutex<Option<SyncSender<Task>>>,
     rx: Mutex<Receiver<Task>>,
@@ -126,9 +153,9 @@ impl Queue {
         self.changed.notify_all();
     }
 
-    /// Delivers what became visible again; closes the queue once producers stopped and no
-    /// batch is in flight or invisible.
-    fn redeliver(&self, stop: &AtomicBool) {
+    /// Delivers what became visible again; closes the queue once every producer returned and
+    /// no batch is in flight or invisible.
+    fn redeliver(&self, produced: &AtomicBool) {
         loop {
             let due: Vec<Task> = {
                 let mut invisible = self.invisible.lock().expect("queue");
@@ -142,12 +169,12 @@ impl Queue {
                 self.send((id, b, n + 1));
             }
             let invisible = self.invisible.lock().expect("queue");
-            if stop.load(Relaxed) && self.in_flight.load(Relaxed) == 0 && invisible.is_empty() {
+            if produced.load(Relaxed) && self.in_flight.load(Relaxed) == 0 && invisible.is_empty() {
                 self.tx.lock().expect("queue").take();
                 return;
             }
             // Until the next batch becomes visible, or one is acknowledged or crashes (the
-            // bound only re-reads the producers' stop flag, which signals nothing).
+            // bound only re-reads the producers' flag, which signals nothing).
             let next = invisible.iter().map(|(at, _)| *at).min();
             let wait = next.map_or(Duration::from_millis(100), |at| {
                 at.saturating_duration_since(Instant::now())
@@ -208,6 +235,7 @@ fn producer(
         if record(ledger, "enqueue", enqueue).is_none() {
             continue;
         }
+        ledger.note(&id, format_args!("enqueued {total} batches"));
         ledger.executions.fetch_add(1, Relaxed);
         for b in 0..total {
             queue.send((id.clone(), b, 0));
@@ -244,6 +272,7 @@ fn worker(env: &Env, api: &SampleApi, mode: Mode, queue: &Queue, ledger: &Ledger
             .and_then(|r| r.get::<_, Option<i64>>(0)),
         };
         let Some(token) = token else {
+            ledger.note(&id, format_args!("batch {b} delivery {n}: not claimed"));
             ledger.redeliveries.fetch_add(1, Relaxed);
             queue.ack();
             continue;
@@ -276,6 +305,7 @@ fn worker(env: &Env, api: &SampleApi, mode: Mode, queue: &Queue, ledger: &Ledger
                 .lock()
                 .expect("ledger")
                 .insert(id.clone()); // SIGKILLed mid-batch
+            ledger.note(&id, format_args!("batch {b} delivery {n}: crashed"));
             match mode {
                 Mode::Plain => queue.ack(),
                 Mode::Leases => queue.crashed((id, b, n)),
@@ -311,33 +341,46 @@ fn worker(env: &Env, api: &SampleApi, mode: Mode, queue: &Queue, ledger: &Ledger
                 )
             }
         };
+        let returned = Instant::now();
         queue.ack();
         let Some(row) = record(ledger, "decrement", row) else {
             continue;
         };
         let status = row.get::<_, String>(0);
+        ledger.note(
+            &id,
+            format_args!(
+                "batch {b} delivery {n}: decrement sent at {:.3}, {status}",
+                ledger
+                    .started
+                    .map_or(0.0, |s| sent.duration_since(s).as_secs_f64())
+            ),
+        );
         {
             let mut progress = ledger.progress.lock().expect("ledger");
-            match (status.as_str(), progress.get(&id).copied()) {
-                // A batch of a live execution found its barrier gone: only a timeout may have
-                // ended it, so the execution made no progress for STALL before this call.
-                ("abandoned", Some(last)) => {
-                    let gap = sent.duration_since(last);
-                    if gap >= STALL {
-                        ledger.stalled.lock().expect("ledger").insert(id.clone());
-                    } else {
-                        ledger
-                            .gone_early
-                            .lock()
-                            .expect("ledger")
-                            .push(format!("{id} after {gap:?}"));
-                    }
+            // Last progress is taken before its call was sent, so it precedes the server's
+            // last_progress_at, and this call ran before it returned: a gap under STALL means
+            // no timeout can have ended the execution before this call. A timeout may end it
+            // while this batch's barrier still exists (the relay removes it only after the
+            // mark), so any answer after such a gap counts, not only `abandoned`.
+            if let Some(last) = progress.get(&id).copied() {
+                let gap = returned.duration_since(last);
+                if gap >= STALL {
+                    ledger.stalled.lock().expect("ledger").insert(id.clone());
+                } else if status == "abandoned" {
+                    ledger
+                        .gone_early
+                        .lock()
+                        .expect("ledger")
+                        .push(format!("{id} after {gap:?}"));
                 }
-                ("pending", Some(last)) if sent > last => {
+            }
+            match status.as_str() {
+                "pending" if progress.get(&id).is_some_and(|&last| sent > last) => {
                     progress.insert(id.clone(), sent);
                 }
                 // Done: a later redelivery may find the barrier finished.
-                ("complete", _) => {
+                "complete" => {
                     progress.remove(&id);
                 }
                 _ => {}
@@ -357,14 +400,16 @@ fn worker(env: &Env, api: &SampleApi, mode: Mode, queue: &Queue, ledger: &Ledger
             ledger.counted_twice.fetch_add(1, Relaxed);
         }
         if coin(&id, 2, 5) {
+            ledger.note(&id, "callback lost");
             ledger.lost_callback.lock().expect("ledger").insert(id); // died before enqueueing it
             continue;
         }
+        api.execution(&id, "org", "COMPLETED"); // the aggregating callback ran
+        ledger.note(&id, "callback ran");
         if sent.elapsed() >= STALL {
-            // A timeout may have found this callback lost and re-fired it.
+            // A timeout may have found this callback lost and re-fired it before it ran.
             ledger.stalled.lock().expect("ledger").insert(id.clone());
         }
-        api.execution(&id, "org", "COMPLETED"); // the aggregating callback ran
         ledger.callbacks.lock().expect("ledger").insert(id.clone());
         if coin(&id, 3, 5) {
             ledger.lost_finish.lock().expect("ledger").insert(id); // died before barrier_finish
@@ -430,7 +475,7 @@ fn soak(mode: Mode, name: &str) {
         env.spawn_relay(&["--concurrency", "8"]),
     ];
 
-    let ledger = Arc::new(Ledger::default());
+    let ledger = Arc::new(Ledger::new());
     let stop = Arc::new(AtomicBool::new(false));
     // A short queue: a batch waits milliseconds, far below the stuck timeout, as in a healthy
     // fleet (a backlog older than the stuck timeout would rightly be reaped).
@@ -443,22 +488,26 @@ fn soak(mode: Mode, name: &str) {
         in_flight: AtomicU64::new(0),
     });
     let started = Instant::now();
-    let mut threads = Vec::new();
+    let mut producers = Vec::new();
     for p in 0..2 {
         let (env, stop, queue, ledger) = (env.clone(), stop.clone(), queue.clone(), ledger.clone());
-        threads.push(std::thread::spawn(move || {
+        producers.push(std::thread::spawn(move || {
             producer(&env, &env.api, p, &stop, &queue, &ledger)
         }));
     }
+    let mut workers = Vec::new();
     for _ in 0..4 {
         let (env, queue, ledger) = (env.clone(), queue.clone(), ledger.clone());
-        threads.push(std::thread::spawn(move || {
+        workers.push(std::thread::spawn(move || {
             worker(&env, &env.api, mode, &queue, &ledger)
         }));
     }
+    // Set once every producer has returned: a producer stopped mid-execution still sends its
+    // batches, so the queue must not close on the stop flag alone.
+    let produced = Arc::new(AtomicBool::new(false));
     let redelivery = {
-        let (queue, stop) = (queue.clone(), stop.clone());
-        std::thread::spawn(move || queue.redeliver(&stop))
+        let (queue, produced) = (queue.clone(), produced.clone());
+        std::thread::spawn(move || queue.redeliver(&produced))
     };
     // The re-fired callbacks run: each completes its execution and finishes its barrier.
     let runner = {
@@ -502,9 +551,13 @@ fn soak(mode: Mode, name: &str) {
     };
     std::thread::sleep(Duration::from_secs(seconds));
     stop.store(true, Relaxed);
+    for t in producers {
+        t.join().expect("producer");
+    }
+    produced.store(true, Relaxed);
     redelivery.join().expect("the queue");
-    for t in threads {
-        t.join().expect("load thread");
+    for t in workers {
+        t.join().expect("worker");
     }
     let load_secs = started.elapsed().as_secs_f64();
 
@@ -567,7 +620,8 @@ fn soak(mode: Mode, name: &str) {
                 if refired_set.contains(id) {
                     assert!(
                         lost_callback.contains(id) || stalled.contains(id),
-                        "{id}: re-fired only if its callback was really lost (or came {STALL:?} late)"
+                        "{id}: re-fired only if its callback was really lost (or came {STALL:?} late): {}",
+                        ledger.history(id)
                     );
                     refires += 1;
                 } else {
@@ -578,7 +632,8 @@ fn soak(mode: Mode, name: &str) {
                 assert_eq!(marks, 1, "{id}: exactly one ERROR mark");
                 assert!(
                     crashed.contains(id) || stalled.contains(id),
-                    "{id}: marked ERROR only if a batch really crashed (or it made no progress for {STALL:?})"
+                    "{id}: marked ERROR only if a batch really crashed (or it made no progress for {STALL:?}): {}",
+                    ledger.history(id)
                 );
                 marked += 1;
             }
