@@ -407,6 +407,10 @@ struct Worker {
     /// The SQL objects' version when it is not the library's (for the log).
     installed_version: String,
     consecutive_failures: u64,
+    /// Set when a chore failed because DROP EXTENSION committed while the tick ran: the tick's
+    /// other chores are skipped, and nothing counts as failed (the next tick waits for the
+    /// extension and says so).
+    dropped_mid_tick: bool,
     last_no_org: i32,
     /// What changed in the barrier tables, as last logged (None: usable).
     last_drift: Option<String>,
@@ -509,8 +513,10 @@ impl Worker {
                 return true;
             }
         };
+        let failures = self.consecutive_failures;
+        self.dropped_mid_tick = false;
         let done = schema.map(|schema| self.chores(schema));
-        let ok = done.as_ref().is_none_or(|d| !d.failed);
+        let ok = self.consecutive_failures == failures;
         if ok && self.consecutive_failures > 0 {
             log!(
                 "pg_reaper: ticks succeed again after {} failure(s)",
@@ -531,8 +537,17 @@ impl Worker {
 
     /// Runs one chore in a transaction of its own, with the chores' lock and statement
     /// timeouts, shown in `pg_stat_activity` while it runs. None when it failed: rolled back,
-    /// counted and logged (the other chores still run).
-    fn run_chore<R>(&mut self, chore: Chore, work: impl FnOnce() -> R) -> Option<R> {
+    /// counted and logged (the other chores still run), or when the extension was dropped
+    /// under the tick.
+    fn run_chore<R>(
+        &mut self,
+        schema: pg_sys::Oid,
+        chore: Chore,
+        work: impl FnOnce() -> R,
+    ) -> Option<R> {
+        if self.dropped_mid_tick {
+            return None;
+        }
         report_activity(Some(chore.activity()));
         let result = in_transaction(AssertUnwindSafe(|| {
             Spi::run(CHORE_TIMEOUTS).unwrap_or_else(|e| error!("{e}"));
@@ -540,9 +555,20 @@ impl Worker {
         }));
         // SAFETY: flushes this backend's pending table statistics (rate-limited inside).
         unsafe { pg_sys::pgstat_report_stat(false) };
-        result
-            .map_err(|message| self.failed(chore.name(), &message))
-            .ok()
+        match result {
+            Ok(r) => Some(r),
+            Err(message) => {
+                // A DROP EXTENSION committed after this tick found the extension fails its
+                // chores ("relation … does not exist"): that is no failed tick.
+                match in_transaction(extension) {
+                    Ok(found) if found.as_ref().is_none_or(|(s, _)| *s != schema) => {
+                        self.dropped_mid_tick = true
+                    }
+                    _ => self.failed(chore.name(), &message),
+                }
+                None
+            }
+        }
     }
 
     /// The leader's chores, each in its own transaction: one failing (a lock timeout, a
@@ -555,7 +581,7 @@ impl Worker {
         let analyze_due = self.last_analyze.is_none_or(|t| t.elapsed() >= naptime());
 
         // Before the walk, which then queues what was cut in the same tick.
-        let cut = self.run_chore(Chore::CutDeadlines, || reap::cut_deadlines(schema));
+        let cut = self.run_chore(schema, Chore::CutDeadlines, || reap::cut_deadlines(schema));
         done.failed |= cut.is_none();
         let cut = cut.unwrap_or_default();
         done.work.overdue_callbacks = i64::from(cut.callbacks);
@@ -563,13 +589,13 @@ impl Worker {
 
         // The walk moves on only once its step committed: a rolled-back step is walked again.
         let current = self.walk.clone();
-        let walked = self.run_chore(Chore::Reap, || reap::walk_step(schema, &current));
+        let walked = self.run_chore(schema, Chore::Reap, || reap::walk_step(schema, &current));
         done.failed |= walked.is_none();
         let (step, next) = walked.map_or((reap::Step::default(), None), |(s, n)| (s, Some(n)));
         // Catching up on a backlog, the relays' claims need statistics that know the outbox
         // is full: autovacuum would take up to a minute to notice.
         if step.queued > 0 && !step.caught_up && analyze_due {
-            let analyzed = self.run_chore(Chore::AnalyzeOutbox, || outbox::analyze(schema));
+            let analyzed = self.run_chore(schema, Chore::AnalyzeOutbox, || outbox::analyze(schema));
             done.failed |= analyzed.is_none();
             if analyzed.is_some() {
                 self.last_analyze = Some(std::time::Instant::now());
@@ -578,23 +604,26 @@ impl Worker {
         if step.caught_up {
             // Named in a WARNING when their number changes, not every time.
             let last = self.last_no_org;
-            let counted = self.run_chore(Chore::CountOrgless, || reap::orgless(schema, last));
+            let counted =
+                self.run_chore(schema, Chore::CountOrgless, || reap::orgless(schema, last));
             done.failed |= counted.is_none();
             self.last_no_org = counted.unwrap_or(last);
         }
-        let reoffered = self.run_chore(Chore::ReofferLeases, || {
+        let reoffered = self.run_chore(schema, Chore::ReofferLeases, || {
             outbox::reoffer_expired_leases(schema)
         });
         done.failed |= reoffered.is_none();
         done.work.reoffered = reoffered.unwrap_or(0);
         if housekeeping {
-            let swept =
-                self.run_chore(Chore::SweepMarkers, || outbox::sweep_orphan_markers(schema));
-            let pruned = self.run_chore(Chore::PruneDone, || outbox::prune_done(schema));
+            let swept = self.run_chore(schema, Chore::SweepMarkers, || {
+                outbox::sweep_orphan_markers(schema)
+            });
+            let pruned = self.run_chore(schema, Chore::PruneDone, || outbox::prune_done(schema));
             // Named in a WARNING when it changes, not every time.
             let last = self.last_drift.clone();
-            let checked =
-                self.run_chore(Chore::CheckTables, || reap::drift(schema, last.as_deref()));
+            let checked = self.run_chore(schema, Chore::CheckTables, || {
+                reap::drift(schema, last.as_deref())
+            });
             done.failed |= swept.is_none() || pruned.is_none() || checked.is_none();
             if let Some(drift) = checked {
                 self.last_drift = drift;

@@ -409,6 +409,57 @@ fn waits_for_the_database_then_the_extension_and_survives_drop_extension() {
         "the same worker process throughout"
     );
     assert!(!cluster.log().contains("tick failed"));
+
+    // DROP EXTENSION committed while a chore waits on its tables: the chore then fails ("does
+    // not exist"), which is the extension going away, not a failed tick. Every table is locked
+    // first, so the waiting chore holds none that the DROP needs (else one of the two would be
+    // cancelled as a deadlock); a lock that met a chore's deadlock is taken again. (Under load
+    // the chore's lock timeout may fail a tick first; that failure is a real one.)
+    let mut holder = cluster.client("later");
+    let tables: String = holder
+        .query_one(
+            "SELECT string_agg(d.objid::regclass::text, ', ') FROM pg_depend d
+              WHERE d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'pg_reaper')
+                AND d.classid = 'pg_class'::regclass
+                AND (SELECT relkind FROM pg_class WHERE oid = d.objid) = 'r'",
+            &[],
+        )
+        .expect("the extension's tables")
+        .get(0);
+    wait_for(60, "the extension's tables locked", || {
+        let locked = holder.batch_execute(&format!(
+            "BEGIN; LOCK TABLE {tables} IN ACCESS EXCLUSIVE MODE"
+        ));
+        if locked.is_err() {
+            holder.batch_execute("ROLLBACK").expect("rollback");
+        }
+        locked.ok()
+    });
+    wait_for(60, "a chore waiting on the lock", || {
+        c.query_opt(
+            "SELECT 1 FROM pg_stat_activity WHERE backend_type = 'pg_reaper' AND wait_event_type = 'Lock'",
+            &[],
+        )
+        .expect("pg_stat_activity")
+        .map(|_| ())
+    });
+    holder
+        .batch_execute("DROP EXTENSION pg_reaper; COMMIT")
+        .expect("drop");
+    wait_for(60, "waiting for the extension again", || {
+        (cluster
+            .log()
+            .matches("waiting for CREATE EXTENSION")
+            .count()
+            == 3)
+            .then_some(())
+    });
+    let log = cluster.log();
+    let dropped: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("tick failed") && l.contains("does not exist"))
+        .collect();
+    assert!(dropped.is_empty(), "{dropped:?}");
 }
 
 #[test]
