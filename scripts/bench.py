@@ -50,7 +50,7 @@ class Sizes:
 
 
 if SMOKE:
-    S = Sizes(2, 1, [1000, 10000], 100, 300, 60, 40, 4, 5, 3000, 4, 0,
+    S = Sizes(1, 1, [1000, 10000], 100, 300, 60, 40, 2, 2, 500, 2, 0,
               "/tmp/pg-reaper-bench-smoke.md", "debug")
 else:
     S = Sizes(int(os.environ.get("BENCH_SECONDS", "10")), 3, [10000, 100000, 1000000], 1000,
@@ -372,7 +372,7 @@ def where_the_time_goes(b):
     subprocess.run(as_pg([f"{BIN}/postgres", "--single", "-D", pg, "postgres"]),
                    input="CREATE DATABASE bench\n", text=True, check=True, capture_output=True)
     single(pg, "CREATE EXTENSION pg_reaper\n" + "\n".join(FLOORS) + "\n")
-    calls, barriers = (200, 1000) if SMOKE else (3000, 10000)
+    calls, barriers = (50, 200) if SMOKE else (3000, 10000)
     b.out("## 1c. Where a call's time goes", "",
           f"Instructions per call, counted by callgrind (`postgres --single`, {calls} calls of one",
           "prepared statement, each its own transaction, less a run without them): exact counts,",
@@ -942,6 +942,14 @@ def machine(b):
           "")
 
 
+def timed(section, *args):
+    """Runs one section and says how long it took (where a run's time goes)."""
+    start = time.monotonic()
+    result = section(*args)
+    print(f"   {section.__name__} took {time.monotonic() - start:.0f} s", flush=True)
+    return result
+
+
 def main():
     b = Bench()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -951,24 +959,24 @@ def main():
         b.psql("CREATE EXTENSION pg_reaper")
         b.psql("CREATE DATABASE bench_portable", db="postgres")
         b.psql(open(PORTABLE_SQL).read(), db="bench_portable")
-        machine(b)
-        decr_setup = hot_path(b)
-        leases(b, decr_setup)
-        where_the_time_goes(b)
-        hot_updates(b, decr_setup)
-        reap_cost(b)
+        timed(machine, b)
+        decr_setup = timed(hot_path, b)
+        timed(leases, b, decr_setup)
+        timed(where_the_time_goes, b)
+        timed(hot_updates, b, decr_setup)
+        timed(reap_cost, b)
         key_file = os.path.join(b.data, "key")
         with open(key_file, "w") as f:
             f.write(KEY + "\n")
         b.api_proc = b.spawn([SAMPLE_API, "--listen", f"127.0.0.1:{API_PORT}", "--api-key-file", key_file])
         b.wait_for_port(API_PORT)
-        many = relay_drain(b)
-        delays = time_to_recover(b)
-        heal_latency(b)
-        idle_cost(b)
-        one, two = backlog_section(b, many)
-        edition_section(b)
-        soak(b)
+        many = timed(relay_drain, b)
+        delays = timed(time_to_recover, b)
+        timed(heal_latency, b)
+        timed(idle_cost, b)
+        one, two = timed(backlog_section, b, many)
+        timed(edition_section, b)
+        timed(soak, b)
         plots(delays, one, two)
         with open(S.report + ".tmp", "w") as f:
             f.write("\n".join(b.report) + "\n")
