@@ -52,30 +52,33 @@ struct Ledger {
     stalled: Mutex<HashSet<String>>,
     gone_early: Mutex<Vec<String>>,
     /// Each execution's client-side events with their times: what a failed invariant prints.
-    history: Mutex<HashMap<String, Vec<String>>>,
-    started: Option<Instant>,
+    history: Mutex<HashMap<String, Vec<(Instant, String)>>>,
 }
 
 impl Ledger {
-    fn new() -> Self {
-        Ledger {
-            started: Some(Instant::now()),
-            ..Ledger::default()
-        }
-    }
-
     fn note(&self, id: &str, event: impl std::fmt::Display) {
-        let at = self.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
         let mut history = self.history.lock().expect("ledger");
         history
             .entry(id.to_string())
             .or_default()
-            .push(format!("{at:.3} {event}"));
+            .push((Instant::now(), event.to_string()));
     }
 
+    /// The execution's events, timed from its first.
     fn history(&self, id: &str) -> String {
         let history = self.history.lock().expect("ledger");
-        history.get(id).map(|h| h.join("; ")).unwrap_or_default()
+        let events = history.get(id).map(Vec::as_slice).unwrap_or_default();
+        let first = events.first().map(|(at, _)| *at);
+        events
+            .iter()
+            .map(|(at, e)| {
+                format!(
+                    "+{:.3}s {e}",
+                    first.map_or(0.0, |f| at.duration_since(f).as_secs_f64())
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 }
 
@@ -350,10 +353,8 @@ fn worker(env: &Env, api: &SampleApi, mode: Mode, queue: &Queue, ledger: &Ledger
         ledger.note(
             &id,
             format_args!(
-                "batch {b} delivery {n}: decrement sent at {:.3}, {status}",
-                ledger
-                    .started
-                    .map_or(0.0, |s| sent.duration_since(s).as_secs_f64())
+                "batch {b} delivery {n}: decrement {status}, sent {:.3}s before",
+                returned.duration_since(sent).as_secs_f64()
             ),
         );
         {
@@ -363,7 +364,8 @@ fn worker(env: &Env, api: &SampleApi, mode: Mode, queue: &Queue, ledger: &Ledger
             // no timeout can have ended the execution before this call. A timeout may end it
             // while this batch's barrier still exists (the relay removes it only after the
             // mark), so any answer after such a gap counts, not only `abandoned`.
-            if let Some(last) = progress.get(&id).copied() {
+            let last = progress.get(&id).copied();
+            if let Some(last) = last {
                 let gap = returned.duration_since(last);
                 if gap >= STALL {
                     ledger.stalled.lock().expect("ledger").insert(id.clone());
@@ -376,7 +378,7 @@ fn worker(env: &Env, api: &SampleApi, mode: Mode, queue: &Queue, ledger: &Ledger
                 }
             }
             match status.as_str() {
-                "pending" if progress.get(&id).is_some_and(|&last| sent > last) => {
+                "pending" if last.is_some_and(|last| sent > last) => {
                     progress.insert(id.clone(), sent);
                 }
                 // Done: a later redelivery may find the barrier finished.
@@ -475,7 +477,7 @@ fn soak(mode: Mode, name: &str) {
         env.spawn_relay(&["--concurrency", "8"]),
     ];
 
-    let ledger = Arc::new(Ledger::new());
+    let ledger = Arc::new(Ledger::default());
     let stop = Arc::new(AtomicBool::new(false));
     // A short queue: a batch waits milliseconds, far below the stuck timeout, as in a healthy
     // fleet (a backlog older than the stuck timeout would rightly be reaped).
