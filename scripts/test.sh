@@ -32,7 +32,7 @@ cargo fmt --all --check
 bash scripts/audit.sh
 
 LOG="$(mktemp /tmp/pg-reaper-test.XXXXXX)"
-skip=()
+args=()
 trap 'rm -f "$LOG"' EXIT
 echo "== PostgreSQL $FULL: $("$PG_CONFIG" --version)"
 step pg_tests "pg_tests (in-database)"
@@ -49,21 +49,21 @@ step integration "integration tests: throwaway clusters, concurrent sessions, th
 # The upgrade test builds 0.1.0, which supported PostgreSQL 15 to 17 only.
 case "$FULL" in
   15|16|17) ;;
-  *) skip=(--skip-binary "tests test upgrade")
+  *) args=(--skip-binary "tests test upgrade")
      echo "== (no upgrade test on PostgreSQL $FULL: 0.1.0 was never built for it)" ;;
 esac
 # The managed stand-in preloads Debian's pg_cron, packaged for PostgreSQL 15 here.
 if [ "$FULL" != 15 ]; then
-  skip+=(--skip-binary "tests test managed")
+  args+=(--skip-binary "tests test managed")
   echo "== (no managed stand-in test on PostgreSQL $FULL: Debian's pg_cron package here is for 15)"
 fi
-python3 scripts/tests.py "${skip[@]}" -p pg_reaper_protocol -p pg_reaper_tests -p pg-reaper-relay 2>&1 | tee -a "$LOG"
-
+# On 15 the suites that drive pg_reaper from outside run a second time, in the same schedule,
+# against the extension-free edition (no worker: the relays tick it; the tests named native_…
+# are about the extension itself).
 if [ "$FULL" = 15 ]; then
-  step edition "the same suites against the extension-free edition (no worker: the relays tick it; the tests named native_… are about the extension itself)"
-  PG_REAPER_EDITION=portable python3 scripts/tests.py --skip-test native_ -p pg_reaper_tests -p pg-reaper-relay \
-    --test foundation --test branches --test chaos --test adoption --test database --test outbox_cases --test soak 2>&1 | tee -a "$LOG"
+  for t in foundation branches chaos adoption database outbox_cases soak; do args+=(--portable "$t"); done
 fi
+python3 scripts/tests.py "${args[@]}" -p pg_reaper_protocol -p pg_reaper_tests -p pg-reaper-relay 2>&1 | tee -a "$LOG"
 
 step bench "benchmark smoke run (tiny sizes; the real run is make bench)"
 BENCH_SMOKE=1 bash scripts/bench.sh
