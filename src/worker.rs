@@ -76,8 +76,10 @@ pub struct Stats {
     /// The worker's process and the database it serves (InvalidOid until connected).
     pub pid: i32,
     pub database: pg_sys::Oid,
-    /// Set once the database was seen; a start that finds it unset waits without connecting.
-    database_seen: bool,
+    /// Set when a start could not connect (the database did not exist): the next start waits
+    /// for the database without connecting. Unset in fresh shared memory, so that a server
+    /// start connects at once.
+    database_missing: bool,
     database_wait_logged: bool,
 }
 
@@ -131,16 +133,18 @@ pub extern "C-unwind" fn pg_reaper_worker_main(_arg: pg_sys::Datum) {
         .and_then(|s| s.into_string().ok())
         .unwrap_or_else(|| "postgres".to_string());
 
-    if !STATS.share().database_seen {
+    if STATS.share().database_missing {
         wait_for_database(&database);
     }
-    // Until the connection succeeds, a restart must wait for the database again (a FATAL
-    // "database does not exist" here would otherwise repeat every restart interval).
-    STATS.exclusive().database_seen = false;
+    // Until the connection succeeds, a restart must wait for the database (the FATAL "database
+    // does not exist" of a failed connection would otherwise repeat every restart interval).
+    // A start that connects at once needs no restart, which the postmaster can make late (seen:
+    // a minute after the exit, on a loaded machine).
+    STATS.exclusive().database_missing = true;
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     {
         let mut s = STATS.exclusive();
-        s.database_seen = true;
+        s.database_missing = false;
         s.database_wait_logged = false;
         // SAFETY: plain reads of this backend's globals, set by the connection above.
         unsafe {
@@ -236,7 +240,7 @@ fn wait_for_database(database: &str) -> ! {
         let exists = in_transaction(|| database_exists(&name));
         match exists {
             Ok(true) => {
-                STATS.exclusive().database_seen = true;
+                STATS.exclusive().database_missing = false;
                 // SAFETY: ends the process the way a backend does; the next start connects.
                 unsafe { pg_sys::proc_exit(1) };
             }
