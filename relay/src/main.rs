@@ -11,8 +11,10 @@ fn main() {
         Ok(args) => args,
         Err(e) => config::exit_on_bad_flags(e),
     };
+    // Colours only on a terminal: journald, `docker logs` and log files get plain lines.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
