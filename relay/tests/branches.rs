@@ -709,23 +709,22 @@ fn metrics_healthz_and_sigterm_leave_nothing_in_flight() {
         !String::from_utf8_lossy(&environ).contains(KEY),
         "only the key file's path is"
     );
-    let (code, metrics) = common::http_get(&listen, "/metrics");
-    assert_eq!(code, 200);
-    assert!(
-        metrics.contains("pg_reaper_relay_outcomes_total{outcome=\"marked_error\"} 6"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("pg_reaper_relay_intents_claimed_total 6"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains(
-            "pg_reaper_relay_http_request_duration_seconds_count{result=\"answered\"} 12"
-        ),
-        "{metrics}"
-    );
-    assert!(metrics.contains("pg_reaper_relay_in_flight 0"), "{metrics}");
+    // A task counts its outcome and leaves in_flight after its transaction committed: the rows
+    // can be seen done before the counters move.
+    let counted = [
+        "pg_reaper_relay_outcomes_total{outcome=\"marked_error\"} 6",
+        "pg_reaper_relay_intents_claimed_total 6",
+        "pg_reaper_relay_http_request_duration_seconds_count{result=\"answered\"} 12",
+        "pg_reaper_relay_in_flight 0",
+    ];
+    let metrics = wait_for(60, "the six recoveries counted in /metrics", || {
+        let (code, metrics) = common::http_get(&listen, "/metrics");
+        if code == 200 && counted.iter().all(|line| metrics.contains(line)) {
+            Ok(metrics)
+        } else {
+            Err(format!("{code}: {metrics}"))
+        }
+    });
     assert!(!metrics.contains(KEY));
     assert_eq!(common::http_get(&listen, "/healthz").0, 200);
 
