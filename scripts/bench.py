@@ -766,14 +766,12 @@ SELECT '{tag}' || i, 'org', 2, now() - interval '1 hour', now() + interval '{S.b
         return total
 
     pg0, api0 = pg_ticks(), cpu_ticks(b.api_proc.pid)
-    samples, queued_at, done = [], None, 0
+    samples, done = [], 0
     while done < S.backlog:
         queued, done = map(int, b.q("SELECT count(*) || '|' || count(*) FILTER (WHERE state = 'done')"
                                     " FROM pg_reaper_outbox", db).split("|"))
         now = time.time()
         samples.append((now, queued, done))
-        if queued_at is None and queued >= S.backlog:
-            queued_at = now
         time.sleep(1)
     pg1, api1 = pg_ticks(), cpu_ticks(b.api_proc.pid)
     rss = max(status_kb(p.pid, "VmHWM") for p in procs)
@@ -781,9 +779,11 @@ SELECT '{tag}' || i, 'org', 2, now() - interval '1 hour', now() + interval '{S.b
     for p in procs:
         b.stop(p)
     mine = [v for k, v in b.api("GET", "/_admin/executions").items() if k.startswith(tag)]
-    first = next(t for t, q, _ in samples if q > 0)
-    last = samples[-1][0]
-    return Backlog(relays, queued_at - stranded_at, last - first, S.backlog / (last - first), rss,
+    # The rows' own times, not the 1 s samples: a small backlog drains between two samples.
+    queued_after, drain = map(float, b.q(
+        "SELECT extract(epoch FROM max(created_at)) - " + repr(stranded_at) + " || '|' ||"
+        " extract(epoch FROM max(updated_at) - min(created_at)) FROM pg_reaper_outbox", db).split("|"))
+    return Backlog(relays, queued_after, drain, S.backlog / drain, rss,
                    relay_cpu, (pg1 - pg0) / HZ, (api1 - api0) / HZ,
                    sum(1 for v in mine if v["status"] == "ERROR" and v["error_marks"] == 1),
                    sum(v["error_marks"] for v in mine), samples)
